@@ -12,15 +12,17 @@ Nothing here runs on macOS, where MLX uses Accelerate/Metal.
 from __future__ import annotations
 
 import ctypes
-import glob
 import os
 import sys
+import sysconfig
 import warnings
 
 #: Set to a path to force a specific BLAS shared library, or to "0" to skip loading one.
 ENV_VAR = "SAEPIPE_BLAS"
 
-_CANDIDATES = (
+# Debian/Fedora builds: used when the PyPI wheel (cmeel-openblas, a dependency) cannot load.
+# (Debian bookworm's 0.3.21 predates Sapphire Rapids and falls back to a slow generic kernel there.)
+_SYSTEM_CANDIDATES = (
     "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0",
     "/usr/lib/aarch64-linux-gnu/openblas-pthread/libopenblas.so.0",
     "/usr/lib/x86_64-linux-gnu/libopenblas.so.0",
@@ -32,8 +34,9 @@ _CANDIDATES = (
 )
 
 FIX_HINT = (
-    "install OpenBLAS (Debian/Ubuntu: `apt-get install libopenblas0-pthread`; "
-    "Fedora: `dnf install openblas-threads`) or point SAEPIPE_BLAS at a libopenblas.so"
+    "the bundled OpenBLAS (cmeel-openblas) needs libgfortran 5: `apt-get install libgfortran5` "
+    "(Fedora: `dnf install libgfortran`); or install a system OpenBLAS (`apt-get install "
+    "libopenblas0-pthread`); or point SAEPIPE_BLAS at a libopenblas.so"
 )
 
 loaded_path: str | None = None
@@ -41,9 +44,10 @@ _warned = False
 
 
 def _candidates() -> list[str]:
-    found = [p for p in _CANDIDATES if os.path.exists(p)]
-    found += sorted(glob.glob(os.path.join(sys.prefix, "lib", "libopenblas*.so*")))
-    return found
+    """The PyPI wheel's OpenBLAS first (recent, knows current CPUs), then system copies."""
+    site_dirs = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
+    wheel = [os.path.join(d, "cmeel.prefix", "lib", "libopenblas.so.0") for d in sorted(site_dirs)]
+    return [p for p in (*wheel, *_SYSTEM_CANDIDATES) if os.path.exists(p)]
 
 
 def load_fast_blas() -> str | None:
