@@ -1,0 +1,230 @@
+"""Evaluate a trained SAE on held-out texts: reconstruction, sparsity and spliced-model loss.
+
+For each batch of eval texts the model runs once with the SAE's site captured (giving the clean
+logits and the activations x), then three more times with the site's output replaced, at the scored
+positions only, by the SAE reconstruction x_hat, by 0 and by the eval-set mean of x. Reconstruction
+metrics come from the same x and x_hat that are spliced in, in the original activation space.
+A first, early-stopped pass (blocks 0..layer only) computes the eval-set mean for mean ablation.
+Definitions are in ``saepipe.metrics``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+from tqdm import tqdm
+
+import saepipe  # noqa: F401  (fast BLAS before mlx)
+import mlx.core as mx
+
+from saepipe.forward import forward
+from saepipe.metrics import (
+    ReconstructionMetrics,
+    ReconstructionStats,
+    SparsityMetrics,
+    SparsityStats,
+    SplicedLossStats,
+    SplicedMetrics,
+    next_token_mask,
+    position_mask,
+)
+from saepipe.sites import Site, check_site
+
+log = logging.getLogger(__name__)
+
+
+class TokenBatch(NamedTuple):
+    tokens: np.ndarray
+    """(B, T) int32 ids, right-padded."""
+    lengths: np.ndarray
+    """(B,) tokens of each text (the rest is padding)."""
+    mask: np.ndarray
+    """(B, T) bool: the scored positions (activation rows), after the ``max_tokens`` cut."""
+
+
+class EvalResult(NamedTuple):
+    site: Site
+    reconstruction: ReconstructionMetrics
+    sparsity: SparsityMetrics
+    spliced: SplicedMetrics
+
+    def to_dict(self) -> dict[str, float | int | str]:
+        """Flat JSON-ready scalars (the per-latent density array is left out)."""
+        out: dict[str, float | int | str] = {"layer": self.site.layer, "component": self.site.component}
+        out.update({k: _num(v) for k, v in self.reconstruction._asdict().items()})
+        out.update({k: _num(v) for k, v in self.sparsity._asdict().items() if k != "density"})
+        out.update({k: _num(v) for k, v in self.spliced._asdict().items()})
+        return out
+
+
+def _num(v: Any) -> float | int:
+    return int(v) if isinstance(v, (int, np.integer)) else float(v)
+
+
+def _pad_id(tokenizer: Any) -> int:
+    for name in ("pad_token_id", "eos_token_id"):
+        value = getattr(tokenizer, name, None)
+        if value is not None:
+            return int(value)
+    return 0
+
+
+def token_batches(
+    tokenizer: Any,
+    texts: Sequence[str],
+    *,
+    context_length: int,
+    batch_size: int,
+    max_tokens: int,
+    skip_special_tokens: bool,
+) -> Iterator[TokenBatch]:
+    """Tokenize ``texts`` in order (each truncated to ``context_length``), right-pad per batch, and
+    mark the scored positions, stopping after exactly ``max_tokens`` of them."""
+    if context_length < 2:
+        raise ValueError(f"context_length must be >= 2 (CE needs a next token), got {context_length}")
+    if batch_size < 1 or max_tokens < 1:
+        raise ValueError(f"batch_size and max_tokens must be >= 1, got {batch_size} and {max_tokens}")
+    special = [int(i) for i in getattr(tokenizer, "all_special_ids", [])]
+    pad = _pad_id(tokenizer)
+    left = max_tokens
+    for start in range(0, len(texts), batch_size):
+        ids = [tokenizer.encode(t)[:context_length] for t in texts[start : start + batch_size]]
+        ids = [i for i in ids if i]
+        if not ids:
+            continue
+        lengths = np.array([len(i) for i in ids])
+        tokens = np.full((len(ids), int(lengths.max())), pad, dtype=np.int32)
+        for row, seq in enumerate(ids):
+            tokens[row, : len(seq)] = seq
+        mask = position_mask(tokens, lengths, special, skip_special_tokens)
+        # Keep the first `left` scored positions in row-major order; later ones never affect them.
+        keep = np.cumsum(mask.ravel()).reshape(mask.shape) <= left
+        mask &= keep
+        left -= int(mask.sum())
+        if mask.any():
+            yield TokenBatch(tokens, lengths, mask)
+        if left == 0:
+            return
+
+
+def _sae_reconstruct(sae: Any, x: mx.array) -> tuple[mx.array, mx.array]:
+    """(x_hat, dense codes) for (n, d_model) rows in the original activation space."""
+    codes = sae.encode(x)
+    return sae.decode(codes), codes
+
+
+def _site_mean(model: Any, batches: Sequence[TokenBatch], site: Site) -> np.ndarray:
+    """float64 mean of the site's output over all scored positions (early-stopped forwards)."""
+    total, count = None, 0
+    for b in tqdm(batches, desc="eval mean", unit="batch", leave=False):
+        acts = forward(model, mx.array(b.tokens), stop_layer=site.layer, capture=(site,)).activations[site]
+        rows = np.asarray(acts.astype(mx.float32))[b.mask].astype(np.float64)
+        total = rows.sum(axis=0) if total is None else total + rows.sum(axis=0)
+        count += rows.shape[0]
+    return total / count
+
+
+def evaluate_sae(
+    loaded_model: Any,
+    sae: Any,
+    texts: Sequence[str],
+    *,
+    layer: int,
+    component: str,
+    max_tokens: int,
+    batch_size: int,
+    context_length: int,
+    skip_special_tokens: bool,
+) -> EvalResult:
+    """Score ``sae`` at (layer, component) of ``loaded_model`` on up to ``max_tokens`` scored
+    positions of ``texts`` (the eval split): reconstruction, sparsity, CE/KL of the spliced model.
+
+    ``sae`` needs ``encode(x) -> dense codes`` and ``decode(codes) -> x_hat`` on (n, d_model) rows.
+    """
+    model, tokenizer = loaded_model.model, loaded_model.tokenizer
+    site = check_site(layer, component, len(model.model.layers))
+    batches = list(token_batches(tokenizer, texts, context_length=context_length, batch_size=batch_size,
+                                 max_tokens=max_tokens, skip_special_tokens=skip_special_tokens))
+    if not batches:
+        raise ValueError("no scored tokens in the eval texts (empty texts, or only special tokens)")
+    n_tokens = sum(int(b.mask.sum()) for b in batches)
+    if n_tokens < max_tokens:
+        log.warning("eval texts give %d scored tokens, fewer than max_tokens=%d", n_tokens, max_tokens)
+    mean = _site_mean(model, batches, site)
+
+    recon, spliced, sparsity = ReconstructionStats(), SplicedLossStats(), None
+    for b in tqdm(batches, desc="evaluate", unit="batch"):
+        tokens = mx.array(b.tokens)
+        clean = forward(model, tokens, capture=(site,))
+        acts = clean.activations[site]
+        mx.eval(clean.logits, acts)
+        x_full = np.array(acts.astype(mx.float32))
+        x = x_full[b.mask]
+        x_hat, codes = _sae_reconstruct(sae, mx.array(x))
+        mx.eval(x_hat, codes)
+        x_hat = np.array(x_hat.astype(mx.float32))
+        recon.update(x, x_hat)
+        sparsity = sparsity or SparsityStats(int(codes.shape[-1]))
+        sparsity.update(np.array(codes))
+
+        x_full[b.mask] = x_hat
+        where = mx.array(b.mask)[..., None]
+        replacements = {
+            "spliced": mx.array(x_full),
+            "zero_ablated": mx.zeros((acts.shape[-1],)),
+            "mean_ablated": mx.array(mean.astype(np.float32)),
+        }
+        logits = {
+            name: forward(model, tokens, edit={site: _replace_at(where, value)}).logits
+            for name, value in replacements.items()
+        }
+        spliced.update(b.tokens, next_token_mask(b.mask, b.lengths), b.mask, clean=clean.logits, **logits)
+    result = EvalResult(site, recon.result(), sparsity.result(), spliced.result())
+    log.info("evaluate %s on %d tokens: fvu=%.4f l0=%.1f ce_loss_score=%.4f", site.name, n_tokens,
+             result.reconstruction.fvu, result.sparsity.l0, result.spliced.ce_loss_score)
+    return result
+
+
+def _replace_at(where: mx.array, value: mx.array):
+    """Edit function: ``value`` at the scored positions, the original output elsewhere."""
+    return lambda out: mx.where(where, value.astype(out.dtype), out)
+
+
+# ---------------------------------------------------------------------------------- health
+
+
+def _train_losses(train_summary: dict[str, Any]) -> tuple[float | None, float | None]:
+    """(first, last) training loss from the train stage's summary, tolerant of key names."""
+    pairs = (("initial_loss", "final_loss"), ("loss_initial", "loss_final"), ("first_loss", "last_loss"),
+             ("loss_first", "loss_last"), ("start_loss", "end_loss"))
+    for first, last in pairs:
+        if first in train_summary and last in train_summary:
+            return float(train_summary[first]), float(train_summary[last])
+    return None, None
+
+
+def health_checks(metrics: dict[str, Any], train_summary: dict[str, Any], k: int) -> dict[str, dict]:
+    """The seed's sanity checks, each ``{"ok": bool, "value": ..., "expected": str}``:
+    training loss decreased, L0 within 10% of k, dead latents < 20%, no NaN/inf metric."""
+    first, last = _train_losses(train_summary)
+    l0, dead = float(metrics["l0"]), float(metrics["dead_fraction"])
+    numbers = {key: v for key, v in {**metrics, **train_summary}.items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    bad = sorted(key for key, v in numbers.items() if not math.isfinite(v))
+    return {
+        "loss_decreased": {
+            "ok": first is not None and last is not None and last < first,
+            "value": None if first is None else {"first": first, "last": last},
+            "expected": "final training loss < initial training loss",
+        },
+        "l0_near_k": {"ok": abs(l0 - k) <= 0.1 * k, "value": l0, "expected": f"|L0 - k| <= 10% of k={k}"},
+        "dead_below_20pct": {"ok": dead < 0.2, "value": dead, "expected": "dead_fraction < 0.2"},
+        "no_nan": {"ok": not bad, "value": bad, "expected": "every metric finite"},
+    }
+
+
+__all__ = ["EvalResult", "TokenBatch", "evaluate_sae", "health_checks", "token_batches"]
