@@ -15,11 +15,9 @@ import math
 from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
+import mlx.core as mx
 import numpy as np
 from tqdm import tqdm
-
-import saepipe  # noqa: F401  (fast BLAS before mlx)
-import mlx.core as mx
 
 from saepipe.forward import forward
 from saepipe.metrics import (

@@ -44,10 +44,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import NamedTuple
 
-import numpy as np
-
-import saepipe  # noqa: F401  (fast BLAS before mlx)
 import mlx.core as mx
+import numpy as np
 
 _EPS = 1e-12
 
