@@ -109,10 +109,23 @@ def token_batches(
             return
 
 
-def _sae_reconstruct(sae: Any, x: mx.array) -> tuple[mx.array, mx.array]:
-    """(x_hat, dense codes) for (n, d_model) rows in the original activation space."""
+def _sae_reconstruct(sae: Any, x: mx.array, sparsity: SparsityStats | None) -> tuple[mx.array, SparsityStats]:
+    """x_hat for (n, d_model) rows in the original activation space; codes go into ``sparsity``.
+
+    Uses the sparse ``encode_topk``/``decode_topk`` of a ``TopKSAE`` when present, else dense
+    ``encode``/``decode`` (any SAE-like object).
+    """
+    if hasattr(sae, "encode_topk") and hasattr(sae, "decode_topk"):
+        values, indices = sae.encode_topk(x)
+        x_hat = sae.decode_topk(values, indices)
+        mx.eval(x_hat, values, indices)
+        sparsity = sparsity or SparsityStats(int(sae.d_hidden))
+        return x_hat, sparsity.update_topk(np.array(values), np.array(indices))
     codes = sae.encode(x)
-    return sae.decode(codes), codes
+    x_hat = sae.decode(codes)
+    mx.eval(x_hat, codes)
+    sparsity = sparsity or SparsityStats(int(codes.shape[-1]))
+    return x_hat, sparsity.update(np.array(codes))
 
 
 def _site_mean(model: Any, batches: Sequence[TokenBatch], site: Site) -> np.ndarray:
@@ -141,10 +154,14 @@ def evaluate_sae(
     """Score ``sae`` at (layer, component) of ``loaded_model`` on up to ``max_tokens`` scored
     positions of ``texts`` (the eval split): reconstruction, sparsity, CE/KL of the spliced model.
 
-    ``sae`` needs ``encode(x) -> dense codes`` and ``decode(codes) -> x_hat`` on (n, d_model) rows.
+    ``sae``: a ``TopKSAE`` (or any object with ``encode``/``decode`` on (n, d_model) rows and
+    dense codes), mapping activations to reconstructions in the original activation space.
     """
     model, tokenizer = loaded_model.model, loaded_model.tokenizer
     site = check_site(layer, component, len(model.model.layers))
+    d_model = int(model.model.embed_tokens.weight.shape[1])
+    if getattr(sae, "d_model", d_model) != d_model:
+        raise ValueError(f"the SAE reads d_model={sae.d_model} activations, the model has d_model={d_model}")
     batches = list(token_batches(tokenizer, texts, context_length=context_length, batch_size=batch_size,
                                  max_tokens=max_tokens, skip_special_tokens=skip_special_tokens))
     if not batches:
@@ -162,12 +179,9 @@ def evaluate_sae(
         mx.eval(clean.logits, acts)
         x_full = np.array(acts.astype(mx.float32))
         x = x_full[b.mask]
-        x_hat, codes = _sae_reconstruct(sae, mx.array(x))
-        mx.eval(x_hat, codes)
+        x_hat, sparsity = _sae_reconstruct(sae, mx.array(x), sparsity)
         x_hat = np.array(x_hat.astype(mx.float32))
         recon.update(x, x_hat)
-        sparsity = sparsity or SparsityStats(int(codes.shape[-1]))
-        sparsity.update(np.array(codes))
 
         x_full[b.mask] = x_hat
         where = mx.array(b.mask)[..., None]

@@ -1,0 +1,124 @@
+"""Stage evaluate: score the trained SAE on the held-out texts; write metrics, plots and a report.
+
+Outputs in ``--out``: ``metrics.json`` (flat scalars for ``dvc metrics show/diff`` plus ``health``),
+``density.csv`` (log10 feature-density histogram), ``plots/*.png`` and ``report.html`` (offline).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import click
+
+import saepipe  # noqa: F401  (fast BLAS before mlx)
+from saepipe.evaluate import evaluate_sae, health_checks
+from saepipe.metrics import density_histogram
+from saepipe.params import read_params, section
+from saepipe.plots import (
+    plot_density_histogram,
+    plot_training_curves,
+    read_live_metrics,
+    write_density_csv,
+    write_html_report,
+)
+
+log = logging.getLogger("stages.evaluate")
+
+EVAL_SPLITS = ("eval", "test", "validation")
+
+
+def read_eval_texts(path: Path) -> list[str]:
+    """The held-out texts of prepare's parquet: rows whose ``split`` is eval (or test/validation)."""
+    import pyarrow.parquet as pq
+
+    if not path.exists():
+        raise click.ClickException(f"texts file not found: {path} (run the prepare stage)")
+    table = pq.read_table(path)
+    if "text" not in table.column_names or "split" not in table.column_names:
+        raise click.ClickException(f"{path} needs `text` and `split` columns, has {table.column_names}")
+    texts = [t for t, s in zip(table["text"].to_pylist(), table["split"].to_pylist(), strict=True)
+             if s in EVAL_SPLITS]
+    if not texts:
+        raise click.ClickException(f"{path} has no held-out texts (split in {EVAL_SPLITS})")
+    return texts
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN/inf become null: dvc and strict JSON readers reject them."""
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _check_site(sae: Any, loaded: Any, layer: int, component: str) -> None:
+    """Refuse an SAE trained elsewhere; an SAE that records no identity only warns."""
+    _, reasons = sae.compatibility(loaded, layer, component)
+    fatal = [r for r in reasons if "records no" not in r]
+    for r in reasons:
+        if r not in fatal:
+            log.warning("cannot verify the SAE: %s", r)
+    if fatal:
+        raise click.ClickException("the SAE does not fit this model/site: " + "; ".join(fatal))
+
+
+@click.command()
+@click.option("--params", "params_path", default="params.yaml", show_default=True, type=click.Path(path_type=Path))
+@click.option("--sae", "sae_path", required=True, type=click.Path(path_type=Path), help="trained SAE file")
+@click.option("--texts", "texts_path", required=True, type=click.Path(path_type=Path), help="prepare's texts.parquet")
+@click.option("--train-metrics", type=click.Path(path_type=Path), default=None, help="train's metrics.json")
+@click.option("--train-live", type=click.Path(path_type=Path), default=None, help="train's dvclive folder")
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path))
+def main(params_path: Path, sae_path: Path, texts_path: Path, train_metrics: Path | None,
+         train_live: Path | None, out_dir: Path) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from saepipe.model import load_model
+    from saepipe.sae import load_sae
+
+    params = read_params(params_path)
+    extract, ev = section(params, "extract"), section(params, "evaluate")
+    layer, component = int(extract["layer"]), str(extract["component"])
+    sae = load_sae(sae_path)
+    loaded = load_model(str(params["model"]))
+    _check_site(sae, loaded, layer, component)
+    texts = read_eval_texts(texts_path)
+
+    result = evaluate_sae(
+        loaded, sae, texts, layer=layer, component=component, max_tokens=int(ev["max_tokens"]),
+        batch_size=int(ev["batch_size"]), context_length=int(extract["context_length"]),
+        skip_special_tokens=bool(extract["skip_special_tokens"]),
+    )
+    metrics: dict[str, Any] = result.to_dict()
+    train_summary = json.loads(train_metrics.read_text()) if train_metrics and train_metrics.exists() else {}
+    health = health_checks(metrics, train_summary, sae.k)
+    metrics["k"] = sae.k
+    metrics["d_hidden"] = sae.d_hidden
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "metrics.json").write_text(json.dumps(_json_safe({**metrics, "health": health}), indent=2) + "\n")
+    hist = density_histogram(result.sparsity.density, low=-math.ceil(math.log10(result.sparsity.n_tokens)))
+    write_density_csv(hist, out_dir / "density.csv")
+    images = {"Feature density": plot_density_histogram(hist, out_dir / "plots" / "feature_density.png")}
+    curves = plot_training_curves(read_live_metrics(train_live) if train_live else {},
+                                  out_dir / "plots" / "training_curves.png")
+    if curves is not None:
+        images = {"Training curves": curves, **images}
+    write_html_report(out_dir / "report.html", title=f"SAE evaluation: {result.site.name}",
+                      metrics=metrics, health=health, images=images)
+
+    failed = [name for name, c in health.items() if not c["ok"]]
+    click.echo(f"evaluate {result.site.name} on {result.reconstruction.n_rows} held-out tokens:")
+    click.echo(f"  FVU {metrics['fvu']:.4f}  L0 {metrics['l0']:.1f}  dead {metrics['dead_fraction']:.1%}  "
+               f"CE-loss score {metrics['ce_loss_score']:.4f}  KL {metrics['kl_spliced']:.4f}")
+    click.echo(f"  health: {'all passed' if not failed else 'FAILED ' + ', '.join(failed)}")
+
+
+if __name__ == "__main__":
+    main()
