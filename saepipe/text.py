@@ -52,7 +52,8 @@ def load_texts(
 ) -> Iterator[TextRecord]:
     """Passages of ``source`` (see the module docstring for what ``source`` may be).
 
-    Bad input (missing file, unknown column or split) raises here, before iteration starts.
+    A missing file, unknown column or split, or unreadable dataset raises here, before iteration;
+    a bad row (invalid JSON line, non-string value) raises when it is reached.
     ``dataset_config`` and ``dataset_split`` apply to HF datasets only; ``text_column`` to
     tables, JSON objects and HF datasets.
     """
@@ -100,7 +101,7 @@ def _as_text(value: Any, where: str) -> str:
 
 
 def _txt_texts(path: Path, _column: str) -> list[str]:
-    text = path.read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8-sig")
     return [p.strip() for p in re.split(r"\n[ \t]*\n", text) if p.strip()]
 
 
@@ -115,7 +116,7 @@ def _object_text(obj: Any, column: str, where: str) -> str:
 
 
 def _jsonl_texts(path: Path, column: str) -> Iterator[str]:
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = path.read_text(encoding="utf-8-sig").splitlines()
     for i, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -127,7 +128,7 @@ def _jsonl_texts(path: Path, column: str) -> Iterator[str]:
 
 
 def _json_texts(path: Path, column: str) -> Iterator[str]:
-    data = json.loads(path.read_text(encoding="utf-8"))
+    data = json.loads(path.read_text(encoding="utf-8-sig"))
     if isinstance(data, dict):  # column-oriented: {"text": [...], ...}
         if column not in data:
             raise KeyError(f"{path} has no text column {column!r}; available: {sorted(data)}")
