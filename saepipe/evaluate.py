@@ -19,6 +19,7 @@ import mlx.core as mx
 import numpy as np
 from tqdm import tqdm
 
+from saepipe.extract import ExtractConfig, make_batches
 from saepipe.forward import forward
 from saepipe.metrics import (
     ReconstructionMetrics,
@@ -28,7 +29,6 @@ from saepipe.metrics import (
     SplicedLossStats,
     SplicedMetrics,
     next_token_mask,
-    position_mask,
 )
 from saepipe.sites import Site, check_site
 
@@ -63,14 +63,6 @@ def _num(v: Any) -> float | int:
     return int(v) if isinstance(v, (int, np.integer)) else float(v)
 
 
-def _pad_id(tokenizer: Any) -> int:
-    for name in ("pad_token_id", "eos_token_id"):
-        value = getattr(tokenizer, name, None)
-        if value is not None:
-            return int(value)
-    return 0
-
-
 def token_batches(
     tokenizer: Any,
     texts: Sequence[str],
@@ -80,31 +72,24 @@ def token_batches(
     max_tokens: int,
     skip_special_tokens: bool,
 ) -> Iterator[TokenBatch]:
-    """Tokenize ``texts`` in order (each truncated to ``context_length``), right-pad per batch, and
-    mark the scored positions, stopping after exactly ``max_tokens`` of them."""
+    """Extraction's batches (``saepipe.extract.make_batches``: same tokenization, truncation, padding
+    and kept positions) with text lengths, stopping after exactly ``max_tokens`` scored positions."""
     if context_length < 2:
         raise ValueError(f"context_length must be >= 2 (CE needs a next token), got {context_length}")
-    if batch_size < 1 or max_tokens < 1:
-        raise ValueError(f"batch_size and max_tokens must be >= 1, got {batch_size} and {max_tokens}")
-    special = [int(i) for i in getattr(tokenizer, "all_special_ids", [])]
-    pad = _pad_id(tokenizer)
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+    cfg = ExtractConfig(context_length=context_length, batch_size=batch_size,
+                        skip_special_tokens=skip_special_tokens)
     left = max_tokens
-    for start in range(0, len(texts), batch_size):
-        ids = [tokenizer.encode(t)[:context_length] for t in texts[start : start + batch_size]]
-        ids = [i for i in ids if i]
-        if not ids:
-            continue
-        lengths = np.array([len(i) for i in ids])
-        tokens = np.full((len(ids), int(lengths.max())), pad, dtype=np.int32)
-        for row, seq in enumerate(ids):
-            tokens[row, : len(seq)] = seq
-        mask = position_mask(tokens, lengths, special, skip_special_tokens)
+    batches = make_batches(tokenizer, np.arange(len(texts)), texts, cfg)
+    for start, batch in zip(range(0, len(texts), batch_size), batches, strict=True):
+        chunk = texts[start : start + batch_size]
+        lengths = np.array([min(len(tokenizer.encode(t)), context_length) for t in chunk])
         # Keep the first `left` scored positions in row-major order; later ones never affect them.
-        keep = np.cumsum(mask.ravel()).reshape(mask.shape) <= left
-        mask &= keep
+        mask = batch.keep & (np.cumsum(batch.keep.ravel()).reshape(batch.keep.shape) <= left)
         left -= int(mask.sum())
         if mask.any():
-            yield TokenBatch(tokens, lengths, mask)
+            yield TokenBatch(batch.tokens, lengths, mask)
         if left == 0:
             return
 

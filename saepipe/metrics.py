@@ -34,14 +34,13 @@ Spliced model (``SplicedLossStats``), p = softmax(logits) of the next token:
 - KL_v = mean over scored positions of KL(p_clean || p_v) = sum_w p_clean(w) (log p_clean(w) - log p_v(w))
 - kl_score = 1 - KL_spliced / KL_zero; kl_score_mean_ablated uses KL_mean.
 
-Scored positions (``position_mask`` / ``next_token_mask``): a position counts when it is inside its
-text (not right padding) and, with ``skip_special``, its token is not special (BOS etc.) -- the rows
-extraction stores. CE also needs a next token, so the last position of each text is excluded there.
+Scored positions are the rows extraction stores (``saepipe.extract.make_batches``'s ``keep``: inside
+the text, not padding, and with skip_special_tokens not BOS/special). KL is averaged over all of them;
+CE also needs a next token, so ``next_token_mask`` drops the last position of each text.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import NamedTuple
 
 import mlx.core as mx
@@ -60,17 +59,6 @@ def _ratio(num: float, den: float) -> float:
 
 
 # ---------------------------------------------------------------------------------------- masks
-
-
-def position_mask(
-    tokens: np.ndarray, lengths: np.ndarray, special_ids: Iterable[int], skip_special: bool
-) -> np.ndarray:
-    """(B, T) bool: positions inside their text, and (with ``skip_special``) not a special token."""
-    tokens = np.asarray(tokens)
-    inside = np.arange(tokens.shape[1])[None, :] < np.asarray(lengths)[:, None]
-    if not skip_special:
-        return inside
-    return inside & ~np.isin(tokens, np.fromiter(special_ids, dtype=np.int64))
 
 
 def next_token_mask(positions: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -407,7 +395,6 @@ __all__ = [
     "density_histogram",
     "log_softmax",
     "next_token_mask",
-    "position_mask",
     "reconstruction_metrics",
     "token_cross_entropy",
     "token_kl",

@@ -161,6 +161,25 @@ def test_max_tokens_is_exact_and_special_positions_skipped(tiny_model):
     assert r.reconstruction.n_rows == r.sparsity.n_tokens == r.spliced.n_kl_tokens == 37
 
 
+@pytest.mark.parametrize("skip_special", [True, False])
+def test_scored_positions_are_extractions_rows(tiny_model, tmp_path, skip_special):
+    """The same tokens as extract stores for the eval split, in the same order."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from saepipe.extract import ExtractConfig, make_batches, read_split
+
+    pq.write_table(pa.table({"id": np.arange(len(TEXTS)), "text": TEXTS, "source": ["t"] * len(TEXTS),
+                             "split": ["eval"] * len(TEXTS)}), tmp_path / "texts.parquet")
+    ids, texts = read_split(tmp_path / "texts.parquet", "eval")
+    cfg = ExtractConfig(context_length=20, batch_size=3, skip_special_tokens=skip_special)
+    want = np.concatenate([b.tokens[b.keep] for b in make_batches(tiny_model.tokenizer, ids, texts, cfg)])
+    got = np.concatenate([b.tokens[b.mask] for b in token_batches(
+        tiny_model.tokenizer, texts, context_length=20, batch_size=3, max_tokens=10_000,
+        skip_special_tokens=skip_special)])
+    np.testing.assert_array_equal(got, want)
+
+
 def test_d_model_mismatch_is_an_error(tiny_model):
     with pytest.raises(ValueError, match="d_model"):
         _eval(tiny_model, _random_sae(tiny_model.info.d_model * 2))

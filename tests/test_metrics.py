@@ -14,7 +14,6 @@ from saepipe.metrics import (
     SplicedLossStats,
     density_histogram,
     next_token_mask,
-    position_mask,
     reconstruction_metrics,
 )
 
@@ -156,15 +155,11 @@ def test_sparsity_rejects_wrong_width():
 # ------------------------------------------------------------------------------------- masks
 
 
-def test_position_and_next_token_masks():
-    bos, pad = 9, 8
-    tokens = np.array([[bos, 1, 2, 3], [bos, 4, pad, pad]])
-    lengths = np.array([4, 2])
-    pos = position_mask(tokens, lengths, [bos, pad], skip_special=True)
-    np.testing.assert_array_equal(pos, [[0, 1, 1, 1], [0, 1, 0, 0]])
-    np.testing.assert_array_equal(next_token_mask(pos, lengths), [[0, 1, 1, 0], [0, 0, 0, 0]])
-    keep_bos = position_mask(tokens, lengths, [bos, pad], skip_special=False)
-    np.testing.assert_array_equal(keep_bos, [[1, 1, 1, 1], [1, 1, 0, 0]])
+def test_next_token_mask():
+    positions = np.array([[0, 1, 1, 1], [0, 1, 0, 0], [1, 1, 1, 0]], dtype=bool)
+    lengths = np.array([4, 2, 4])
+    np.testing.assert_array_equal(next_token_mask(positions, lengths),
+                                  [[0, 1, 1, 0], [0, 0, 0, 0], [1, 1, 1, 0]])
 
 
 # ------------------------------------------------------------------------------ spliced model
@@ -180,7 +175,7 @@ def _spliced_case(seed: int = 0, b: int = 3, t: int = 5, v: int = 11):
     rng = np.random.default_rng(seed)
     tokens = rng.integers(0, v, size=(b, t))
     lengths = np.array([t, t - 2, 2])[:b]
-    pos = position_mask(tokens, lengths, [], skip_special=False)
+    pos = np.arange(t)[None, :] < lengths[:, None]
     logits = {name: rng.normal(size=(b, t, v)).astype(np.float32)
               for name in ("clean", "spliced", "zero_ablated", "mean_ablated")}
     return tokens, lengths, pos, next_token_mask(pos, lengths), logits
