@@ -1,0 +1,364 @@
+"""Extract activations of one site for the prepared texts into resumable shard folders.
+
+Texts of a split are tokenized in file order (``tokenizer.encode``, which adds BOS), truncated to
+``context_length``, grouped into fixed batches of ``batch_size`` texts (right padded to the longest
+text of the batch) and run through ``forward(stop_layer=layer, capture=[site])``. Rows are kept in
+text order, position order; pad positions are never stored, nor BOS/special tokens when
+``skip_special_tokens``. Writing stops at ``max_tokens`` rows.
+
+Because the batches are fixed by text index, a rerun after an interruption keeps the complete
+shards whose checksums match (listed in ``_progress.json``), skips the texts they cover without
+running the model on them, and writes exactly what an uninterrupted run would have written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import mlx.core as mx
+import numpy as np
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+import saepipe
+from saepipe.forward import forward
+from saepipe.model import LoadedModel
+from saepipe.shards import (
+    MANIFEST,
+    SHARD_PATTERN,
+    ShardInfo,
+    ShardWriter,
+    atomic_write_bytes,
+    file_sha256,
+    read_manifest,
+    write_manifest,
+)
+from saepipe.sites import Site, check_site
+
+log = logging.getLogger(__name__)
+
+PROGRESS = "_progress.json"
+SPLITS = ("train", "eval")
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """The ``extract:`` section of params.yaml."""
+
+    layer: int = 6
+    """Block whose component output is stored (0-based)."""
+    component: str = "mlp"
+    """mlp | attn | output (residual stream after the block)."""
+    context_length: int = 128
+    """Texts are truncated to this many tokens (BOS included)."""
+    batch_size: int = 8
+    """Texts per forward pass."""
+    dtype: str = "float16"
+    """Storage dtype of the shards: float16 | float32."""
+    max_tokens: int = 200000
+    """Rows written for the train split."""
+    eval_max_tokens: int = 20000
+    """Rows written for the eval split."""
+    skip_special_tokens: bool = True
+    """Exclude BOS and other special-token positions (pads are always excluded)."""
+    shard_rows: int = 65536
+    """Rows per shard file."""
+
+    def __post_init__(self) -> None:
+        for name in ("context_length", "batch_size", "max_tokens", "eval_max_tokens", "shard_rows"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"extract.{name} must be a positive integer, got {value!r}")
+        if self.dtype not in ("float16", "float32"):
+            raise ValueError(f"extract.dtype must be float16 or float32, got {self.dtype!r}")
+
+    @classmethod
+    def from_params(cls, section: dict[str, Any]) -> ExtractConfig:
+        """Build from the params section; unknown keys are an error naming them."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(section) - known)
+        if unknown:
+            raise ValueError(f"unknown key(s) in extract params: {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
+        return cls(**section)
+
+    def max_rows(self, split: str) -> int:
+        """Row budget of a split."""
+        return self.max_tokens if split == "train" else self.eval_max_tokens
+
+
+class _Interrupted(Exception):
+    """Raised after ``max_shards`` new shards (a simulated kill)."""
+
+
+class Batch(NamedTuple):
+    tokens: np.ndarray
+    """(B, T) int32 token ids, right padded."""
+    keep: np.ndarray
+    """(B, T) bool: positions whose rows are stored."""
+    doc_ids: np.ndarray
+    """(B,) int64 prepare ids of the texts."""
+
+
+def read_split(texts_path: Path, split: str) -> tuple[np.ndarray, list[str]]:
+    """The (ids, texts) of one split of the prepare Parquet, in file order."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
+    table = pq.read_table(texts_path, columns=["id", "text", "split"])
+    mask = np.asarray(table.column("split").to_numpy(zero_copy_only=False) == split)
+    ids = table.column("id").to_numpy()[mask].astype(np.int64)
+    texts = [t for t, m in zip(table.column("text").to_pylist(), mask, strict=True) if m]
+    if not texts:
+        raise ValueError(f"{texts_path} has no texts in split {split!r}")
+    return ids, texts
+
+
+def excluded_token_ids(tokenizer: Any, skip_special_tokens: bool) -> np.ndarray:
+    """Token ids whose positions are never stored (special tokens, when asked)."""
+    if not skip_special_tokens:
+        return np.zeros(0, dtype=np.int64)
+    ids = set(tokenizer.all_special_ids)
+    if tokenizer.bos_token_id is not None:
+        ids.add(tokenizer.bos_token_id)
+    return np.array(sorted(ids), dtype=np.int64)
+
+
+def make_batches(
+    tokenizer: Any, ids: np.ndarray, texts: Sequence[str], cfg: ExtractConfig, start_batch: int = 0
+) -> Iterator[Batch]:
+    """Tokenize and pad fixed groups of ``batch_size`` texts, from batch ``start_batch`` on."""
+    excluded = excluded_token_ids(tokenizer, cfg.skip_special_tokens)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    for start in range(start_batch * cfg.batch_size, len(texts), cfg.batch_size):
+        encoded = [tokenizer.encode(t)[: cfg.context_length] for t in texts[start : start + cfg.batch_size]]
+        width = max(1, max(len(e) for e in encoded))
+        tokens = np.full((len(encoded), width), pad_id, dtype=np.int32)
+        keep = np.zeros((len(encoded), width), dtype=bool)
+        for row, e in enumerate(encoded):
+            tokens[row, : len(e)] = e
+            keep[row, : len(e)] = ~np.isin(e, excluded)
+        yield Batch(tokens, keep, ids[start : start + cfg.batch_size])
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> dict[str, str]:
+    """Name and content hash of a tokenizer (its serialized fast-tokenizer JSON)."""
+    import hashlib
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    blob = backend.to_str() if backend is not None else repr(tokenizer.get_vocab())
+    name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+    return {"name": name, "hash": hashlib.sha256(blob.encode()).hexdigest()[:16]}
+
+
+def _texts_digest(ids: np.ndarray, texts: Sequence[str]) -> str:
+    import hashlib
+
+    h = hashlib.sha256(np.ascontiguousarray(ids).tobytes())
+    for t in texts:
+        h.update(t.encode())
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def _fingerprint(loaded: LoadedModel, cfg: ExtractConfig, split: str, texts_digest: str) -> dict[str, Any]:
+    """Everything that decides the row stream (not max_tokens: a larger budget extends it)."""
+    d = asdict(cfg)
+    for k in ("max_tokens", "eval_max_tokens"):
+        d.pop(k)
+    return {"model_id": loaded.info.model_id, "model_hash": loaded.info.model_hash,
+            "tokenizer": tokenizer_fingerprint(loaded.tokenizer), "split": split,
+            "texts_digest": texts_digest, **d}
+
+
+def _reusable_shards(folder: Path, fingerprint: dict[str, Any], shard_rows: int) -> list[ShardInfo]:
+    """Complete shards of an interrupted run with the same fingerprint whose checksums match."""
+    path = folder / PROGRESS
+    if not path.exists():
+        return []
+    progress = json.loads(path.read_text())
+    if progress.get("fingerprint") != fingerprint:
+        log.info("%s: settings changed since the interrupted run; starting over", folder)
+        return []
+    kept = []
+    for i, entry in enumerate(progress.get("shards", [])):
+        info = ShardInfo(**entry)
+        shard = folder / info.file
+        if (info.file != SHARD_PATTERN.format(i) or info.rows != shard_rows or not shard.exists()
+                or file_sha256(shard) != info.sha256):
+            break
+        kept.append(info)
+    return kept
+
+
+def _clean(folder: Path, keep: set[str]) -> None:
+    for path in folder.iterdir():
+        if path.name in keep:
+            continue
+        if path.name.startswith("shard-") or path.name.endswith(".tmp") or path.name == MANIFEST:
+            path.unlink()
+
+
+def _write_progress(folder: Path, fingerprint: dict[str, Any], shards: list[ShardInfo]) -> None:
+    body = {"fingerprint": fingerprint, "shards": [s._asdict() for s in shards]}
+    atomic_write_bytes(folder / PROGRESS, json.dumps(body, indent=2).encode())
+
+
+def _start_point(tokenizer: Any, ids: np.ndarray, texts: Sequence[str], cfg: ExtractConfig,
+                 skip_rows: int) -> tuple[int, int]:
+    """(first batch to run, rows of that batch to drop) so that ``skip_rows`` rows are skipped."""
+    seen = 0
+    for b, batch in enumerate(make_batches(tokenizer, ids, texts, cfg)):
+        rows = int(batch.keep.sum())
+        if seen + rows > skip_rows:
+            return b, skip_rows - seen
+        seen += rows
+    return len(texts), 0  # never reached when skip_rows < total rows
+
+
+def extract_split(
+    loaded: LoadedModel,
+    texts_path: Path,
+    out: Path,
+    cfg: ExtractConfig,
+    split: str = "train",
+    *,
+    max_shards: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any] | None:
+    """Write the shards and manifest of one split into ``out``; return the manifest.
+
+    ``max_shards`` stops after writing that many new shards, leaving an unfinished (resumable)
+    folder without manifest, and returns None (used to test resumption).
+    """
+    site = check_site(cfg.layer, cfg.component, loaded.info.num_layers)
+    ids, texts = read_split(Path(texts_path), split)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    fingerprint = _fingerprint(loaded, cfg, split, _texts_digest(ids, texts))
+    max_rows = cfg.max_rows(split)
+
+    done = _finished_manifest(out, fingerprint, max_rows)
+    if done is not None:
+        log.info("%s: already complete (%d rows)", out, done["n_tokens"])
+        return done
+
+    kept = [s for s in _reusable_shards(out, fingerprint, cfg.shard_rows)][: max_rows // cfg.shard_rows]
+    _clean(out, {s.file for s in kept} | {PROGRESS})
+    shards = list(kept)
+    skip = len(kept) * cfg.shard_rows
+    if kept:
+        log.info("%s: resuming after %d complete shards (%d rows)", out, len(kept), skip)
+
+    def on_shard(info: ShardInfo) -> None:
+        shards.append(info)
+        _write_progress(out, fingerprint, shards)
+        if max_shards is not None and len(shards) - len(kept) >= max_shards:
+            raise _Interrupted  # stop like a kill right after a shard landed
+
+
+    writer = ShardWriter(out, loaded.info.d_model, dtype=cfg.dtype, shard_rows=cfg.shard_rows,
+                         first_index=len(kept), on_shard=on_shard)
+    written = skip
+    start_batch, drop = _start_point(loaded.tokenizer, ids, texts, cfg, skip) if skip else (0, 0)
+    bar = tqdm(total=max_rows, initial=written, unit="tok", unit_scale=True, disable=not progress,
+               desc=f"extract {split} {site.name}")
+    t0 = time.perf_counter()
+    try:
+        for rows in _run_batches(loaded, site, make_batches(loaded.tokenizer, ids, texts, cfg, start_batch)):
+            acts, token_id, doc_id, position = (c[drop:] for c in rows)
+            drop = 0
+            n = min(len(acts), max_rows - written)
+            writer.add(acts[:n], token_id[:n], doc_id[:n], position[:n])
+            written += n
+            bar.update(n)
+            if written >= max_rows:
+                break
+        writer.close()
+    except _Interrupted:
+        return None
+    finally:
+        bar.close()
+    if written < max_rows:
+        log.warning("%s: the %s split has only %d token rows (asked for %d)", out, split, written, max_rows)
+    if written == 0:
+        raise ValueError(f"the {split} split produced no token rows (all texts empty or special tokens)")
+    log.info("%s: %d rows in %.1fs", out, written, time.perf_counter() - t0)
+    manifest = write_manifest(out, _manifest(loaded, cfg, site, split, fingerprint, shards, written, max_rows))
+    (out / PROGRESS).unlink(missing_ok=True)
+    return manifest
+
+
+def _run_batches(loaded: LoadedModel, site: Site, batches: Iterator[Batch]) -> Iterator[tuple[np.ndarray, ...]]:
+    """Per batch: the kept rows (acts float32, token_id, doc_id, position) in text/position order."""
+    d_model = loaded.info.d_model
+    for batch in batches:
+        acts = forward(loaded.model, mx.array(batch.tokens), stop_layer=site.layer, capture=[site]).activations[site]
+        acts = np.asarray(acts.astype(mx.float32))
+        if acts.shape[-1] != d_model:
+            raise ValueError(f"model activations have width {acts.shape[-1]} but the model info says "
+                             f"d_model={d_model}")
+        b_idx, pos = np.nonzero(batch.keep)
+        yield (acts[b_idx, pos], batch.tokens[b_idx, pos], batch.doc_ids[b_idx], pos.astype(np.int32))
+
+
+def _finished_manifest(out: Path, fingerprint: dict[str, Any], max_rows: int) -> dict[str, Any] | None:
+    """The existing manifest when it was made with the same settings and its shards are intact."""
+    if not (out / MANIFEST).exists():
+        return None
+    try:
+        manifest = read_manifest(out)
+    except ValueError:
+        return None
+    if manifest.get("fingerprint") != fingerprint or manifest.get("max_rows") != max_rows:
+        return None
+    for entry in manifest["shards"]:
+        path = out / entry["file"]
+        if not path.exists() or file_sha256(path) != entry["sha256"]:
+            return None
+    return manifest
+
+
+def _manifest(loaded: LoadedModel, cfg: ExtractConfig, site: Site, split: str,
+              fingerprint: dict[str, Any], shards: list[ShardInfo], n_tokens: int,
+              max_rows: int) -> dict[str, Any]:
+    masking = "pad positions excluded"
+    if cfg.skip_special_tokens:
+        masking += "; BOS and special-token positions excluded"
+    return {
+        "model_id": loaded.info.model_id,
+        "model_hash": loaded.info.model_hash,
+        "layer": site.layer,
+        "component": site.component,
+        "site": site.name,
+        "d_model": loaded.info.d_model,
+        "dtype": cfg.dtype,
+        "n_tokens": n_tokens,
+        "max_rows": max_rows,
+        "context_length": cfg.context_length,
+        "batch_size": cfg.batch_size,
+        "shard_rows": cfg.shard_rows,
+        "masking": masking,
+        "skip_special_tokens": cfg.skip_special_tokens,
+        "tokenizer": fingerprint["tokenizer"],
+        "texts_digest": fingerprint["texts_digest"],
+        "split": split,
+        "saepipe_version": saepipe.__version__,
+        "fingerprint": fingerprint,
+        "shards": [s._asdict() for s in shards],
+    }
+
+
+def extract(loaded: LoadedModel, texts_path: Path, out: Path, cfg: ExtractConfig,
+            *, progress: bool = True) -> dict[str, dict[str, Any]]:
+    """Extract both splits into ``out/train`` and ``out/eval``; return their manifests."""
+    result = {}
+    for split in SPLITS:
+        manifest = extract_split(loaded, texts_path, Path(out) / split, cfg, split, progress=progress)
+        assert manifest is not None
+        result[split] = manifest
+    return result

@@ -1,0 +1,47 @@
+"""Stage `extract`: store one site's activations for the prepared texts as resumable shard folders.
+
+    uv run python -m stages.extract --params params.yaml --texts data/prepare/texts.parquet --out data/extract
+
+Writes ``<out>/train/`` and ``<out>/eval/`` (Arrow shards + manifest.json each). An interrupted run
+resumes from its last complete shard when rerun with the same settings.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import click
+
+import saepipe  # noqa: F401  (fast BLAS before any mlx import)
+from saepipe.extract import ExtractConfig, extract
+from saepipe.model import load_model
+from saepipe.params import read_params, section
+
+
+@click.command()
+@click.option("--params", "params_path", default="params.yaml", show_default=True,
+              type=click.Path(dir_okay=False, path_type=Path), help="params file with `model:` and `extract:`")
+@click.option("--texts", "texts_path", default="data/prepare/texts.parquet", show_default=True,
+              type=click.Path(dir_okay=False, path_type=Path), help="prepare's texts.parquet")
+@click.option("--out", "out_dir", default="data/extract", show_default=True,
+              type=click.Path(file_okay=False, path_type=Path), help="output folder (train/ and eval/)")
+def main(params_path: Path, texts_path: Path, out_dir: Path) -> None:
+    """Extract activations of the site named in params.yaml."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        params = read_params(params_path)
+        cfg = ExtractConfig.from_params(section(params, "extract"))
+        if not texts_path.exists():
+            raise FileNotFoundError(f"texts file not found: {texts_path} (run the prepare stage first)")
+        loaded = load_model(params.get("model", "default"))
+        manifests = extract(loaded, texts_path, out_dir, cfg)
+    except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
+        raise click.ClickException(str(e)) from e
+    for split, m in manifests.items():
+        click.echo(f"{out_dir / split}: {m['n_tokens']} rows of {m['site']} ({m['dtype']}, "
+                   f"{len(m['shards'])} shards, digest {m['digest']})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,229 @@
+"""extract: stored rows equal a direct forward, masking, manifest, shards, resumption, errors."""
+
+from __future__ import annotations
+
+import json
+
+import mlx.core as mx
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+
+from saepipe.extract import PROGRESS, ExtractConfig, extract, extract_split
+from saepipe.forward import forward
+from saepipe.shards import MANIFEST, ShardSource, file_sha256
+from saepipe.sites import Site
+
+WORDS = ["the", "cat", "sat", "on", "a", "mat", "while", "seven", "quick", "foxes", "jumped", "over", "lazy", "dogs", "near", "rivers"]
+
+
+def _texts(n: int, seed: int) -> list[str]:
+    rng = np.random.default_rng(seed)
+    return [" ".join(rng.choice(WORDS, size=int(rng.integers(1, 12)))) for _ in range(n)]
+
+
+@pytest.fixture
+def texts_path(tmp_path):
+    train, ev = _texts(14, 0), _texts(5, 1)
+    texts = train + ev
+    splits = ["train"] * len(train) + ["eval"] * len(ev)
+    order = np.random.default_rng(2).permutation(len(texts))  # splits interleaved in the file
+    table = pa.table({
+        "id": pa.array(np.arange(len(texts), dtype=np.int64) + 100),
+        "text": [texts[i] for i in order], "source": ["test"] * len(texts),
+        "split": [splits[i] for i in order],
+    })
+    path = tmp_path / "texts.parquet"
+    pq.write_table(table, path)
+    return path
+
+
+def _cfg(**kw) -> ExtractConfig:
+    base = dict(layer=1, component="mlp", context_length=24, batch_size=4, dtype="float32",
+                max_tokens=300, eval_max_tokens=40, skip_special_tokens=True, shard_rows=64)
+    return ExtractConfig(**{**base, **kw})
+
+
+def _expected_rows(loaded, texts_path, split, cfg, site):
+    """Each text alone through forward, special tokens dropped, truncated, in file order."""
+    table = pq.read_table(texts_path).to_pylist()
+    special = list(loaded.tokenizer.all_special_ids)
+    rows, ids = [], []
+    for rec in table:
+        if rec["split"] != split:
+            continue
+        toks = loaded.tokenizer.encode(rec["text"])[: cfg.context_length]
+        acts = forward(loaded.model, mx.array([toks]), stop_layer=site.layer, capture=[site]).activations[site]
+        keep = ~np.isin(toks, special)
+        rows.append(np.array(acts[0])[keep])
+        ids += [rec["id"]] * int(keep.sum())
+    return np.concatenate(rows), np.array(ids)
+
+
+@pytest.mark.parametrize("dtype, tol", [("float32", 1e-5), ("float16", 2e-3)])
+def test_rows_equal_direct_forward(tiny_model, texts_path, tmp_path, dtype, tol):
+    cfg = _cfg(dtype=dtype, component="output")
+    manifest = extract_split(tiny_model, texts_path, tmp_path / "train", cfg, "train", progress=False)
+    src = ShardSource(tmp_path / "train", verify=True)
+    expected, ids = _expected_rows(tiny_model, texts_path, "train", cfg, Site(1, "output"))
+    n = min(len(expected), cfg.max_tokens)
+    assert src.n_rows == manifest["n_tokens"] == n == sum(s["rows"] for s in manifest["shards"])
+    got = src.take(np.arange(n))
+    np.testing.assert_allclose(got, expected[:n], rtol=tol, atol=tol)
+    np.testing.assert_array_equal(src.doc_ids, ids[:n])
+    assert manifest["dtype"] == dtype and manifest["d_model"] == src.d_model == 64
+    assert manifest["layer"] == 1 and manifest["component"] == "output" and manifest["split"] == "train"
+
+
+def test_no_pad_or_special_rows_and_budget(tiny_model, texts_path, tmp_path):
+    cfg = _cfg(max_tokens=50)
+    extract_split(tiny_model, texts_path, tmp_path / "t", cfg, "train", progress=False)
+    src = ShardSource(tmp_path / "t")
+    special = set(tiny_model.tokenizer.all_special_ids)
+    assert src.n_rows == 50
+    assert not special & set(src.token_ids.tolist())
+    assert src.positions.min() >= 1  # position 0 is BOS
+    assert [s["rows"] for s in src.manifest["shards"]] == [50]
+
+
+def test_skip_special_tokens_false_keeps_bos(tiny_model, texts_path, tmp_path):
+    cfg = _cfg(skip_special_tokens=False, max_tokens=10_000)
+    extract_split(tiny_model, texts_path, tmp_path / "t", cfg, "train", progress=False)
+    src = ShardSource(tmp_path / "t")
+    bos = tiny_model.tokenizer.bos_token_id
+    starts = src.positions == 0
+    assert starts.sum() == 14 and (src.token_ids[starts] == bos).all()
+    assert 258 not in set(src.token_ids.tolist())  # the pad id never appears
+
+
+def test_both_splits_kept_apart(tiny_model, texts_path, tmp_path):
+    manifests = extract(tiny_model, texts_path, tmp_path / "out", _cfg(), progress=False)
+    train_ids = set(ShardSource(tmp_path / "out" / "train").doc_ids.tolist())
+    eval_ids = set(ShardSource(tmp_path / "out" / "eval").doc_ids.tolist())
+    assert train_ids and eval_ids and not train_ids & eval_ids
+    assert manifests["eval"]["n_tokens"] == 40
+    assert manifests["train"]["digest"] != manifests["eval"]["digest"]
+
+
+def test_resume_equals_uninterrupted_run(tiny_model, texts_path, tmp_path):
+    cfg = _cfg(shard_rows=16, max_tokens=100)
+    full = extract_split(tiny_model, texts_path, tmp_path / "full", cfg, "train", progress=False)
+    part = tmp_path / "part"
+    assert extract_split(tiny_model, texts_path, part, cfg, "train", max_shards=2, progress=False) is None
+    assert not (part / MANIFEST).exists() and (part / PROGRESS).exists()
+    assert len(json.loads((part / PROGRESS).read_text())["shards"]) == 2
+    (part / "shard-00002.arrow.tmp").write_bytes(b"half-written")  # a kill mid-write
+    resumed = extract_split(tiny_model, texts_path, part, cfg, "train", progress=False)
+    assert [s["sha256"] for s in resumed["shards"]] == [s["sha256"] for s in full["shards"]]
+    assert resumed["digest"] == full["digest"]
+    assert not (part / PROGRESS).exists() and not list(part.glob("*.tmp"))
+
+
+def test_resume_redoes_corrupt_shard(tiny_model, texts_path, tmp_path):
+    cfg = _cfg(shard_rows=16, max_tokens=100)
+    full = extract_split(tiny_model, texts_path, tmp_path / "full", cfg, "train", progress=False)
+    part = tmp_path / "part"
+    extract_split(tiny_model, texts_path, part, cfg, "train", max_shards=3, progress=False)
+    (part / "shard-00001.arrow").write_bytes(b"garbage")
+    resumed = extract_split(tiny_model, texts_path, part, cfg, "train", progress=False)
+    assert resumed["digest"] == full["digest"]
+    assert file_sha256(part / "shard-00001.arrow") == full["shards"][1]["sha256"]
+
+
+def test_rerun_of_finished_folder_is_a_no_op(tiny_model, texts_path, tmp_path):
+    cfg = _cfg()
+    first = extract_split(tiny_model, texts_path, tmp_path / "t", cfg, "train", progress=False)
+    mtime = (tmp_path / "t" / "shard-00000.arrow").stat().st_mtime_ns
+    again = extract_split(tiny_model, texts_path, tmp_path / "t", cfg, "train", progress=False)
+    assert again == first
+    assert (tmp_path / "t" / "shard-00000.arrow").stat().st_mtime_ns == mtime
+    changed = extract_split(tiny_model, texts_path, tmp_path / "t", _cfg(layer=2), "train", progress=False)
+    assert changed["layer"] == 2 and changed["digest"] != first["digest"]
+
+
+def test_shard_opens_with_datasets(tiny_model, texts_path, tmp_path):
+    import datasets
+
+    extract_split(tiny_model, texts_path, tmp_path / "t", _cfg(dtype="float16"), "train", progress=False)
+    ds = datasets.Dataset.from_file(str(tmp_path / "t" / "shard-00000.arrow"))
+    src = ShardSource(tmp_path / "t")
+    assert ds.num_rows == 64 and ds.column_names == ["acts", "token_id", "doc_id", "position"]
+    np.testing.assert_array_equal(np.array(ds[3]["acts"], dtype=np.float32), src.take(np.array([3]))[0])
+    assert ds[3]["token_id"] == src.token_ids[3]
+
+
+def test_take_and_chunks_agree(tiny_model, texts_path, tmp_path):
+    extract_split(tiny_model, texts_path, tmp_path / "t", _cfg(shard_rows=20), "train", progress=False)
+    src = ShardSource(tmp_path / "t")
+    assert len(src.manifest["shards"]) > 3
+    every = np.concatenate(list(src.chunks(7)))
+    assert every.shape == (src.n_rows, 64) and every.dtype == np.float32
+    rows = np.random.default_rng(0).integers(0, src.n_rows, size=50)
+    np.testing.assert_array_equal(src.take(rows), every[rows])
+    with pytest.raises(IndexError):
+        src.take(np.array([src.n_rows]))
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [({"layer": 4}, "out of range"), ({"component": "resid"}, "unknown component")],
+)
+def test_bad_site_errors(tiny_model, texts_path, tmp_path, kw, match):
+    with pytest.raises(ValueError, match=match):
+        extract_split(tiny_model, texts_path, tmp_path / "t", _cfg(**kw), "train", progress=False)
+
+
+def test_empty_split_and_bad_config(tiny_model, tmp_path):
+    path = tmp_path / "texts.parquet"
+    pq.write_table(pa.table({"id": pa.array([0], pa.int64()), "text": ["only train"],
+                             "source": ["x"], "split": ["train"]}), path)
+    with pytest.raises(ValueError, match="no texts in split 'eval'"):
+        extract_split(tiny_model, path, tmp_path / "e", _cfg(), "eval", progress=False)
+    with pytest.raises(ValueError, match="unknown key"):
+        ExtractConfig.from_params({"layer": 1, "lyaer": 2})
+    with pytest.raises(ValueError, match="dtype"):
+        _cfg(dtype="bfloat16")
+
+
+def test_d_model_mismatch_is_an_error(tiny_model, texts_path, tmp_path):
+    wrong = tiny_model._replace(info=tiny_model.info._replace(d_model=32))
+    with pytest.raises(ValueError, match="d_model"):
+        extract_split(wrong, texts_path, tmp_path / "t", _cfg(), "train", progress=False)
+
+
+def test_stage_cli(tiny_model, texts_path, tmp_path, monkeypatch):
+    import stages.extract as stage
+
+    params = tmp_path / "params.yaml"
+    params.write_text("model: tiny\nextract:\n  layer: 2\n  component: attn\n  context_length: 16\n"
+                      "  max_tokens: 30\n  eval_max_tokens: 10\n  shard_rows: 8\n")
+    monkeypatch.setattr(stage, "load_model", lambda spec: tiny_model)
+    result = CliRunner().invoke(stage.main, ["--params", str(params), "--texts", str(texts_path),
+                                             "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert ShardSource(tmp_path / "out" / "train").n_rows == 30
+    assert ShardSource(tmp_path / "out" / "eval").manifest["component"] == "attn"
+    bad = CliRunner().invoke(stage.main, ["--params", str(params), "--texts", str(tmp_path / "none.parquet")])
+    assert bad.exit_code != 0 and "prepare" in bad.output
+
+
+@pytest.fixture
+def real_model(request):
+    try:
+        return request.getfixturevalue("default_model")
+    except NotImplementedError as e:
+        pytest.skip(f"load_model('default') not available yet: {e}")
+
+
+@pytest.mark.slow
+def test_default_model_rows_equal_direct_forward(real_model, texts_path, tmp_path):
+    cfg = _cfg(layer=6, max_tokens=60, dtype="float16", shard_rows=32)
+    manifest = extract_split(real_model, texts_path, tmp_path / "t", cfg, "train", progress=False)
+    src = ShardSource(tmp_path / "t", verify=True)
+    expected, _ = _expected_rows(real_model, texts_path, "train", cfg, Site(6, "mlp"))
+    assert src.n_rows == manifest["n_tokens"] == 60 and src.d_model == 576
+    scale = np.abs(expected[:60]).max()
+    np.testing.assert_allclose(src.take(np.arange(60)), expected[:60], rtol=2e-3, atol=2e-3 * scale)
+    assert manifest["model_hash"] == real_model.info.model_hash
