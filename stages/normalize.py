@@ -1,0 +1,43 @@
+"""Stage `normalize`: fit per-dimension mean/std and mean row norm on the train activations.
+
+    uv run python -m stages.normalize --params params.yaml --acts data/extract/train --out data/normalize
+
+Writes ``<out>/stats.safetensors`` and ``<out>/stats.json`` (with the shard manifest digest).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import click
+
+import saepipe  # noqa: F401  (fast BLAS before any mlx import)
+from saepipe.normalize import STATS_FILE, normalize
+from saepipe.params import read_params, section
+
+
+@click.command()
+@click.option("--params", "params_path", default="params.yaml", show_default=True,
+              type=click.Path(dir_okay=False, path_type=Path), help="params file with `normalize:`")
+@click.option("--acts", "acts_dir", default="data/extract/train", show_default=True,
+              type=click.Path(file_okay=False, path_type=Path), help="train shard folder")
+@click.option("--out", "out_dir", default="data/normalize", show_default=True,
+              type=click.Path(file_okay=False, path_type=Path), help="output folder")
+def main(params_path: Path, acts_dir: Path, out_dir: Path) -> None:
+    """Fit normalization statistics on extracted activations."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = section(read_params(params_path), "normalize")
+        unknown = sorted(set(cfg) - {"chunk_rows"})
+        if unknown:
+            raise ValueError(f"unknown key(s) in normalize params: {', '.join(unknown)}; valid: chunk_rows")
+        stats = normalize(acts_dir, out_dir, int(cfg.get("chunk_rows", 65536)))
+    except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(f"{out_dir / STATS_FILE}: {stats.n_rows} rows, mean norm {stats.mean_norm:.4g}, "
+               f"digest {stats.digest()}")
+
+
+if __name__ == "__main__":
+    main()
