@@ -1,0 +1,117 @@
+"""Stage `train`: fit a TopK SAE on the extracted train activations.
+
+    uv run python -m stages.train --params params.yaml --acts data/extract/train \
+        --stats data/normalize/stats.safetensors --out data/train
+
+Reads ``sae:`` (SAEConfig), ``extract.layer``/``extract.component`` and ``model``. Writes
+``<out>/sae.safetensors`` (the SAE file), ``<out>/metrics.json`` (final summary and per-epoch
+history) and the dvclive folder ``<out>/live``. Checkpoints go to ``--checkpoints`` (default
+``<out>/checkpoints``); a matching checkpoint is resumed, and it is removed once the SAE is saved.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import click
+
+import saepipe  # noqa: F401  (fast BLAS before any mlx import)
+from saepipe.config import SAEConfig
+from saepipe.data import as_source
+from saepipe.params import read_params, section
+from saepipe.stats import NormStats
+from saepipe.train import CHECKPOINT_NAME, fit_sae
+
+SAE_FILE = "sae.safetensors"
+METRICS_FILE = "metrics.json"
+
+
+def run_metadata(source: Any, params: dict[str, Any]) -> dict[str, Any]:
+    """SAE metadata from params and, when the source is a shard folder, its manifest (which wins)."""
+    extract = section(params, "extract")
+    layer, component = int(extract["layer"]), str(extract["component"])
+    meta: dict[str, Any] = {"layer": layer, "component": component, "model_name": str(params.get("model"))}
+    manifest = getattr(source, "manifest", None)
+    if manifest:
+        if (manifest.get("layer"), manifest.get("component")) != (layer, component):
+            raise ValueError(
+                f"activations were extracted at layer {manifest.get('layer')} {manifest.get('component')!r} "
+                f"but params say extract.layer={layer}, extract.component={component!r}: rerun extract")
+        meta.update(model_name=manifest.get("model_id"), model_hash=manifest.get("model_hash"),
+                    site=manifest.get("site"), activations_digest=manifest.get("digest"),
+                    activations_rows=manifest.get("n_tokens"))
+    return meta
+
+
+def load_stats(path: Path | None, source: Any) -> NormStats | None:
+    """Stats from ``path`` (None: fit during training); stale stats for other shards are an error."""
+    if path is None:
+        return None
+    if not path.exists():
+        raise FileNotFoundError(f"stats file not found: {path} (run the normalize stage, or omit --stats)")
+    stats = NormStats.load(path)
+    sidecar = json.loads(path.with_suffix(".json").read_text())
+    manifest = getattr(source, "manifest", None) or {}
+    want, have = manifest.get("digest"), sidecar.get("manifest_digest")
+    if want and have and want != have:
+        raise ValueError(f"{path} was fit on other activations (manifest {have}, these are {want}): rerun normalize")
+    return stats
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return float(value) if hasattr(value, "dtype") else value
+
+
+@click.command()
+@click.option("--params", "params_path", default="params.yaml", show_default=True,
+              type=click.Path(dir_okay=False, path_type=Path), help="params file with `sae:`, `extract:`, `model:`")
+@click.option("--acts", "acts_dir", default="data/extract/train", show_default=True,
+              type=click.Path(file_okay=False, path_type=Path), help="train shard folder")
+@click.option("--stats", "stats_path", default=None, type=click.Path(dir_okay=False, path_type=Path),
+              help="normalization stats (.safetensors from normalize); fit on the train rows when omitted")
+@click.option("--out", "out_dir", default="data/train", show_default=True,
+              type=click.Path(file_okay=False, path_type=Path), help="output folder")
+@click.option("--checkpoints", "ckpt_dir", default=None, type=click.Path(file_okay=False, path_type=Path),
+              help="checkpoint folder (default <out>/checkpoints)")
+@click.option("--log-every", default=10, show_default=True, type=click.IntRange(min=1),
+              help="steps between logged training metrics")
+def main(params_path: Path, acts_dir: Path, stats_path: Path | None, out_dir: Path,
+         ckpt_dir: Path | None, log_every: int) -> None:
+    """Train a TopK SAE and write it with its metrics."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    ckpt_dir = ckpt_dir or out_dir / "checkpoints"
+    try:
+        params = read_params(params_path)
+        config = SAEConfig.from_dict(section(params, "sae"))
+        source = as_source(acts_dir)
+        metadata = run_metadata(source, params)
+        stats = load_stats(stats_path, source) if config.normalize_input else None
+    except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
+        raise click.ClickException(str(e)) from e
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result = fit_sae(source, config, stats=stats, metadata=metadata, checkpoint_dir=ckpt_dir,
+                     live_dir=out_dir / "live", log_every=log_every)
+    sae_path = result.sae.save(out_dir / SAE_FILE)
+    metrics = {**result.summary, "history": result.history}
+    (out_dir / METRICS_FILE).write_text(json.dumps(_json_safe(metrics), indent=2) + "\n")
+    (ckpt_dir / CHECKPOINT_NAME).unlink(missing_ok=True)
+    if ckpt_dir.is_dir() and not any(ckpt_dir.iterdir()):
+        ckpt_dir.rmdir()
+    s = result.summary
+    click.echo(f"{sae_path}: d_hidden {result.sae.d_hidden}, k {config.k}; {s['steps']} steps, "
+               f"val FVU {s.get('val/fvu', float('nan')):.4f}, L0 {s.get('val/l0', float('nan')):.1f}, "
+               f"dead {s['dead_fraction']:.3f}, {s['tok_per_s'] or 0:.0f} tok/s")
+
+
+if __name__ == "__main__":
+    main()
