@@ -30,10 +30,12 @@ is the one documented in ``saepipe.train``: FVU + l1_coef * L1 + aux_coef * AuxK
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
-import saepipe  # noqa: F401  (fast BLAS before mlx)
-import mlx.core as mx
+import mlx.core as mx  # saepipe/__init__ (imported first) has loaded the fast BLAS
+
+from saepipe.config import SAEConfig
 
 #: Rows per chunk times k: the gathered (rows, k, d_model) block stays a few MB (cache-resident).
 _DECODE_ROWS_TIMES_K = 2048
@@ -242,7 +244,7 @@ def value_and_grads(
     aux = mx.array(0.0)
     if dead is not None:
         aux, (didx, a_grad_W_dec, a_grad_W_enc, a_grad_b_enc) = _auxk(
-            pre, xc, mx.stop_gradient(e), W_enc, W_dec, dead, aux_scale, k_aux,
+            pre, xc, mx.stop_gradient(e), W_dec, dead, aux_scale, k_aux,
             capacity or d_hidden, aux_coef)
         loss = loss + aux_coef * aux
         dW_dec = dW_dec.at[didx].add(a_grad_W_dec)
@@ -260,7 +262,7 @@ def value_and_grads(
     return parts, grads
 
 
-def _auxk(pre, xc, e, W_enc, W_dec, dead, aux_scale, k_aux, capacity, aux_coef):
+def _auxk(pre, xc, e, W_dec, dead, aux_scale, k_aux, capacity, aux_coef):
     """AuxK over the dead latents only; returns (aux, (columns, dW_dec rows, dW_enc rows, db_enc))."""
     d_hidden = W_dec.shape[0]
     capacity = min(int(capacity), d_hidden)
@@ -272,13 +274,71 @@ def _auxk(pre, xc, e, W_enc, W_dec, dead, aux_scale, k_aux, capacity, aux_coef):
     if capacity > k_aux:  # keep the k_aux largest per row (live columns are 0, as in the reference)
         keep = topk_indices(a, k_aux)
         a = to_dense(mx.take_along_axis(a, keep, axis=-1), keep, capacity)
-    Wd, We = W_dec[didx], W_enc[didx]
+    Wd = W_dec[didx]
     r = a @ Wd - e
     e_var = mx.maximum(mx.square(e - e.mean(axis=0)).sum(), 1e-12)
     aux = aux_scale * mx.square(r).sum() / e_var
     ga = (2.0 * aux_coef * aux_scale / e_var) * r  # d (aux_coef * aux) / d e_hat
     da = mx.where(a > 0, ga @ Wd.T, 0.0)  # (n, capacity)
     return aux, (didx, a.T @ ga, da.T @ xc, da.sum(axis=0))
+
+
+# --------------------------------------------------------------------------------------------------
+# A whole training step (same signature and math as saepipe.train's compiled step)
+# --------------------------------------------------------------------------------------------------
+_BETAS = (0.9, 0.999)
+_ADAM_EPS = 1e-8
+
+
+def make_train_step(config: SAEConfig, d_hidden: int, k_aux: int, capacity: int = 0,
+                    method: str = "dense", compile: bool = True) -> Callable:
+    """Compiled TopK-SAE step on the sparse kernels: ``value_and_grads`` + Adam + decoder unit norm.
+
+    ``step(params, m, v, t, lr, x, mean, std, counter, aux_scale) -> (params, m, v, t, counter,
+    metrics)`` with ``metrics = [loss, fvu, mse, aux, l1, l0, grad_norm, dead_fraction]``: the same
+    contract as ``saepipe.train._make_step`` (parallel decoder-gradient component removed, global-norm
+    clipping, bias-corrected Adam, rows of W_dec renormalized, per-latent dead counters).
+    ``capacity``: 0 for no AuxK, else ``aux_capacity(n_dead, d_hidden)`` for the step's dead count
+    (build one step per bucket). ``method``: see ``rows_grad``.
+    """
+    b1, b2 = _BETAS
+    clip = float(config.gradient_clip)
+    threshold = int(config.dead_tokens_threshold)
+
+    def step(params, m, v, t, lr, x, mean, std, counter, aux_scale):
+        x = (x - mean) / std
+        dead = counter >= threshold if capacity else None
+        parts, grads = value_and_grads(
+            params, x, k=config.k, dead=dead, aux_scale=aux_scale, k_aux=k_aux, capacity=capacity,
+            aux_coef=config.aux_coef, l1_coef=config.l1_coefficient, tied=config.tied_weights,
+            method=method)
+        W = params["W_dec"]
+        g = grads["W_dec"]
+        grads["W_dec"] = g - (g * W).sum(axis=1, keepdims=True) * W
+        gnorm = mx.sqrt(sum(mx.square(gi).sum() for gi in grads.values()))
+        if clip > 0:
+            scale = mx.minimum(1.0, clip / (gnorm + 1e-12))
+            grads = {name: gi * scale for name, gi in grads.items()}
+        t = t + 1
+        c1, c2 = 1 - b1**t, 1 - b2**t
+        new_params, new_m, new_v = {}, {}, {}
+        for name, p in params.items():
+            gi = grads[name]
+            mi = b1 * m[name] + (1 - b1) * gi
+            vi = b2 * v[name] + (1 - b2) * mx.square(gi)
+            new_m[name], new_v[name] = mi, vi
+            new_params[name] = p - lr * (mi / c1) / (mx.sqrt(vi / c2) + _ADAM_EPS)
+        Wn = new_params["W_dec"]
+        new_params["W_dec"] = Wn / mx.maximum(mx.linalg.norm(Wn, axis=1, keepdims=True), 1e-12)
+        fired = mx.zeros((d_hidden,), dtype=mx.int32).at[parts.indices.reshape(-1)].add(
+            (parts.values > 0).reshape(-1).astype(mx.int32))
+        counter = mx.where(fired > 0, 0, mx.minimum(counter + x.shape[0], threshold))
+        dead_fraction = (counter >= threshold).astype(mx.float32).mean()
+        metrics = mx.stack([parts.loss, parts.fvu, parts.mse, parts.aux, parts.l1, parts.l0, gnorm,
+                            dead_fraction])
+        return new_params, new_m, new_v, t, counter, metrics
+
+    return mx.compile(step) if compile else step
 
 
 __all__ = [
@@ -288,6 +348,7 @@ __all__ = [
     "decode_rows",
     "decode_values_grad",
     "default_block",
+    "make_train_step",
     "rows_grad",
     "sparse_decode",
     "to_dense",
