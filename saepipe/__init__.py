@@ -5,3 +5,32 @@ from saepipe import _blas
 _blas.ensure_fast_blas()  # must precede the first `import mlx`
 
 __version__ = "0.1.0"
+
+# Public API, imported lazily (PEP 562): a .pth hook imports saepipe in every interpreter of the
+# environment, so `import saepipe` must stay light (no mlx, no transformers until asked for).
+_LAZY = {
+    "InterpretableModel": "saepipe.api",
+    "IncompatibleSAEError": "saepipe.api",
+    "load_sae": "saepipe.api",
+    "SAEConfig": "saepipe.config",
+    "TopKSAE": "saepipe.sae",
+    "load_model": "saepipe.model",
+    "tiny_random_model": "saepipe.model",
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'saepipe' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])

@@ -1,0 +1,362 @@
+"""mlxterp-style Python API: ``InterpretableModel`` wraps a model for tracing and SAE training.
+
+    from saepipe import InterpretableModel, SAEConfig
+    model = InterpretableModel("default")
+    sae = model.train_sae(layer=10, dataset=texts, save_path="my_sae.mlx", config=SAEConfig(k=32))
+    with model.trace("Test input") as trace:
+        pass
+    features = sae.encode(trace.activations["model.model.layers.10.mlp"])
+
+``train_sae`` runs the library code of the DVC stages: the texts are written as a prepared
+``texts.parquet`` (all in the train split; the SAE holds out ``validation_split`` of the rows),
+``extract.extract_split`` stores the site's activations as shards in a cache folder,
+``normalize.fit_stats`` fits the normalization statistics and ``train.fit_sae`` trains.
+The prepared texts and their token-row count are cached per dataset (by content), so training
+several layers or configs on one dataset prepares it once; the shards of the last site trained are
+kept, so retraining that site with another config skips the forward passes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import shutil
+import tempfile
+import weakref
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import saepipe  # noqa: F401  (fast BLAS before mlx)
+from saepipe.config import SAEConfig
+from saepipe.model import LoadedModel, ModelInfo, load_model
+from saepipe.sites import COMPONENTS, Site, check_site
+
+log = logging.getLogger(__name__)
+
+
+class IncompatibleSAEError(ValueError):
+    """An SAE was used with a model or site it was not trained on; the message lists the reasons."""
+
+
+class FitRecord(NamedTuple):
+    """What the last ``train_sae`` produced besides the SAE."""
+
+    site: Site
+    history: list[dict[str, float]]
+    """Per-epoch training means and validation metrics (see ``saepipe.train.FitResult``)."""
+    summary: dict[str, Any]
+    """Final figures: steps, tokens, seconds, last train/* and val/* metrics."""
+    activations: Path
+    """Shard folder the SAE was trained on (inside the model's cache folder)."""
+    save_path: Path | None
+
+
+class _Prepared(NamedTuple):
+    texts_path: Path
+    digest: str
+    n_texts: int
+
+
+def dataset_texts(dataset: Any, text_column: str = "text") -> list[str]:
+    """The texts of ``dataset``: a list/iterable of strings (or of dicts with ``text_column``),
+    or a Hugging Face ``datasets.Dataset``. Errors name what was wrong; an empty dataset is an error."""
+    if isinstance(dataset, (str, bytes, Path)):
+        raise TypeError("dataset must be a list of strings or a datasets.Dataset, not a single "
+                        f"{type(dataset).__name__}; wrap one text in a list, or read a file with "
+                        "saepipe.text.load_texts")
+    columns = getattr(dataset, "column_names", None)
+    if isinstance(columns, dict):  # a datasets.DatasetDict
+        raise TypeError(f"dataset is a DatasetDict with splits {sorted(columns)}; pick one, "
+                        "e.g. dataset['train']")
+    if isinstance(columns, list) and hasattr(dataset, "select_columns"):  # a datasets.Dataset
+        if text_column not in columns:
+            raise ValueError(f"dataset has no column {text_column!r}; its columns are {columns} "
+                             "(pass text_column=...)")
+        dataset = dataset[text_column]
+    if not isinstance(dataset, Iterable):
+        raise TypeError(f"dataset must be a list of strings or a datasets.Dataset, not {type(dataset).__name__}")
+    texts = []
+    for i, item in enumerate(dataset):
+        if isinstance(item, dict):
+            if text_column not in item:
+                raise ValueError(f"dataset item {i} has no key {text_column!r} (keys: {sorted(item)})")
+            item = item[text_column]
+        if not isinstance(item, str):
+            raise TypeError(f"dataset item {i} is a {type(item).__name__}, expected a string")
+        texts.append(item)
+    if not texts:
+        raise ValueError("dataset is empty: train_sae needs at least one text")
+    if not any(t.strip() for t in texts):
+        raise ValueError(f"all {len(texts)} texts of the dataset are empty or whitespace")
+    return texts
+
+
+def texts_digest(texts: list[str]) -> str:
+    """Content hash of a list of texts (order matters): the dataset's identity in the caches."""
+    h = hashlib.sha256()
+    for t in texts:
+        h.update(t.encode("utf-8", "surrogatepass"))
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def count_rows(tokenizer: Any, texts: list[str], context_length: int, skip_special_tokens: bool) -> int:
+    """Activation rows extraction stores for ``texts``: kept token positions (same rules as extract)."""
+    import numpy as np
+
+    from saepipe.extract import excluded_token_ids
+
+    excluded = excluded_token_ids(tokenizer, skip_special_tokens)
+    total = 0
+    for start in range(0, len(texts), 4096):  # batched tokenization (same ids as tokenizer.encode)
+        for ids in tokenizer(texts[start : start + 4096])["input_ids"]:
+            total += int((~np.isin(ids[:context_length], excluded)).sum())
+    return total
+
+
+class InterpretableModel:
+    """A language model with mlxterp's interpretability API: ``trace``, ``train_sae``, ``load_sae``.
+
+    ``model``: ``"default"`` (SmolLM2-135M-Instruct), a Hugging Face hub id, a local mlx-lm folder,
+    a ``.gguf`` file, or an already loaded ``LoadedModel`` (e.g. ``tiny_random_model()``).
+    ``cache_dir``: where prepared texts and activation shards go; None uses a temporary folder
+    removed with this object (a given folder is kept, and its shards are reused across sessions).
+    """
+
+    def __init__(self, model: str | LoadedModel = "default", *, cache_dir: str | Path | None = None,
+                 keep_quantized: bool | None = None) -> None:
+        if isinstance(model, LoadedModel):
+            self.loaded = model
+        elif isinstance(model, (str, Path)):
+            self.loaded = load_model(str(model), keep_quantized=keep_quantized)
+        else:
+            raise TypeError(f"model must be a model name/path or a LoadedModel, not {type(model).__name__}")
+        if cache_dir is None:
+            self._cache = Path(tempfile.mkdtemp(prefix="saepipe-"))
+            self._finalizer = weakref.finalize(self, shutil.rmtree, str(self._cache), True)
+            self._keep_activations = False
+        else:
+            self._cache = Path(cache_dir)
+            self._cache.mkdir(parents=True, exist_ok=True)
+            self._keep_activations = True
+        self._prepared: dict[str, _Prepared] = {}
+        self._rows: dict[tuple[str, int, bool], int] = {}
+        self._shard_dirs: list[Path] = []
+        self.last_fit: FitRecord | None = None
+        """Details of the last ``train_sae`` (history, summary, activation folder)."""
+
+    # --- description ------------------------------------------------------------------------------
+    @property
+    def info(self) -> ModelInfo:
+        """Model identity and shape: model_id, model_hash, num_layers, d_model, vocab_size."""
+        return self.loaded.info
+
+    @property
+    def model(self) -> Any:
+        """The mlx-lm ``nn.Module`` (blocks at ``model.model.layers``)."""
+        return self.loaded.model
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.loaded.tokenizer
+
+    @property
+    def num_layers(self) -> int:
+        return self.info.num_layers
+
+    @property
+    def d_model(self) -> int:
+        return self.info.d_model
+
+    @property
+    def cache_dir(self) -> Path:
+        return self._cache
+
+    def __repr__(self) -> str:
+        return f"InterpretableModel({self.info.model_id!r}, layers={self.num_layers}, d_model={self.d_model})"
+
+    # --- tracing ----------------------------------------------------------------------------------
+    def trace(self, texts: str | list[str], *, capture: Iterable[str] | None = None) -> Any:
+        """Run ``texts`` through the model once; ``.activations[name]`` is (batch, seq, d_model).
+
+        Names like ``model.model.layers.10.mlp`` (see ``saepipe.sites``); every site is captured
+        unless ``capture`` lists some. Use as ``with model.trace(...) as trace: ...``.
+        """
+        from saepipe.trace import trace
+
+        return trace(self.loaded, texts, capture=capture)
+
+    # --- SAEs -------------------------------------------------------------------------------------
+    def train_sae(
+        self,
+        layer: int,
+        dataset: Any,
+        save_path: str | Path | None = None,
+        config: SAEConfig | None = None,
+        component: str = "mlp",
+        *,
+        text_column: str = "text",
+        context_length: int = 128,
+        max_tokens: int | None = None,
+        extract_batch_size: int = 8,
+        progress: bool = True,
+        checkpoint_dir: str | Path | None = None,
+        live_dir: str | Path | None = None,
+    ) -> Any:
+        """Train a TopK SAE on the ``component`` output of block ``layer`` over ``dataset``'s texts.
+
+        ``dataset``: list of strings or a ``datasets.Dataset`` (column ``text_column``).
+        ``config``: ``SAEConfig`` (defaults when None). ``save_path``: write the SAE there.
+        ``context_length``: tokens per text (BOS included); ``max_tokens``: cap on activation rows
+        (None: every non-special token of every text). ``extract_batch_size``: texts per forward.
+        ``checkpoint_dir``/``live_dir``: resumable checkpoints / dvclive metrics, as in the train stage.
+        Returns the trained ``TopKSAE``; ``self.last_fit`` holds its history and summary.
+        """
+        from saepipe.extract import ExtractConfig, extract_split
+        from saepipe.normalize import fit_stats
+        from saepipe.train import fit_sae
+
+        site = self._site(layer, component)
+        config = SAEConfig() if config is None else config
+        if not isinstance(config, SAEConfig):
+            raise TypeError(f"config must be an SAEConfig, not {type(config).__name__}")
+        d_hidden = self.d_model * config.expansion_factor
+        if config.k > d_hidden:
+            raise ValueError(f"SAEConfig.k={config.k} exceeds d_hidden={d_hidden} "
+                             f"(d_model {self.d_model} x expansion_factor {config.expansion_factor})")
+        prepared = self._prepare(dataset_texts(dataset, text_column))
+        ecfg = ExtractConfig(layer=site.layer, component=site.component, context_length=context_length,
+                             batch_size=extract_batch_size)
+        rows = self._row_count(prepared, ecfg)
+        if rows == 0:
+            raise ValueError(f"the {prepared.n_texts} texts give no token rows (only special tokens)")
+        if max_tokens is not None:
+            if max_tokens < 1:
+                raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+            rows = min(rows, max_tokens)
+        ecfg = dataclasses.replace(ecfg, max_tokens=rows)
+        shard_dir = self._shard_dir(prepared, ecfg, site)
+        log.info("train_sae %s: %d texts -> %d activation rows in %s", site.name, prepared.n_texts, rows, shard_dir)
+        manifest = extract_split(self.loaded, prepared.texts_path, shard_dir, ecfg, "train", progress=progress)
+        stats = fit_stats(shard_dir) if config.normalize_input else None
+        metadata = {
+            "layer": site.layer, "component": site.component, "site": site.name,
+            "model_name": self.info.model_id, "model_hash": self.info.model_hash,
+            "activations_digest": manifest["digest"], "activations_rows": manifest["n_tokens"],
+            "texts_digest": prepared.digest, "n_texts": prepared.n_texts, "context_length": context_length,
+        }
+        result = fit_sae(shard_dir, config, stats=stats, metadata=metadata, checkpoint_dir=checkpoint_dir,
+                         live_dir=live_dir, progress=progress)
+        path = result.sae.save(save_path) if save_path is not None else None
+        if path is not None:
+            log.info("saved SAE to %s", path)
+        self.last_fit = FitRecord(site, result.history, result.summary, shard_dir, path)
+        return result.sae
+
+    def load_sae(self, path: str | Path, *, layer: int | None = None, component: str | None = None,
+                 check: bool = True) -> Any:
+        """Load an SAE file; with ``check`` raise ``IncompatibleSAEError`` if it was trained on another
+        model (d_model, weights hash) or, when given, another ``layer``/``component``."""
+        from saepipe.sae import load_sae
+
+        sae = load_sae(path)
+        if check:
+            self.check_sae(sae, layer, component)
+        return sae
+
+    def check_sae(self, sae: Any, layer: int | None = None, component: str | None = None) -> Site | None:
+        """Raise ``IncompatibleSAEError`` (listing why) unless ``sae`` reads this model at the site.
+
+        Without ``layer``/``component`` the SAE's recorded site is used (only the model is checked).
+        Returns the site checked, or None when neither was given nor recorded.
+        """
+        meta = sae.metadata
+        want_layer = meta.get("layer") if layer is None else layer
+        want_component = meta.get("component") if component is None else component
+        if component is not None and component not in COMPONENTS:
+            raise ValueError(f"unknown component {component!r}; valid components: {', '.join(COMPONENTS)}")
+        if layer is not None:
+            check_site(layer, "output", self.num_layers)
+        reasons = sae.compatibility(self, want_layer, want_component)[1]
+        if layer is None and component is None:  # nothing asked about the site: check the model only
+            reasons = [r for r in reasons if not r.startswith("the SAE records no ")
+                       or "model identity" in r]
+        if reasons:
+            raise IncompatibleSAEError(f"SAE {meta.get('site') or ''} is incompatible with model "
+                                       f"{self.info.model_id!r}: " + "; ".join(reasons))
+        if want_layer is None or want_component is None:
+            return None
+        return Site(int(want_layer), str(want_component))
+
+    def encode(self, sae: Any, texts: str | list[str], layer: int | None = None,
+               component: str | None = None) -> Any:
+        """Trace ``texts`` at the SAE's site (checked for compatibility) and return its dense codes
+        (batch, seq, d_hidden); ``layer``/``component`` default to the SAE's recorded site."""
+        site = self.check_sae(sae, layer, component)
+        if site is None:
+            raise IncompatibleSAEError("the SAE records no layer/component: pass layer= and component=")
+        with self.trace(texts, capture=[site.name]) as t:
+            pass
+        return sae.encode(t.activations[site.name])
+
+    # --- internals --------------------------------------------------------------------------------
+    def _site(self, layer: Any, component: Any) -> Site:
+        if component not in COMPONENTS:
+            raise ValueError(f"unknown component {component!r}; valid components: {', '.join(COMPONENTS)}")
+        return check_site(layer, component, self.num_layers)
+
+    def _prepare(self, texts: list[str]) -> _Prepared:
+        """Write the texts as a prepared ``texts.parquet`` (all train), once per dataset content."""
+        import numpy as np
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        from saepipe.prepare import SCHEMA
+
+        digest = texts_digest(texts)
+        if digest in self._prepared and self._prepared[digest].texts_path.exists():
+            return self._prepared[digest]
+        folder = self._cache / "texts" / digest
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / "texts.parquet"
+        if not path.exists():
+            table = pa.table({"id": np.arange(len(texts), dtype=np.int64), "text": texts,
+                              "source": ["api"] * len(texts), "split": ["train"] * len(texts)}, schema=SCHEMA)
+            tmp = folder / "texts.parquet.tmp"
+            pq.write_table(table, tmp)
+            tmp.replace(path)
+        self._prepared[digest] = _Prepared(path, digest, len(texts))
+        return self._prepared[digest]
+
+    def _row_count(self, prepared: _Prepared, ecfg: Any) -> int:
+        key = (prepared.digest, ecfg.context_length, ecfg.skip_special_tokens)
+        if key not in self._rows:
+            import pyarrow.parquet as pq
+
+            texts = pq.read_table(prepared.texts_path, columns=["text"]).column("text").to_pylist()
+            self._rows[key] = count_rows(self.tokenizer, texts, ecfg.context_length, ecfg.skip_special_tokens)
+        return self._rows[key]
+
+    def _shard_dir(self, prepared: _Prepared, ecfg: Any, site: Site) -> Path:
+        """The shard folder of (dataset, site, settings); older temporary ones are removed."""
+        tag = hashlib.sha256(repr((self.info.model_hash, dataclasses.astuple(ecfg))).encode()).hexdigest()[:8]
+        folder = self._cache / "activations" / f"{prepared.digest}-L{site.layer}-{site.component}-{tag}"
+        if not self._keep_activations:
+            for old in self._shard_dirs:
+                if old != folder:
+                    shutil.rmtree(old, ignore_errors=True)
+            self._shard_dirs = [folder]
+        return folder
+
+
+def load_sae(path: str | Path) -> Any:
+    """Load an SAE file written by ``TopKSAE.save`` / ``train_sae(save_path=...)``."""
+    from saepipe.sae import load_sae as _load
+
+    return _load(path)
+
+
+__all__ = ["FitRecord", "IncompatibleSAEError", "InterpretableModel", "count_rows", "dataset_texts",
+           "load_sae", "texts_digest"]
