@@ -38,7 +38,7 @@ import mlx.core as mx  # saepipe/__init__ (imported first) has loaded the fast B
 from saepipe.config import SAEConfig
 
 #: Rows per chunk times k: the gathered (rows, k, d_model) block stays a few MB (cache-resident).
-_DECODE_ROWS_TIMES_K = 2048
+_DECODE_ROWS_TIMES_K = 1024
 
 
 class TopK(NamedTuple):
@@ -67,8 +67,14 @@ class LossParts(NamedTuple):
 # Top-k selection
 # --------------------------------------------------------------------------------------------------
 def default_block(width: int, k: int) -> int:
-    """Block size minimising the entries partitioned by ``topk_indices``: ~sqrt(width / k)."""
-    return max(1, round(math.sqrt(width / k)))
+    """Block size for ``topk_indices``: a divisor of ``width`` near 1.4 * sqrt(width / k).
+
+    ~sqrt(width / k) balances the two partitions (width / block and k * block entries); a bit larger
+    measured faster (the block-max pass is cheaper than partitioning), and a divisor avoids padding.
+    """
+    target = 1.4 * math.sqrt(width / k)
+    divisors = [b for b in range(2, int(2 * target) + 2) if width % b == 0 and b >= target / 2]
+    return min(divisors, key=lambda b: abs(b - target)) if divisors else max(1, round(target))
 
 
 def topk_indices(pre: mx.array, k: int, block: int | None = None) -> mx.array:
