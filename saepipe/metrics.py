@@ -250,22 +250,33 @@ def density_histogram(density: np.ndarray, bins: int = 50, low: float | None = N
 # ------------------------------------------------------------------------------ spliced model
 
 
-def token_cross_entropy(logits: mx.array, targets: mx.array) -> mx.array:
-    """(B, T) next-token CE -log softmax(logits)[target], in float32; ``targets`` are (B, T) ids."""
-    logits = logits.astype(mx.float32)
+def token_cross_entropy(logits: mx.array, targets: mx.array, lse: mx.array | None = None) -> mx.array:
+    """Per-row CE = logsumexp(z) - z[target], for (..., V) logits and (...) target ids.
+
+    ``lse``: logsumexp(logits) if already computed (it is shared with ``token_kl``).
+    """
+    lse = mx.logsumexp(logits, axis=-1) if lse is None else lse
     picked = mx.take_along_axis(logits, targets[..., None].astype(mx.int32), axis=-1)[..., 0]
-    return mx.logsumexp(logits, axis=-1) - picked
+    return lse - picked
 
 
-def log_softmax(logits: mx.array) -> mx.array:
-    """log softmax over the vocabulary, in float32."""
-    logits = logits.astype(mx.float32)
-    return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+def token_kl(
+    logits_ref: mx.array,
+    logits: mx.array,
+    *,
+    p_ref: mx.array | None = None,
+    lse_ref: mx.array | None = None,
+    lse: mx.array | None = None,
+) -> mx.array:
+    """Per-row KL(softmax(z_ref) || softmax(z)) = sum_w p_ref(w) (z_ref(w) - z(w)) - (lse_ref - lse).
 
-
-def token_kl(logp_ref: mx.array, logits: mx.array) -> mx.array:
-    """(B, T) KL(p_ref || softmax(logits)) given the reference log-probabilities ``logp_ref``."""
-    return (mx.exp(logp_ref) * (logp_ref - log_softmax(logits))).sum(axis=-1)
+    Written on the logit difference so equal logits give exactly 0 and close ones lose no precision;
+    ``p_ref``, ``lse_ref``, ``lse`` may be passed in when already computed.
+    """
+    lse_ref = mx.logsumexp(logits_ref, axis=-1) if lse_ref is None else lse_ref
+    lse = mx.logsumexp(logits, axis=-1) if lse is None else lse
+    p_ref = mx.exp(logits_ref - lse_ref[..., None]) if p_ref is None else p_ref
+    return (p_ref * (logits_ref - logits)).sum(axis=-1) - (lse_ref - lse)
 
 
 class _MaskedSum:
@@ -331,27 +342,34 @@ class SplicedLossStats:
         CE at position t uses token t+1 as target (``ce_mask`` must be False at the last column);
         KL at t compares the variant's next-token distribution with the clean one.
         """
-        tokens = mx.array(np.asarray(tokens))
+        tokens = np.asarray(tokens)
         ce_mask, kl_mask = np.asarray(ce_mask, dtype=bool), np.asarray(kl_mask, dtype=bool)
-        if ce_mask.shape != tuple(tokens.shape) or kl_mask.shape != tuple(tokens.shape):
-            raise ValueError(f"masks must have the tokens' shape {tuple(tokens.shape)}")
+        if ce_mask.shape != tokens.shape or kl_mask.shape != tokens.shape:
+            raise ValueError(f"masks must have the tokens' shape {tokens.shape}")
         if ce_mask[:, -1].any():
             raise ValueError("ce_mask is True at the last position, which has no next token")
-        # Shift targets left; the last column gets a dummy target that ce_mask excludes.
-        targets = mx.concatenate([tokens[:, 1:], tokens[:, :1]], axis=1)
-        logp_clean = log_softmax(clean)
+        # Only scored rows go through the vocabulary-wide ops (padding can be a large share).
+        rows = np.flatnonzero(ce_mask | kl_mask)
+        if rows.size == 0:
+            return self
+        take = mx.array(rows.astype(np.int32))
+        targets = mx.array(np.concatenate([tokens[:, 1:], tokens[:, :1]], axis=1).ravel()[rows])
+        ce_rows, kl_rows = ce_mask.ravel()[rows], kl_mask.ravel()[rows]
         logits = {"clean": clean, "spliced": spliced, "zero_ablated": zero_ablated,
                   "mean_ablated": mean_ablated}
-        for name in VARIANTS:
-            ce = token_cross_entropy(logits[name], targets)
-            if name == "clean":
-                mx.eval(ce, logp_clean)
-                self.ce[name].update(np.array(ce), ce_mask)
-                continue
-            kl = token_kl(logp_clean, logits[name])
+        z = {k: v.reshape(-1, v.shape[-1])[take].astype(mx.float32) for k, v in logits.items()}
+        lse_c = mx.logsumexp(z["clean"], axis=-1)
+        p_c = mx.exp(z["clean"] - lse_c[:, None])
+        ce = token_cross_entropy(z["clean"], targets, lse_c)
+        mx.eval(ce, p_c, lse_c)
+        self.ce["clean"].update(np.array(ce), ce_rows)
+        for name in VARIANTS[1:]:
+            lse = mx.logsumexp(z[name], axis=-1)
+            ce = token_cross_entropy(z[name], targets, lse)
+            kl = token_kl(z["clean"], z[name], p_ref=p_c, lse_ref=lse_c, lse=lse)
             mx.eval(ce, kl)
-            self.ce[name].update(np.array(ce), ce_mask)
-            self.kl[name].update(np.array(kl), kl_mask)
+            self.ce[name].update(np.array(ce), ce_rows)
+            self.kl[name].update(np.array(kl), kl_rows)
         return self
 
     def merge(self, other: SplicedLossStats) -> SplicedLossStats:
@@ -393,7 +411,6 @@ __all__ = [
     "SplicedLossStats",
     "SplicedMetrics",
     "density_histogram",
-    "log_softmax",
     "next_token_mask",
     "reconstruction_metrics",
     "token_cross_entropy",
