@@ -194,29 +194,44 @@ def _replace_at(where: mx.array, value: mx.array):
 # ---------------------------------------------------------------------------------- health
 
 
-def _train_losses(train_summary: dict[str, Any]) -> tuple[float | None, float | None]:
-    """(first, last) training loss from the train stage's summary, tolerant of key names."""
-    pairs = (("initial_loss", "final_loss"), ("loss_initial", "loss_final"), ("first_loss", "last_loss"),
-             ("loss_first", "loss_last"), ("start_loss", "end_loss"))
-    for first, last in pairs:
-        if first in train_summary and last in train_summary:
-            return float(train_summary[first]), float(train_summary[last])
-    return None, None
+def _train_losses(train_summary: dict[str, Any], loss_curve: Any) -> tuple[float | None, float | None, str]:
+    """(start, end, where from) of the training loss: the per-step curve (means of its first and
+    last 10% of points), else the per-epoch ``history`` of the train summary, else explicit
+    ``initial_loss``/``final_loss`` keys; (None, None, reason) when none of these is there."""
+    if loss_curve is not None:
+        values = np.asarray(loss_curve.values if hasattr(loss_curve, "values") else loss_curve, dtype=float)
+        if values.size >= 2:
+            n = max(1, values.size // 10)
+            return float(values[:n].mean()), float(values[-n:].mean()), "per-step loss curve"
+    history = [h for h in train_summary.get("history") or [] if "train/loss" in h]
+    if len(history) >= 2:
+        return float(history[0]["train/loss"]), float(history[-1]["train/loss"]), "per-epoch history"
+    if "initial_loss" in train_summary and "final_loss" in train_summary:
+        return float(train_summary["initial_loss"]), float(train_summary["final_loss"]), "summary"
+    return None, None, "no training loss curve or history found"
 
 
-def health_checks(metrics: dict[str, Any], train_summary: dict[str, Any], k: int) -> dict[str, dict]:
-    """The seed's sanity checks, each ``{"ok": bool, "value": ..., "expected": str}``:
-    training loss decreased, L0 within 10% of k, dead latents < 20%, no NaN/inf metric."""
-    first, last = _train_losses(train_summary)
+def health_checks(
+    metrics: dict[str, Any], train_summary: dict[str, Any], k: int, loss_curve: Any = None
+) -> dict[str, dict]:
+    """The seed's sanity checks, each ``{"ok": bool, "value": ..., "expected": str}``: training
+    loss decreased, L0 within 10% of k, dead latents < 20%, no NaN/inf metric.
+
+    ``loss_curve``: the per-step training loss (a ``plots.Series`` or array), preferred to the
+    per-epoch ``history`` of ``train_summary`` (train's metrics.json). Unknown counts as failed.
+    """
+    start, end, source = _train_losses(train_summary, loss_curve)
     l0, dead = float(metrics["l0"]), float(metrics["dead_fraction"])
     numbers = {key: v for key, v in {**metrics, **train_summary}.items()
                if isinstance(v, (int, float)) and not isinstance(v, bool)}
     bad = sorted(key for key, v in numbers.items() if not math.isfinite(v))
+    if start is not None and not (math.isfinite(start) and math.isfinite(end)):
+        bad.append("training loss")
     return {
         "loss_decreased": {
-            "ok": first is not None and last is not None and last < first,
-            "value": None if first is None else {"first": first, "last": last},
-            "expected": "final training loss < initial training loss",
+            "ok": start is not None and end < start,
+            "value": None if start is None else {"start": start, "end": end},
+            "expected": f"final training loss < initial ({source})",
         },
         "l0_near_k": {"ok": abs(l0 - k) <= 0.1 * k, "value": l0, "expected": f"|L0 - k| <= 10% of k={k}"},
         "dead_below_20pct": {"ok": dead < 0.2, "value": dead, "expected": "dead_fraction < 0.2"},

@@ -97,7 +97,8 @@ def main(params_path: Path, sae_path: Path, texts_path: Path, train_metrics: Pat
     )
     metrics: dict[str, Any] = result.to_dict()
     train_summary = json.loads(train_metrics.read_text()) if train_metrics and train_metrics.exists() else {}
-    health = health_checks(metrics, train_summary, sae.k)
+    curves = read_live_metrics(train_live) if train_live else {}
+    health = health_checks(metrics, train_summary, sae.k, curves.get("loss", curves.get("train/loss")))
     metrics["k"] = sae.k
     metrics["d_hidden"] = sae.d_hidden
 
@@ -106,10 +107,9 @@ def main(params_path: Path, sae_path: Path, texts_path: Path, train_metrics: Pat
     hist = density_histogram(result.sparsity.density, low=-math.ceil(math.log10(result.sparsity.n_tokens)))
     write_density_csv(hist, out_dir / "density.csv")
     images = {"Feature density": plot_density_histogram(hist, out_dir / "plots" / "feature_density.png")}
-    curves = plot_training_curves(read_live_metrics(train_live) if train_live else {},
-                                  out_dir / "plots" / "training_curves.png")
-    if curves is not None:
-        images = {"Training curves": curves, **images}
+    curves_png = plot_training_curves(curves, out_dir / "plots" / "training_curves.png")
+    if curves_png is not None:
+        images = {"Training curves": curves_png, **images}
     write_html_report(out_dir / "report.html", title=f"SAE evaluation: {result.site.name}",
                       metrics=metrics, health=health, images=images)
 

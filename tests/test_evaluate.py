@@ -190,13 +190,18 @@ def test_d_model_mismatch_is_an_error(tiny_model):
 
 def test_health_checks():
     good = {"l0": 31.0, "dead_fraction": 0.05, "fvu": 0.2}
-    h = health_checks(good, {"initial_loss": 2.0, "final_loss": 0.5}, k=32)
+    h = health_checks(good, {"history": [{"train/loss": 2.0}, {"train/loss": 0.5}]}, k=32)
     assert all(c["ok"] for c in h.values()), h
     bad = {"l0": 20.0, "dead_fraction": 0.5, "fvu": float("nan")}
-    h = health_checks(bad, {"initial_loss": 0.5, "final_loss": 0.6}, k=32)
+    h = health_checks(bad, {"history": [{"train/loss": 0.5}, {"train/loss": 0.6}]}, k=32)
     assert not any(c["ok"] for c in h.values()), h
     assert h["no_nan"]["value"] == ["fvu"]
     assert not health_checks(good, {}, k=32)["loss_decreased"]["ok"]  # unknown: not passed
+    # the per-step curve wins over a one-epoch history: noisy but decreasing on average
+    curve = np.r_[np.linspace(3, 1, 50) + np.tile([0.3, -0.3], 25), [1.2]]
+    h = health_checks(good, {"history": [{"train/loss": 1.0}]}, k=32, loss_curve=curve)
+    assert h["loss_decreased"]["ok"] and h["loss_decreased"]["value"]["start"] > 2.5
+    assert not health_checks(good, {}, k=32, loss_curve=curve[::-1])["loss_decreased"]["ok"]
 
 
 # ------------------------------------------------------------------------------ the stage
@@ -221,9 +226,10 @@ def test_stage_end_to_end(tiny_model, tmp_path, monkeypatch):
     sae = _random_sae(tiny_model.info.d_model)
     sae.update_metadata(layer=LAYER, component="mlp", model_hash=tiny_model.info.model_hash)
     sae.save(tmp_path / "sae.safetensors")
-    (tmp_path / "train.json").write_text(json.dumps({"initial_loss": 1.0, "final_loss": 0.3}))
-    live = tmp_path / "live" / "plots" / "metrics" / "train"
-    live.mkdir(parents=True)
+    (tmp_path / "train.json").write_text(json.dumps({"steps": 20, "history": [{"train/loss": 0.6}]}))
+    live = tmp_path / "live" / "plots" / "metrics"
+    (live / "val").mkdir(parents=True)
+    (live / "val" / "fvu.tsv").write_text("step\tfvu\n20\t0.5\n")
     (live / "loss.tsv").write_text("timestamp\tstep\tloss\n1\t0\t1.0\n2\t10\t0.5\n3\t20\t0.3\n")
     out = tmp_path / "out"
     res = CliRunner().invoke(main, [
