@@ -238,12 +238,14 @@ class DensityHistogram(NamedTuple):
 
 
 def density_histogram(density: np.ndarray, bins: int = 50, low: float | None = None) -> DensityHistogram:
-    """Histogram of log10(density) of the live latents, from ``low`` (default: the smallest seen) to 0."""
+    """Histogram of log10(density) of the live latents over [``low``, 0] (default ``low``: the
+    smallest seen, rounded down); densities below ``low`` are counted in the first bin."""
     density = np.asarray(density, dtype=np.float64)
     live = density[density > 0]
     logd = np.log10(live)
     lo = low if low is not None else (float(np.floor(logd.min())) if live.size else -1.0)
-    counts, edges = np.histogram(logd, bins=bins, range=(min(lo, -1e-9), 0.0))
+    lo = min(lo, -1e-9)
+    counts, edges = np.histogram(np.clip(logd, lo, 0.0), bins=bins, range=(lo, 0.0))
     return DensityHistogram(edges, counts, int((density == 0).sum()))
 
 

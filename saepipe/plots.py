@@ -79,7 +79,8 @@ def plot_training_curves(series: Mapping[str, Series], path: str | Path) -> Path
     cols = min(3, n)
     rows = math.ceil(n / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.2 * rows), squeeze=False)
-    for ax, (name, s) in zip(axes.flat, series.items(), strict=False):
+    ordered = sorted(series.items(), key=lambda item: ("loss" not in item[0], item[0]))
+    for ax, (name, s) in zip(axes.flat, ordered, strict=False):
         ax.plot(s.steps, s.values, lw=1.2)
         ax.set_title(name, fontsize=10)
         ax.set_xlabel("step")

@@ -228,3 +228,11 @@ def test_ce_mask_at_last_position_is_an_error():
     tokens, _, pos, _, logits = _spliced_case()
     with pytest.raises(ValueError, match="last position"):
         _update(SplicedLossStats(), tokens, pos, pos, logits)
+
+
+def test_density_histogram_keeps_every_live_latent():
+    density = np.array([1e-7, 1e-3, 1.0])
+    h = density_histogram(density, bins=5, low=-5)
+    assert h.counts.sum() == 3 and h.counts[0] == 1  # below `low`: first bin
+    auto = density_histogram(density, bins=7)
+    assert auto.edges[0] == -7 and auto.counts.sum() == 3
