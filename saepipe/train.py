@@ -27,7 +27,9 @@ Recipe (Gao et al. 2024; EleutherAI sparsify):
   checkpoint and reaches the same weights as an uninterrupted run; a NaN/Inf stops training with
   ``TrainingDivergedError`` and leaves the last good checkpoint.
 
-Swap points for faster sparse kernels: ``_encode_select`` and ``_decode`` (see their docstrings).
+Kernels: ``fit_sae`` runs ``saepipe.sparse_ops.make_train_step`` by default (same contract and math
+as the reference ``_make_step`` here, built on ``_encode_select`` and ``_decode``); ``kernels=
+"reference"`` selects the dense reference.
 """
 
 from __future__ import annotations
@@ -178,15 +180,25 @@ def _make_step(config: SAEConfig, d_hidden: int, k_aux: int, with_aux: bool) -> 
     return mx.compile(step)
 
 
-def _make_eval(config: SAEConfig, d_hidden: int) -> Callable:
+def _make_eval(config: SAEConfig, d_hidden: int, kernels: str = "sparse") -> Callable:
     """Compiled validation chunk: (sse, sum x, sum ||x||^2, sum L0, sum L1, fired counts)."""
     tied = config.tied_weights
+    if kernels == "sparse":
+        from saepipe import sparse_ops
+
+        def encode_decode(xc, W_enc, b_enc, W_dec):
+            values, indices = sparse_ops.topk(nn.relu(xc @ W_enc.T + b_enc), config.k)
+            return values, indices, sparse_ops.decode_rows(values, indices, W_dec)
+    else:
+        def encode_decode(xc, W_enc, b_enc, W_dec):
+            values, indices, _, _ = _encode_select(xc, W_enc, b_enc, config.k, None, 0)
+            return values, indices, _decode(values, indices, W_dec)
 
     def evaluate(params, x, mean, std):
         x = (x - mean) / std
         W_enc = params["W_dec"] if tied else params["W_enc"]
-        values, indices, _, _ = _encode_select(x - params["b_dec"], W_enc, params["b_enc"], config.k, None, 0)
-        e = x - (_decode(values, indices, params["W_dec"]) + params["b_dec"])
+        values, indices, x_hat = encode_decode(x - params["b_dec"], W_enc, params["b_enc"], params["W_dec"])
+        e = x - (x_hat + params["b_dec"])
         fired = mx.zeros((d_hidden,), dtype=mx.int32).at[indices.reshape(-1)].add(
             (values > 0).reshape(-1).astype(mx.int32))
         sums = mx.stack([mx.square(e).sum(), mx.square(x).sum(),
@@ -194,6 +206,34 @@ def _make_eval(config: SAEConfig, d_hidden: int) -> Callable:
         return sums, x.sum(axis=0), fired
 
     return mx.compile(evaluate)
+
+
+KERNELS = ("sparse", "reference")
+"""``sparse``: ``saepipe.sparse_ops.make_train_step`` (sparse top-k, decode and gradients; AuxK over
+the dead columns only, one compiled variant per power-of-two bucket of dead latents);
+``reference``: ``_make_step`` (dense MLX ops, the definition the sparse kernels are tested against)."""
+
+
+class _Steps:
+    """Compiled steps by variant: no AuxK, or AuxK (per dead-count bucket for the sparse kernels)."""
+
+    def __init__(self, config: SAEConfig, d_hidden: int, k_aux: int, kernels: str) -> None:
+        self.config, self.d_hidden, self.k_aux, self.kernels = config, d_hidden, k_aux, kernels
+        self.cache: dict[int, Callable] = {}
+
+    def __call__(self, n_dead: int) -> Callable:
+        aux = self.config.aux_coef > 0 and n_dead > 0
+        if self.kernels == "reference":
+            key = int(aux)
+            if key not in self.cache:
+                self.cache[key] = _make_step(self.config, self.d_hidden, self.k_aux, aux)
+            return self.cache[key]
+        from saepipe import sparse_ops
+
+        key = sparse_ops.aux_capacity(n_dead, self.d_hidden) if aux else 0
+        if key not in self.cache:
+            self.cache[key] = sparse_ops.make_train_step(self.config, self.d_hidden, self.k_aux, key)
+        return self.cache[key]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -333,6 +373,7 @@ def fit_sae(
     log_every: int = 10,
     max_steps: int | None = None,
     progress: bool = True,
+    kernels: str = "sparse",
 ) -> FitResult:
     """Train a TopK SAE on ``activations`` ((n, d_model) array, shard folder or ActivationSource).
 
@@ -342,7 +383,10 @@ def fit_sae(
     resumed. ``live_dir``: a dvclive folder for metrics. ``logger``: extra ``TrainLogger``.
     ``log_every``: steps between logged step metrics. ``max_steps``: stop after this many steps in
     total (checkpointing when ``checkpoint_dir`` is set; the schedule still spans the full run).
+    ``kernels``: "sparse" (fast, default) or "reference" (dense MLX ops), see ``KERNELS``.
     """
+    if kernels not in KERNELS:
+        raise ValueError(f"kernels must be one of {', '.join(KERNELS)}, not {kernels!r}")
     source = as_source(activations)
     d_model, n_rows = source.d_model, source.n_rows
     d_hidden = d_model * config.expansion_factor
@@ -395,7 +439,7 @@ def fit_sae(
     try:
         state, pos, completed = _train_loop(
             source, split, config, state, pos, mean, std, d_hidden, k_aux, batch_size,
-            steps_per_epoch, total_steps, run_info, ckpt_dir, sink, max_steps, progress)
+            steps_per_epoch, total_steps, run_info, ckpt_dir, sink, max_steps, progress, kernels)
     finally:
         sink.close()
 
@@ -432,13 +476,12 @@ def _initial_state(source: ActivationSource, train_rows: np.ndarray, config: SAE
 
 
 def _train_loop(source, split, config, state, pos, mean, std, d_hidden, k_aux, batch_size,
-                steps_per_epoch, total_steps, run_info, ckpt_dir, sink, max_steps, progress):
+                steps_per_epoch, total_steps, run_info, ckpt_dir, sink, max_steps, progress, kernels):
     """Epochs of steps from ``pos``; returns (state, pos, completed)."""
     from tqdm.auto import tqdm
 
-    steps = {False: _make_step(config, d_hidden, k_aux, False), True: _make_step(config, d_hidden, k_aux, True)}
-    evaluate = _make_eval(config, d_hidden)
-    use_aux = config.aux_coef > 0
+    steps = _Steps(config, d_hidden, k_aux, kernels)
+    evaluate = _make_eval(config, d_hidden, kernels)
     threshold = config.dead_tokens_threshold
     n_dead = int((np.asarray(state.counter) >= threshold).sum())
     bar = tqdm(total=total_steps * batch_size, initial=pos["step"] * batch_size, unit="tok",
@@ -468,9 +511,8 @@ def _train_loop(source, split, config, state, pos, mean, std, d_hidden, k_aux, b
                 if b + 1 < steps_per_epoch:
                     pending = pool.submit(source.take, batches[b + 1])
                 lr = learning_rate_at(pos["step"], total_steps, config)
-                aux = use_aux and n_dead > 0
                 aux_scale = mx.array(min(n_dead / k_aux, 1.0))
-                params, m, v, t, counter, metrics = steps[aux](
+                params, m, v, t, counter, metrics = steps(n_dead)(
                     state.params, state.m, state.v, state.t, mx.array(lr), x, mean, std, state.counter, aux_scale)
                 values = np.array(metrics, dtype=np.float64)  # syncs: one step at a time
                 step = pos["step"] + 1
