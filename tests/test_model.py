@@ -295,7 +295,8 @@ def test_default_model_cross_entropy(default_model: LoadedModel) -> None:
     x = mx.array([ids])
     ce = nn.losses.cross_entropy(logits(default_model.model, ids)[0, :-1], x[0, 1:]).mean().item()
     print(f"default model mean next-token CE on {len(ids)} tokens: {ce:.3f} nats")
-    assert ce < 4.0  # a scrambled rotary layout gives ~5
+    # measured: 2.43 with Q/K un-permuted, 3.95 with llama.cpp's rotary layout left in place
+    assert ce < 3.2
 
 
 @pytest.mark.slow
