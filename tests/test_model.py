@@ -313,3 +313,13 @@ def test_default_tokenizer(default_model: LoadedModel) -> None:
     chat = tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False,
                                    add_generation_prompt=True)
     assert chat.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+
+
+@pytest.mark.parametrize(("pre", "pieces"), [
+    ("smollm", ["Hi", "Ġ", "1", "2", "3", "4", "5", "!!"]),
+    ("llama-bpe", ["Hi", "Ġ", "123", "45", "!!"]),
+    ("gpt-2", ["Hi", "Ġ12345", "!!"]),
+])
+def test_pre_tokenizers_split_like_llama_cpp(pre: str, pieces: list[str]) -> None:
+    split = gguf._pre_tokenizer(pre).pre_tokenize_str("Hi 12345!!")
+    assert [p for p, _ in split] == pieces
