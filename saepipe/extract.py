@@ -272,6 +272,7 @@ def extract_split(
         for rows in _run_batches(loaded, site, make_batches(loaded.tokenizer, ids, texts, cfg, start_batch)):
             acts, token_id, doc_id, position = (c[drop:] for c in rows)
             drop = 0
+            check_storable(acts, cfg.dtype)
             n = min(len(acts), max_rows - written)
             writer.add(acts[:n], token_id[:n], doc_id[:n], position[:n])
             written += n
@@ -304,6 +305,15 @@ def _run_batches(loaded: LoadedModel, site: Site, batches: Iterator[Batch]) -> I
                              f"d_model={d_model}")
         b_idx, pos = np.nonzero(batch.keep)
         yield (acts[b_idx, pos], batch.tokens[b_idx, pos], batch.doc_ids[b_idx], pos.astype(np.int32))
+
+
+def check_storable(acts: np.ndarray, dtype: str) -> None:
+    """Activations must be finite and, for float16 storage, within its range (|x| <= 65504)."""
+    peak = float(np.abs(acts).max()) if acts.size else 0.0
+    if not np.isfinite(peak):
+        raise ValueError("the model produced non-finite activations (inf/nan)")
+    if dtype == "float16" and peak > float(np.finfo(np.float16).max):
+        raise ValueError(f"activations reach {peak:.4g}, beyond float16's range; set extract.dtype: float32")
 
 
 def _finished_manifest(out: Path, fingerprint: dict[str, Any], max_rows: int) -> dict[str, Any] | None:

@@ -230,12 +230,17 @@ class ShardSource:
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
         if rows.size and (rows.min() < 0 or rows.max() >= self.n_rows):
             raise IndexError(f"row indices must be in 0..{self.n_rows - 1}")
-        out = np.empty((rows.size, self._d_model), dtype=np.float32)
         shard = np.searchsorted(self._offsets, rows, side="right") - 1
-        for s in np.unique(shard):
+        present = np.unique(shard)
+        if len(present) == 1:  # one shard: a single gather, no scatter
+            s = int(present[0])
+            return np.take(self._acts[s], rows - self._offsets[s], axis=0).astype(np.float32, copy=False)
+        # gather in storage dtype (half the bytes to move for float16), cast once at the end
+        out = np.empty((rows.size, self._d_model), dtype=self._acts[0].dtype)
+        for s in present:
             where = np.nonzero(shard == s)[0]
-            out[where] = self._acts[s][rows[where] - self._offsets[s]]
-        return out
+            out[where] = np.take(self._acts[s], rows[where] - self._offsets[s], axis=0)
+        return out.astype(np.float32, copy=False)
 
     def chunks(self, chunk_rows: int) -> Iterator[np.ndarray]:
         """All rows in storage order, float32, at most ``chunk_rows`` rows each (never across shards)."""

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from saepipe.extract import PROGRESS, ExtractConfig, extract, extract_split
+from saepipe.extract import PROGRESS, ExtractConfig, check_storable, extract, extract_split
 from saepipe.forward import forward
 from saepipe.shards import MANIFEST, ShardSource, file_sha256
 from saepipe.sites import Site
@@ -185,6 +185,15 @@ def test_empty_split_and_bad_config(tiny_model, tmp_path):
         ExtractConfig.from_params({"layer": 1, "lyaer": 2})
     with pytest.raises(ValueError, match="dtype"):
         _cfg(dtype="bfloat16")
+
+
+def test_check_storable():
+    check_storable(np.array([[1.0, -65504.0]]), "float16")
+    check_storable(np.array([[1e6]]), "float32")
+    with pytest.raises(ValueError, match="float32"):
+        check_storable(np.array([[1e6]]), "float16")
+    with pytest.raises(ValueError, match="non-finite"):
+        check_storable(np.array([[np.nan]]), "float32")
 
 
 def test_d_model_mismatch_is_an_error(tiny_model, texts_path, tmp_path):
