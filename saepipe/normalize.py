@@ -30,14 +30,22 @@ class Moments(NamedTuple):
     """Sum over rows of the row's L2 norm."""
 
 
+BLOCK_ROWS = 8192
+"""Rows converted to float64 at a time (bounds memory to ~2 x 8192 x d_model x 8 bytes)."""
+
+
 def chunk_moments(x: np.ndarray) -> Moments:
-    """Moments of one (n, d) chunk, computed in float64."""
-    x = np.asarray(x, dtype=np.float64)
-    if x.ndim != 2:
-        raise ValueError(f"a chunk must be a 2-D (n, d) array, got shape {x.shape}")
-    mean = x.mean(axis=0)
-    dev = x - mean
-    return Moments(len(x), mean, np.einsum("ij,ij->j", dev, dev), float(np.sqrt(np.einsum("ij,ij->i", x, x)).sum()))
+    """Moments of one (n, d) chunk, computed in float64 block by block."""
+    if np.ndim(x) != 2:
+        raise ValueError(f"a chunk must be a 2-D (n, d) array, got shape {np.shape(x)}")
+    total = Moments(0, np.zeros(x.shape[1]), np.zeros(x.shape[1]), 0.0)
+    for start in range(0, len(x), BLOCK_ROWS):
+        block = np.asarray(x[start : start + BLOCK_ROWS], dtype=np.float64)
+        mean = block.mean(axis=0)
+        dev = block - mean
+        norms = np.sqrt(np.einsum("ij,ij->i", block, block))
+        total = merge_moments(total, Moments(len(block), mean, np.einsum("ij,ij->j", dev, dev), float(norms.sum())))
+    return total
 
 
 def merge_moments(a: Moments, b: Moments) -> Moments:

@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
+from saepipe.data import ActivationSource, as_source
 from saepipe.extract import PROGRESS, ExtractConfig, check_storable, extract, extract_split
 from saepipe.forward import forward
 from saepipe.shards import MANIFEST, ShardSource, file_sha256
@@ -157,6 +158,7 @@ def test_shard_opens_with_datasets(tiny_model, texts_path, tmp_path):
 def test_take_and_chunks_agree(tiny_model, texts_path, tmp_path):
     extract_split(tiny_model, texts_path, tmp_path / "t", _cfg(shard_rows=20), "train", progress=False)
     src = ShardSource(tmp_path / "t")
+    assert isinstance(src, ActivationSource) and isinstance(as_source(tmp_path / "t"), ShardSource)
     assert len(src.manifest["shards"]) > 3
     every = np.concatenate(list(src.chunks(7)))
     assert every.shape == (src.n_rows, 64) and every.dtype == np.float32

@@ -53,6 +53,18 @@ def test_streamed_equals_numpy():
     assert stats.n_rows == 1000
 
 
+def test_large_chunk_is_split_into_blocks(monkeypatch):
+    import saepipe.normalize as norm
+
+    x = _data(n=100)
+    whole = norm.chunk_moments(x)
+    monkeypatch.setattr(norm, "BLOCK_ROWS", 7)
+    blocked = norm.chunk_moments(x)
+    assert blocked.count == whole.count == 100
+    np.testing.assert_allclose(blocked.m2, whole.m2, rtol=1e-10)
+    np.testing.assert_allclose(blocked.mean, whole.mean, rtol=1e-12)
+
+
 def test_merge_is_order_independent():
     x = _data(n=600)
     parts = [chunk_moments(x[a:b]) for a, b in [(0, 10), (10, 250), (250, 251), (251, 600)]]
