@@ -138,8 +138,13 @@ class TopKSAE(nn.Module):
 
     def decode_topk(self, values: mx.array, indices: mx.array) -> mx.array:
         """Reconstruction (..., d_model) from a sparse code."""
-        rows = self.W_dec[indices]  # (..., k, d_model)
-        x_n = (values[..., None] * rows).sum(axis=-2) + self.b_dec
+        from saepipe.sparse_ops import decode_rows
+
+        values, indices = mx.array(values), mx.array(indices)
+        if values.shape != indices.shape or values.ndim == 0:
+            raise ValueError(f"values {values.shape} and indices {indices.shape} must have the same (..., k) shape")
+        flat = decode_rows(values.reshape(-1, values.shape[-1]), indices.reshape(-1, values.shape[-1]), self.W_dec)
+        x_n = flat.reshape(*values.shape[:-1], self.d_model) + self.b_dec
         return self.denormalize(x_n)
 
     def encode(self, x: mx.array) -> mx.array:
@@ -281,8 +286,15 @@ def init_params(d_model: int, d_hidden: int, tied_weights: bool, seed: int) -> d
 
 
 def topk(pre: mx.array, k: int) -> tuple[mx.array, mx.array]:
-    """The k largest entries of each row (by index, so ties never keep more): (values, indices)."""
-    indices = mx.stop_gradient(mx.argpartition(-pre, kth=k - 1, axis=-1)[..., :k])
+    """The k largest entries of each row (by index, so ties never keep more): (values, indices).
+
+    Any leading shape; exact (``saepipe.sparse_ops.topk_indices``' two-stage selection is only a
+    faster way to find the same k).
+    """
+    from saepipe.sparse_ops import topk_indices
+
+    flat = mx.stop_gradient(pre).reshape(-1, pre.shape[-1])
+    indices = mx.stop_gradient(topk_indices(flat, k).reshape(*pre.shape[:-1], k))
     return mx.take_along_axis(pre, indices, axis=-1), indices
 
 

@@ -277,18 +277,10 @@ def _read(source: ActivationSource, rows: np.ndarray):
 
 
 def fit_stats(source: ActivationSource, rows: np.ndarray) -> NormStats:
-    """Per-dimension mean/std and mean row norm of ``rows`` (float64 sums, streamed)."""
-    d = source.d_model
-    total, total_sq, norm_sum = np.zeros(d), np.zeros(d), 0.0
-    for _, x in _read(source, rows):
-        x = x.astype(np.float64)
-        total += x.sum(axis=0)
-        total_sq += np.square(x).sum(axis=0)
-        norm_sum += float(np.linalg.norm(x, axis=1).sum())
-    n = len(rows)
-    mean = total / n
-    std = np.sqrt(np.maximum(total_sq / n - mean**2, 0.0))
-    return NormStats(mean, std, norm_sum / n, n)
+    """Normalization stats of the given rows only (``saepipe.normalize``'s float64 Chan merge, streamed)."""
+    from saepipe.normalize import reduce_moments, to_stats
+
+    return to_stats(reduce_moments(x for _, x in _read(source, rows)))
 
 
 def geometric_median(x: np.ndarray, iters: int = 50, tol: float = 1e-6) -> np.ndarray:
