@@ -423,7 +423,7 @@ def fit_sae(
     if config.use_wandb:
         loggers.append(WandbLogger(config.wandb_project, config.wandb_name, config.wandb_tags, log_every))
     sink = MultiLogger(loggers)
-    meta = dict(metadata or {})
+    meta = {**_source_metadata(source), **(metadata or {})}
     sink.log_config({**config.to_dict(), "d_model": d_model, "d_hidden": d_hidden,
                      "layer": meta.get("layer"), "component": meta.get("component"),
                      "n_rows": n_rows, "n_train": n_train, "n_val": len(split.val),
@@ -441,6 +441,16 @@ def fit_sae(
     sae.update_metadata(**meta, config=config.to_dict(), summary=summary, n_train_rows=n_train,
                         n_val_rows=len(split.val))
     return FitResult(sae, list(pos["history"]), summary)
+
+
+def _source_metadata(source: ActivationSource) -> dict[str, Any]:
+    """Site and model identity from a shard folder's manifest (empty for arrays)."""
+    manifest = getattr(source, "manifest", None)
+    if not isinstance(manifest, dict):
+        return {}
+    keys = {"model_id": "model_name", "model_hash": "model_hash", "layer": "layer", "component": "component",
+            "site": "site", "digest": "activations_digest", "n_tokens": "activations_rows"}
+    return {ours: manifest[theirs] for theirs, ours in keys.items() if manifest.get(theirs) is not None}
 
 
 def _resume(ckpt_dir: Path | None, run_info: dict) -> tuple[_State, dict] | None:

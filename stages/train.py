@@ -31,7 +31,8 @@ METRICS_FILE = "metrics.json"
 
 
 def run_metadata(source: Any, params: dict[str, Any]) -> dict[str, Any]:
-    """SAE metadata from params and, when the source is a shard folder, its manifest (which wins)."""
+    """SAE metadata from params; a shard folder's manifest must name the same site (fit_sae adds the
+    manifest's model identity and digest itself)."""
     extract = section(params, "extract")
     layer, component = int(extract["layer"]), str(extract["component"])
     meta: dict[str, Any] = {"layer": layer, "component": component, "model_name": str(params.get("model"))}
@@ -41,9 +42,7 @@ def run_metadata(source: Any, params: dict[str, Any]) -> dict[str, Any]:
             raise ValueError(
                 f"activations were extracted at layer {manifest.get('layer')} {manifest.get('component')!r} "
                 f"but params say extract.layer={layer}, extract.component={component!r}: rerun extract")
-        meta.update(model_name=manifest.get("model_id"), model_hash=manifest.get("model_hash"),
-                    site=manifest.get("site"), activations_digest=manifest.get("digest"),
-                    activations_rows=manifest.get("n_tokens"))
+        del meta["model_name"]  # the manifest's model_id names the weights actually read
     return meta
 
 
