@@ -273,14 +273,41 @@ def test_rows_are_read_in_bounded_sorted_batches(monkeypatch):
     assert max(src.sizes) <= 100 and sum(src.sizes) >= 1000
 
 
-def test_use_wandb_without_wandb_is_a_clear_error():
-    try:
-        import wandb  # noqa: F401
-    except ImportError:
-        with pytest.raises(ImportError, match="wandb"):
-            fit_sae(_data(200), SAEConfig(**SMALL, use_wandb=True), progress=False)
-    else:
-        pytest.skip("wandb is installed")
+def test_use_wandb_without_wandb_is_a_clear_error(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb -> ImportError
+    with pytest.raises(ImportError, match="wandb"):
+        fit_sae(_data(200), SAEConfig(**SMALL, use_wandb=True), progress=False)
+
+
+def test_wandb_names_and_config(monkeypatch):
+    import sys
+    import types
+
+    calls: dict = {"log": [], "config": {}}
+
+    class Run:
+        config = types.SimpleNamespace(update=lambda c, allow_val_change=False: calls["config"].update(c))
+
+        def log(self, metrics, step):
+            calls["log"].append((step, metrics))
+
+        def finish(self):
+            calls["finished"] = True
+
+    def init(**kwargs):
+        calls["init"] = kwargs
+        return Run()
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
+    cfg = SAEConfig(**SMALL, use_wandb=True, wandb_project="p", wandb_name="n", wandb_tags=("a",))
+    fit_sae(_data(300), cfg, metadata={"layer": 2, "component": "mlp"}, progress=False, log_every=1)
+    assert calls["init"] == {"project": "p", "name": "n", "tags": ["a"]} and calls["finished"]
+    assert calls["config"]["layer"] == 2 and calls["config"]["d_hidden"] == 64 and calls["config"]["k"] == 4
+    keys = set().union(*(m.keys() for _, m in calls["log"]))
+    assert {"train/loss", "train/recon_loss", "train/l0", "train/dead_fraction", "train/l1_loss",
+            "train/learning_rate", "val/loss", "val/l0", "val/dead_fraction"} <= keys
 
 
 # --- planted dictionary ---------------------------------------------------------------------------
