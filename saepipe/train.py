@@ -50,7 +50,7 @@ import numpy as np
 import saepipe  # noqa: F401  (fast BLAS before mlx)
 from saepipe.config import SAEConfig
 from saepipe.data import ActivationSource, as_source
-from saepipe.sae import TopKSAE, init_params, to_dense, topk
+from saepipe.sae import TopKSAE, _Norm, init_params, to_dense, topk
 from saepipe.stats import NormStats
 from saepipe.tracking import DVCLiveLogger, MultiLogger, TrainLogger, WandbLogger
 
@@ -399,13 +399,14 @@ def fit_sae(
         stats = None
     if stats is not None and np.asarray(stats.mean).shape != (d_model,):
         raise ValueError(f"stats are for d_model {np.asarray(stats.mean).shape[0]}, activations have {d_model}")
-    norm = TopKSAE(d_model, config.expansion_factor, config.k, stats=stats)._norm
+    norm = _Norm(stats) if stats is not None else None
     mean = norm.mean if norm else mx.zeros((d_model,))
     std = norm.std if norm else mx.ones((d_model,))
 
     run_info = {
         "config": config.to_dict(), "d_model": d_model, "n_rows": n_rows, "n_train": n_train,
         "n_val": len(split.val), "stats_digest": stats.digest() if stats is not None else None,
+        "activations_digest": _source_metadata(source).get("activations_digest"),
     }
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
     resumed = _resume(ckpt_dir, run_info)
