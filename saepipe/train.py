@@ -416,7 +416,7 @@ def fit_sae(
     else:
         state = _initial_state(source, split.train, config, d_model, d_hidden, mean, std)
         pos = {"step": 0, "epoch": 0, "batch": 0, "history": [], "epoch_sums": [0.0] * len(_METRICS),
-               "epoch_steps": 0, "seconds": 0.0}
+               "epoch_steps": 0, "seconds": 0.0, "first_loss": None, "last_loss": None}
 
     loggers: list[TrainLogger] = [logger] if logger is not None else []
     if live_dir is not None:
@@ -526,7 +526,8 @@ def _train_loop(source, split, config, state, pos, mean, std, d_hidden, k_aux, b
                 record["learning_rate"] = lr
                 pos = {**pos, "step": step, "batch": b + 1, "epoch_steps": pos["epoch_steps"] + 1,
                        "epoch_sums": [s + val for s, val in zip(pos["epoch_sums"], values.tolist(), strict=True)],
-                       "seconds": pos["seconds"] + time.perf_counter() - t0}
+                       "seconds": pos["seconds"] + time.perf_counter() - t0, "last_loss": record["loss"],
+                       "first_loss": record["loss"] if pos["first_loss"] is None else pos["first_loss"]}
                 sink.log_step(step, record)
                 bar.update(batch_size)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", L0=f"{record['l0']:.1f}",
@@ -585,6 +586,7 @@ def _summary(pos: dict, state: _State, config: SAEConfig, batch_size: int, compl
         "train_seconds": round(pos["seconds"], 3),
         "tok_per_s": tokens / pos["seconds"] if pos["seconds"] > 0 else None,
         "n_train": n_train, "n_val": n_val,
+        "initial_loss": pos["first_loss"], "final_loss": pos["last_loss"],
         "dead_fraction": float((np.asarray(state.counter) >= config.dead_tokens_threshold).mean()),
     }
     if pos["history"]:

@@ -100,6 +100,8 @@ def test_fit_basic_invariants():
     assert len(result.history) == 2 and result.history[1]["val/l0"] <= 4
     # training reduces the loss; exactly k latents (or fewer when a row has < k positive ones)
     assert rec.steps[-1][1]["fvu"] < rec.steps[0][1]["fvu"]
+    assert result.summary["initial_loss"] == rec.steps[0][1]["loss"]
+    assert result.summary["final_loss"] == rec.steps[-1][1]["loss"]
     assert all(m["l0"] <= 4 for _, m in rec.steps)
     meta = sae.metadata
     assert meta["config"]["k"] == 4 and meta["summary"]["steps"] == result.summary["steps"]
