@@ -144,7 +144,7 @@ def evaluate_sae(
     """
     model, tokenizer = loaded_model.model, loaded_model.tokenizer
     site = check_site(layer, component, len(model.model.layers))
-    d_model = int(model.model.embed_tokens.weight.shape[1])
+    d_model = int(loaded_model.info.d_model)
     if getattr(sae, "d_model", d_model) != d_model:
         raise ValueError(f"the SAE reads d_model={sae.d_model} activations, the model has d_model={d_model}")
     batches = list(token_batches(tokenizer, texts, context_length=context_length, batch_size=batch_size,

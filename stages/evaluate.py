@@ -28,23 +28,16 @@ from saepipe.plots import (
 
 log = logging.getLogger("stages.evaluate")
 
-EVAL_SPLITS = ("eval", "test", "validation")
-
-
 def read_eval_texts(path: Path) -> list[str]:
-    """The held-out texts of prepare's parquet: rows whose ``split`` is eval (or test/validation)."""
-    import pyarrow.parquet as pq
+    """The held-out (``split == "eval"``) texts of prepare's parquet, in file order, as extract reads them."""
+    from saepipe.extract import read_split
 
     if not path.exists():
         raise click.ClickException(f"texts file not found: {path} (run the prepare stage)")
-    table = pq.read_table(path)
-    if "text" not in table.column_names or "split" not in table.column_names:
-        raise click.ClickException(f"{path} needs `text` and `split` columns, has {table.column_names}")
-    texts = [t for t, s in zip(table["text"].to_pylist(), table["split"].to_pylist(), strict=True)
-             if s in EVAL_SPLITS]
-    if not texts:
-        raise click.ClickException(f"{path} has no held-out texts (split in {EVAL_SPLITS})")
-    return texts
+    try:
+        return read_split(path, "eval")[1]
+    except (ValueError, KeyError) as err:
+        raise click.ClickException(str(err)) from err
 
 
 def _json_safe(value: Any) -> Any:

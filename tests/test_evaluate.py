@@ -221,7 +221,8 @@ def test_stage_end_to_end(tiny_model, tmp_path, monkeypatch):
                                            "skip_special_tokens": True},
               "evaluate": {"max_tokens": 120, "batch_size": 4}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    pq.write_table(pa.table({"text": TEXTS * 2, "split": ["eval", "train"] * len(TEXTS)}),
+    pq.write_table(pa.table({"id": np.arange(2 * len(TEXTS)), "text": TEXTS * 2,
+                             "source": ["t"] * (2 * len(TEXTS)), "split": ["eval", "train"] * len(TEXTS)}),
                    tmp_path / "texts.parquet")
     sae = _random_sae(tiny_model.info.d_model)
     sae.update_metadata(layer=LAYER, component="mlp", model_hash=tiny_model.info.model_hash)
