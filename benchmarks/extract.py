@@ -37,7 +37,7 @@ import numpy as np, torch
 from transformers import AutoModelForCausalLM
 folder, fname, layer, threads = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 torch.set_num_threads(threads)
-model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, torch_dtype=torch.float32).eval()
+model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch.float32).eval()
 model.model.layers = model.model.layers[: layer + 1]
 out = {}
 model.model.layers[layer].mlp.register_forward_hook(lambda m, i, o: out.__setitem__("x", o))

@@ -120,3 +120,24 @@ def test_default_model_logits_equal_mlx_lm(real_model):
     out = np.array(forward(default_model, tokens).logits)
     np.testing.assert_allclose(out, ref, rtol=1e-3, atol=1e-3)
     assert (out.argmax(-1) == ref.argmax(-1)).all()
+
+
+def test_fast_kernels_match_float64_truth():
+    from saepipe.forward import _causal_softmax, _swiglu
+
+    g = mx.concatenate([mx.linspace(-86, 86, 20001), mx.array([0.0, 1e-30, -1e-3])])
+    u = mx.linspace(-3, 3, g.shape[0])
+    g64, u64 = np.array(g, dtype=np.float64), np.array(u, dtype=np.float64)
+    truth = g64 * u64 / (1 + np.exp(-g64))
+    got = np.array(_swiglu(g, u), dtype=np.float64)
+    ok = np.abs(truth) > 1e-36  # float32 normal range
+    assert (np.abs(got - truth)[ok] / np.abs(truth[ok])).max() < 5e-7  # MLX's own silu: ~4e-6
+    far = np.array(_swiglu(mx.array([-200.0, 200.0]), mx.array([1.0, 1.0])))
+    np.testing.assert_allclose(far, [0.0, 200.0], atol=1e-30)
+    s = np.random.default_rng(0).normal(scale=30, size=(2, 3, 5, 5)).astype(np.float32)
+    keep = np.tril(np.ones((5, 5), dtype=bool))
+    probs = np.array(_causal_softmax(mx.array(s), mx.array(keep), mx.array(0.5)))
+    z = np.where(keep, s.astype(np.float64) * 0.5, -np.inf)
+    e = np.exp(z - z.max(-1, keepdims=True))
+    np.testing.assert_allclose(probs, e / e.sum(-1, keepdims=True), rtol=1e-6, atol=1e-7)
+    assert (probs[..., ~keep] == 0).all()
