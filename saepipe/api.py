@@ -284,8 +284,9 @@ class InterpretableModel:
             reasons = [r for r in reasons if not r.startswith("the SAE records no ")
                        or "model identity" in r]
         if reasons:
-            raise IncompatibleSAEError(f"SAE {meta.get('site') or ''} is incompatible with model "
-                                       f"{self.info.model_id!r}: " + "; ".join(reasons))
+            name = f"SAE ({meta['site']})" if meta.get("site") else "SAE"
+            raise IncompatibleSAEError(f"{name} is incompatible with model {self.info.model_id!r}: "
+                                       + "; ".join(reasons))
         if want_layer is None or want_component is None:
             return None
         return Site(int(want_layer), str(want_component))
