@@ -28,7 +28,7 @@ class SAEConfig:
     validation_split: float = 0.05
     """Fraction of the activation rows held out and evaluated at the end of each epoch."""
     normalize_input: bool = True
-    """Standardise inputs per dimension with the mean/std from ``normalize`` (or fit on the data)."""
+    """Normalize inputs with the mean/std from ``normalize`` (or fit on the data); see ``normalization``."""
     tied_weights: bool = False
     """Decoder weight is the encoder weight transposed (half the parameters)."""
     gradient_clip: float = 1.0
@@ -42,6 +42,10 @@ class SAEConfig:
     wandb_tags: tuple[str, ...] = ()
     """W&B run tags."""
     # --- beyond the seed ---
+    normalization: str = "scalar"
+    """With normalize_input: "scalar" centres and divides every dimension by one std (the root mean
+    per-dimension variance), keeping the geometry so training minimises the original-space error;
+    "per_dim" standardises each dimension (equal weight per dimension in the loss)."""
     lr_decay: str = "cosine"
     """Schedule after warmup: "cosine" (to ``min_lr_ratio`` x peak), "linear" or "constant"."""
     min_lr_ratio: float = 0.1
@@ -73,6 +77,8 @@ class SAEConfig:
         _check(self.lr_decay in ("cosine", "linear", "constant"),
                f"lr_decay must be cosine, linear or constant, not {self.lr_decay!r}")
         _check(self.dead_tokens_threshold >= 1, "dead_tokens_threshold must be >= 1")
+        _check(self.normalization in ("scalar", "per_dim"),
+               f"normalization must be scalar or per_dim, not {self.normalization!r}")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -2,7 +2,7 @@
 
 Forward pass (Gao et al. 2024, "Scaling and evaluating sparse autoencoders"):
 
-    x_n    = (x - mean) / std                      (only with normalization stats)
+    x_n    = (x - mean) / std                      (only with normalization stats; see NORMALIZATIONS)
     pre    = ReLU((x_n - b_dec) @ W_enc.T + b_enc)  (d_hidden pre-activations)
     z      = TopK(pre, k)                          (exactly k kept per row, by index: ties never keep more)
     x_hat  = (z @ W_dec + b_dec) * std + mean
@@ -35,12 +35,29 @@ FORMAT_VERSION = 1
 _STD_FLOOR = 1e-6  # a constant input dimension gets std 1 instead of a division by ~0
 
 
+NORMALIZATIONS = ("scalar", "per_dim")
+"""How ``std`` is formed from the stats. "scalar": one value for every dimension, the root of the
+mean per-dimension variance, so normalization keeps the activations' geometry and the training loss
+is proportional to the error in the original space (what ``evaluate`` measures). "per_dim": each
+dimension standardised on its own (mlxterp's running mean/std); the loss then weights every
+dimension equally, which under-weights the few high-variance dimensions that dominate the
+original-space error of LLM activations."""
+
+
 class _Norm:
     """Normalization arrays kept out of the module's parameter tree (not trainable)."""
 
-    def __init__(self, stats: NormStats) -> None:
+    def __init__(self, stats: NormStats, mode: str) -> None:
+        if mode not in NORMALIZATIONS:
+            raise ValueError(f"normalization must be one of {NORMALIZATIONS}, not {mode!r}")
         self.stats = stats
-        std = np.where(stats.std > _STD_FLOOR, stats.std, 1.0)
+        self.mode = mode
+        per_dim = np.asarray(stats.std, dtype=np.float64)
+        if mode == "scalar":
+            scale = float(np.sqrt(np.mean(np.square(per_dim))))
+            std = np.full_like(per_dim, scale if scale > _STD_FLOOR else 1.0)
+        else:
+            std = np.where(per_dim > _STD_FLOOR, per_dim, 1.0)
         self.mean = mx.array(np.asarray(stats.mean, dtype=np.float32))
         self.std = mx.array(np.asarray(std, dtype=np.float32))
 
@@ -61,6 +78,7 @@ class TopKSAE(nn.Module):
         stats: NormStats | None = None,
         metadata: dict[str, Any] | None = None,
         seed: int = 0,
+        normalization: str = "scalar",
     ) -> None:
         super().__init__()
         if d_model < 1 or expansion_factor < 1:
@@ -74,6 +92,7 @@ class TopKSAE(nn.Module):
         self.tied_weights = bool(tied_weights)
         self._metadata: dict[str, Any] = dict(metadata or {})
         self._norm: _Norm | None = None
+        self.normalization = normalization
         self.set_stats(stats)
         params = init_params(d_model, d_hidden, tied_weights, seed)
         for name, value in params.items():
@@ -93,7 +112,7 @@ class TopKSAE(nn.Module):
         """Attach (or remove, with None) input normalization stats."""
         if stats is not None and np.asarray(stats.mean).shape != (self.d_model,):
             raise ValueError(f"stats have d_model {np.asarray(stats.mean).shape}, SAE has {self.d_model}")
-        self._norm = None if stats is None else _Norm(stats)
+        self._norm = None if stats is None else _Norm(stats, self.normalization)
 
     @property
     def metadata(self) -> dict[str, Any]:
@@ -215,6 +234,7 @@ class TopKSAE(nn.Module):
             "expansion_factor": self.expansion_factor,
             "k": self.k,
             "tied_weights": self.tied_weights,
+            "normalization": self.normalization,
             "stats": None,
             "metadata": _jsonable(self.metadata),
         }
@@ -256,7 +276,8 @@ class TopKSAE(nn.Module):
                               float(header["stats"]["mean_norm"]), int(header["stats"]["n_rows"]))
         meta = dict(header.get("metadata") or {})
         sae = cls(int(header["d_model"]), int(header["expansion_factor"]), int(header["k"]),
-                  tied_weights=bool(header["tied_weights"]), stats=stats, metadata=meta)
+                  tied_weights=bool(header["tied_weights"]), stats=stats, metadata=meta,
+                  normalization=str(header.get("normalization", "per_dim")))
         expected = set(sae.parameters())
         if set(tensors) != expected:
             raise ValueError(f"{path}: tensors {sorted(tensors)} do not match an SAE's {sorted(expected)}")

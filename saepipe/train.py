@@ -399,7 +399,7 @@ def fit_sae(
         stats = None
     if stats is not None and np.asarray(stats.mean).shape != (d_model,):
         raise ValueError(f"stats are for d_model {np.asarray(stats.mean).shape[0]}, activations have {d_model}")
-    norm = _Norm(stats) if stats is not None else None
+    norm = _Norm(stats, config.normalization) if stats is not None else None
     mean = norm.mean if norm else mx.zeros((d_model,))
     std = norm.std if norm else mx.ones((d_model,))
 
@@ -437,7 +437,8 @@ def fit_sae(
         sink.close()
 
     summary = _summary(pos, state, config, batch_size, completed, n_train, len(split.val))
-    sae = TopKSAE(d_model, config.expansion_factor, config.k, tied_weights=config.tied_weights, stats=stats)
+    sae = TopKSAE(d_model, config.expansion_factor, config.k, tied_weights=config.tied_weights,
+                  stats=stats, normalization=config.normalization)
     sae.update(dict(state.params))
     sae.update_metadata(**meta, config=config.to_dict(), summary=summary, n_train_rows=n_train,
                         n_val_rows=len(split.val))

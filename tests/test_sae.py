@@ -77,17 +77,20 @@ def test_wrong_width_is_a_clear_error():
         TopKSAE(4, 2, 9)
 
 
-def test_normalization_round_trip_and_equivalence():
+@pytest.mark.parametrize("mode", ["scalar", "per_dim"])
+def test_normalization_round_trip_and_equivalence(mode):
     d = 12
     stats = _stats(d)
-    with_stats = TopKSAE(d, 3, 4, stats=stats, seed=5)
+    with_stats = TopKSAE(d, 3, 4, stats=stats, seed=5, normalization=mode)
     plain = TopKSAE(d, 3, 4, seed=5)
     x = _x(30, d) * 4 + 1
     np.testing.assert_allclose(np.asarray(with_stats.denormalize(with_stats.normalize(x))), np.asarray(x),
                                rtol=1e-5, atol=1e-5)
-    x_n = (x - mx.array(stats.mean, dtype=mx.float32)) / mx.array(stats.std, dtype=mx.float32)
+    # scalar: one std for all dimensions, the root mean per-dimension variance
+    std = np.full(d, np.sqrt(np.mean(stats.std**2))) if mode == "scalar" else stats.std
+    x_n = (x - mx.array(stats.mean, dtype=mx.float32)) / mx.array(std, dtype=mx.float32)
     # the normalized SAE is the plain SAE applied in normalized units, output de-normalized
-    expected = np.asarray(plain(x_n)) * stats.std + stats.mean
+    expected = np.asarray(plain(x_n)) * std + stats.mean
     np.testing.assert_allclose(np.asarray(with_stats(x)), expected, rtol=1e-4, atol=1e-4)
     np.testing.assert_array_equal(np.asarray(with_stats.encode(x)), np.asarray(plain.encode(x_n)))
     assert with_stats.metadata["stats_digest"] == stats.digest()
