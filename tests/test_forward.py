@@ -31,11 +31,23 @@ def test_accepts_loaded_model_and_single_row(tiny_model):
 def test_identity_edit_equals_plain(tiny_model):
     tokens = _tokens()
     sites = [Site(i, c) for i in range(4) for c in COMPONENTS]
-    plain = forward(tiny_model.model, tokens, capture=sites)
+    plain = forward(tiny_model.model, tokens, capture=sites, parallel=False)
     edited = forward(tiny_model.model, tokens, capture=sites, edit={s: (lambda x: x) for s in sites})
     np.testing.assert_array_equal(np.array(edited.logits), np.array(plain.logits))
     for s in sites:
         np.testing.assert_array_equal(np.array(edited.activations[s]), np.array(plain.activations[s]))
+
+
+def test_parallel_split_equals_one_stream(tiny_model):
+    tokens = _tokens(b=5)
+    sites = [Site(1, "attn"), Site(3, "output")]
+    split = forward(tiny_model.model, tokens, capture=sites, parallel=True)
+    whole = forward(tiny_model.model, tokens, capture=sites, parallel=False)
+    np.testing.assert_allclose(np.array(split.logits), np.array(whole.logits), rtol=1e-4, atol=1e-5)
+    for s in sites:
+        assert split.activations[s].shape == (5, 17, 64)
+        np.testing.assert_allclose(np.array(split.activations[s]), np.array(whole.activations[s]),
+                                   rtol=1e-5, atol=1e-6)
 
 
 def test_edit_replaces_what_flows_on(tiny_model):
@@ -50,12 +62,13 @@ def test_edit_replaces_what_flows_on(tiny_model):
     assert not np.allclose(np.array(out.logits), np.array(plain.logits))
 
 
-def test_stop_layer_matches_full_run(tiny_model):
+@pytest.mark.parametrize("component", ["mlp", "attn", "output"])
+def test_stop_layer_matches_full_run(tiny_model, component):
     tokens = _tokens()
-    site = Site(2, "mlp")
-    full = forward(tiny_model.model, tokens, capture=[site])
-    early = forward(tiny_model.model, tokens, stop_layer=2, capture=[site])
-    assert early.logits is None
+    site = Site(2, component)
+    full = forward(tiny_model.model, tokens, capture=[site], parallel=False)
+    early = forward(tiny_model.model, tokens, stop_layer=2, capture=[site], parallel=False)
+    assert early.logits is None and list(early.activations) == [site]
     np.testing.assert_array_equal(np.array(early.activations[site]), np.array(full.activations[site]))
 
 
