@@ -1,12 +1,14 @@
 """Extract activations of one site for the prepared texts into resumable shard folders.
 
-Texts of a split are tokenized in file order (``tokenizer.encode``, which adds BOS), truncated to
-``context_length``, grouped into fixed batches of ``batch_size`` texts (right padded to the longest
-text of the batch) and run through ``forward(stop_layer=layer, capture=[site])``. Rows are kept in
-text order, position order; pad positions are never stored, nor BOS/special tokens when
-``skip_special_tokens``. Writing stops at ``max_tokens`` rows.
+Texts of a split are tokenized (``tokenizer.encode``, with the tokenizer's BOS policy), truncated
+to ``context_length``, sorted by length within windows of consecutive texts (stable, so the order
+is deterministic), grouped into batches of ``batch_size`` texts (right padded to the longest text
+of the batch) and run through ``forward(stop_layer=layer, capture=[site])``. Rows are stored text
+by text in batch order, positions in order (``doc_id``/``position`` columns say where each row
+came from); pad positions are never stored, nor BOS/special tokens when ``skip_special_tokens``.
+Writing stops at ``max_tokens`` rows.
 
-Because the batches are fixed by text index, a rerun after an interruption keeps the complete
+Because the batches are a fixed function of the texts, a rerun after an interruption keeps the complete
 shards whose checksums match (listed in ``_progress.json``), skips the texts they cover without
 running the model on them, and writes exactly what an uninterrupted run would have written.
 """
@@ -128,21 +130,45 @@ def excluded_token_ids(tokenizer: Any, skip_special_tokens: bool) -> np.ndarray:
     return np.array(sorted(ids), dtype=np.int64)
 
 
+SORT_WINDOW_BATCHES = 32
+"""Texts are sorted by token count within windows of this many batches: similar lengths share a
+batch, so little compute goes to padding (58% -> ~95% real tokens on the builtin corpus)."""
+
+
 def make_batches(
     tokenizer: Any, ids: np.ndarray, texts: Sequence[str], cfg: ExtractConfig, start_batch: int = 0
 ) -> Iterator[Batch]:
-    """Tokenize and pad fixed groups of ``batch_size`` texts, from batch ``start_batch`` on."""
+    """Tokenize, length-sort per window and pad batches of ``batch_size`` texts, from ``start_batch`` on.
+
+    The order depends only on the texts and settings, so batch k is the same in every run; windows
+    before ``start_batch`` are skipped without tokenizing them.
+    """
     excluded = excluded_token_ids(tokenizer, cfg.skip_special_tokens)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    for start in range(start_batch * cfg.batch_size, len(texts), cfg.batch_size):
-        encoded = [tokenizer.encode(t)[: cfg.context_length] for t in texts[start : start + cfg.batch_size]]
-        width = max(1, max(len(e) for e in encoded))
-        tokens = np.full((len(encoded), width), pad_id, dtype=np.int32)
-        keep = np.zeros((len(encoded), width), dtype=bool)
-        for row, e in enumerate(encoded):
-            tokens[row, : len(e)] = e
-            keep[row, : len(e)] = ~np.isin(e, excluded)
-        yield Batch(tokens, keep, ids[start : start + cfg.batch_size])
+    window = cfg.batch_size * SORT_WINDOW_BATCHES
+    first_batch = 0  # index of the window's first batch
+    for w0 in range(0, len(texts), window):
+        n_texts = min(window, len(texts) - w0)
+        n_batches = -(-n_texts // cfg.batch_size)
+        if first_batch + n_batches <= start_batch:
+            first_batch += n_batches
+            continue
+        encoded = [tokenizer.encode(t)[: cfg.context_length] for t in texts[w0 : w0 + n_texts]]
+        order = np.argsort([len(e) for e in encoded], kind="stable")
+        for k in range(max(0, start_batch - first_batch), n_batches):
+            rows = order[k * cfg.batch_size : (k + 1) * cfg.batch_size]
+            yield _pad([encoded[r] for r in rows], ids[w0 + rows], pad_id, excluded)
+        first_batch += n_batches
+
+
+def _pad(encoded: list[list[int]], doc_ids: np.ndarray, pad_id: int, excluded: np.ndarray) -> Batch:
+    width = max(1, max(len(e) for e in encoded))
+    tokens = np.full((len(encoded), width), pad_id, dtype=np.int32)
+    keep = np.zeros((len(encoded), width), dtype=bool)
+    for row, e in enumerate(encoded):
+        tokens[row, : len(e)] = e
+        keep[row, : len(e)] = ~np.isin(e, excluded)
+    return Batch(tokens, keep, doc_ids)
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> dict[str, str]:

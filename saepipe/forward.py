@@ -163,7 +163,8 @@ def _parallel_parts(batch: int) -> int:
     """
     if mx.default_device() != mx.cpu or not _blas.can_set_threads():
         return 1
-    return max(1, min(batch, os.cpu_count() or 1))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(batch, cores))
 
 
 def _lm_head(module: Any, h: mx.array) -> mx.array:

@@ -48,19 +48,31 @@ def _cfg(**kw) -> ExtractConfig:
 
 
 def _expected_rows(loaded, texts_path, split, cfg, site):
-    """Each text alone through forward, special tokens dropped, truncated, in file order."""
+    """Per prepare id: (rows, positions) of the text alone through forward, special tokens dropped."""
     table = pq.read_table(texts_path).to_pylist()
     special = list(loaded.tokenizer.all_special_ids)
-    rows, ids = [], []
+    rows = {}
     for rec in table:
         if rec["split"] != split:
             continue
         toks = loaded.tokenizer.encode(rec["text"])[: cfg.context_length]
         acts = forward(loaded.model, mx.array([toks]), stop_layer=site.layer, capture=[site]).activations[site]
         keep = ~np.isin(toks, special)
-        rows.append(np.array(acts[0])[keep])
-        ids += [rec["id"]] * int(keep.sum())
-    return np.concatenate(rows), np.array(ids)
+        rows[rec["id"]] = (np.array(acts[0])[keep], np.flatnonzero(keep))
+    return rows
+
+
+def _assert_rows_match(src, expected, rtol, atol=None):
+    """Stored rows come text by text; each text's rows equal its own forward (the last may be cut)."""
+    doc_ids, positions, acts = src.doc_ids, src.positions, src.take(np.arange(src.n_rows))
+    starts = np.flatnonzero(np.r_[True, doc_ids[1:] != doc_ids[:-1]])
+    assert len(set(doc_ids[starts])) == len(starts)  # each text's rows are contiguous
+    ends = [*starts[1:], len(doc_ids)]
+    for i, (a, b) in enumerate(zip(starts, ends, strict=True)):
+        want, want_pos = expected[int(doc_ids[a])]
+        assert b - a == len(want) or i == len(starts) - 1
+        np.testing.assert_allclose(acts[a:b], want[: b - a], rtol=rtol, atol=rtol if atol is None else atol)
+        np.testing.assert_array_equal(positions[a:b], want_pos[: b - a])
 
 
 @pytest.mark.parametrize("dtype, tol", [("float32", 1e-5), ("float16", 2e-3)])
@@ -68,14 +80,24 @@ def test_rows_equal_direct_forward(tiny_model, texts_path, tmp_path, dtype, tol)
     cfg = _cfg(dtype=dtype, component="output")
     manifest = extract_split(tiny_model, texts_path, tmp_path / "train", cfg, "train", progress=False)
     src = ShardSource(tmp_path / "train", verify=True)
-    expected, ids = _expected_rows(tiny_model, texts_path, "train", cfg, Site(1, "output"))
-    n = min(len(expected), cfg.max_tokens)
+    expected = _expected_rows(tiny_model, texts_path, "train", cfg, Site(1, "output"))
+    n = min(sum(len(r) for r, _ in expected.values()), cfg.max_tokens)
     assert src.n_rows == manifest["n_tokens"] == n == sum(s["rows"] for s in manifest["shards"])
-    got = src.take(np.arange(n))
-    np.testing.assert_allclose(got, expected[:n], rtol=tol, atol=tol)
-    np.testing.assert_array_equal(src.doc_ids, ids[:n])
+    _assert_rows_match(src, expected, tol)
     assert manifest["dtype"] == dtype and manifest["d_model"] == src.d_model == 64
     assert manifest["layer"] == 1 and manifest["component"] == "output" and manifest["split"] == "train"
+
+
+def test_batches_sort_by_length_and_cover_every_text(tiny_model, texts_path):
+    from saepipe.extract import make_batches, read_split
+
+    ids, texts = read_split(texts_path, "train")
+    batches = list(make_batches(tiny_model.tokenizer, ids, texts, _cfg()))
+    assert sorted(np.concatenate([b.doc_ids for b in batches]).tolist()) == sorted(ids.tolist())
+    widths = [b.tokens.shape[1] for b in batches]
+    assert widths == sorted(widths)  # one window here: batches go from short to long texts
+    later = list(make_batches(tiny_model.tokenizer, ids, texts, _cfg(), start_batch=2))
+    assert all((a.tokens == b.tokens).all() for a, b in zip(later, batches[2:], strict=True))
 
 
 def test_no_pad_or_special_rows_and_budget(tiny_model, texts_path, tmp_path):
@@ -108,8 +130,12 @@ def test_both_splits_kept_apart(tiny_model, texts_path, tmp_path):
     assert manifests["train"]["digest"] != manifests["eval"]["digest"]
 
 
-def test_resume_equals_uninterrupted_run(tiny_model, texts_path, tmp_path):
-    cfg = _cfg(shard_rows=16, max_tokens=100)
+@pytest.mark.parametrize("window", [1, 2, 32])
+def test_resume_equals_uninterrupted_run(tiny_model, texts_path, tmp_path, monkeypatch, window):
+    import saepipe.extract
+
+    monkeypatch.setattr(saepipe.extract, "SORT_WINDOW_BATCHES", window)
+    cfg = _cfg(shard_rows=16, max_tokens=100, batch_size=3)
     full = extract_split(tiny_model, texts_path, tmp_path / "full", cfg, "train", progress=False)
     part = tmp_path / "part"
     assert extract_split(tiny_model, texts_path, part, cfg, "train", max_shards=2, progress=False) is None
@@ -233,8 +259,8 @@ def test_default_model_rows_equal_direct_forward(real_model, texts_path, tmp_pat
     cfg = _cfg(layer=6, max_tokens=60, dtype="float16", shard_rows=32)
     manifest = extract_split(real_model, texts_path, tmp_path / "t", cfg, "train", progress=False)
     src = ShardSource(tmp_path / "t", verify=True)
-    expected, _ = _expected_rows(real_model, texts_path, "train", cfg, Site(6, "mlp"))
+    expected = _expected_rows(real_model, texts_path, "train", cfg, Site(6, "mlp"))
     assert src.n_rows == manifest["n_tokens"] == 60 and src.d_model == 576
-    scale = np.abs(expected[:60]).max()
-    np.testing.assert_allclose(src.take(np.arange(60)), expected[:60], rtol=2e-3, atol=2e-3 * scale)
+    scale = max(np.abs(r).max() for r, _ in expected.values())
+    _assert_rows_match(src, expected, 2e-3, 2e-3 * scale)
     assert manifest["model_hash"] == real_model.info.model_hash
