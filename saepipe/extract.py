@@ -105,6 +105,8 @@ class Batch(NamedTuple):
     """(B, T) bool: positions whose rows are stored."""
     doc_ids: np.ndarray
     """(B,) int64 prepare ids of the texts."""
+    lengths: np.ndarray
+    """(B,) tokens of each text (after truncation); positions past it are padding."""
 
 
 def read_split(texts_path: Path, split: str) -> tuple[np.ndarray, list[str]]:
@@ -136,16 +138,18 @@ batch, so little compute goes to padding (58% -> ~95% real tokens on the builtin
 
 
 def make_batches(
-    tokenizer: Any, ids: np.ndarray, texts: Sequence[str], cfg: ExtractConfig, start_batch: int = 0
+    tokenizer: Any, ids: np.ndarray, texts: Sequence[str], cfg: ExtractConfig, start_batch: int = 0,
+    *, sort_window: int = 0,
 ) -> Iterator[Batch]:
-    """Tokenize, length-sort per window and pad batches of ``batch_size`` texts, from ``start_batch`` on.
+    """Tokenize and right-pad batches of ``batch_size`` texts, from batch ``start_batch`` on.
 
-    The order depends only on the texts and settings, so batch k is the same in every run; windows
-    before ``start_batch`` are skipped without tokenizing them.
+    ``sort_window=0``: texts in file order. ``sort_window=n``: within each window of n batches,
+    texts are sorted by token count (stable), so similar lengths share a batch. Either way batch k
+    is the same in every run; windows before ``start_batch`` are skipped without tokenizing them.
     """
     excluded = excluded_token_ids(tokenizer, cfg.skip_special_tokens)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    window = cfg.batch_size * SORT_WINDOW_BATCHES
+    window = cfg.batch_size * max(1, sort_window)
     first_batch = 0  # index of the window's first batch
     for w0 in range(0, len(texts), window):
         n_texts = min(window, len(texts) - w0)
@@ -154,7 +158,9 @@ def make_batches(
             first_batch += n_batches
             continue
         encoded = [tokenizer.encode(t)[: cfg.context_length] for t in texts[w0 : w0 + n_texts]]
-        order = np.argsort([len(e) for e in encoded], kind="stable")
+        order = np.arange(n_texts)
+        if sort_window:
+            order = np.argsort([len(e) for e in encoded], kind="stable")
         for k in range(max(0, start_batch - first_batch), n_batches):
             rows = order[k * cfg.batch_size : (k + 1) * cfg.batch_size]
             yield _pad([encoded[r] for r in rows], ids[w0 + rows], pad_id, excluded)
@@ -162,13 +168,14 @@ def make_batches(
 
 
 def _pad(encoded: list[list[int]], doc_ids: np.ndarray, pad_id: int, excluded: np.ndarray) -> Batch:
-    width = max(1, max(len(e) for e in encoded))
+    lengths = np.array([len(e) for e in encoded], dtype=np.int64)
+    width = max(1, int(lengths.max()))
     tokens = np.full((len(encoded), width), pad_id, dtype=np.int32)
     keep = np.zeros((len(encoded), width), dtype=bool)
     for row, e in enumerate(encoded):
         tokens[row, : len(e)] = e
         keep[row, : len(e)] = ~np.isin(e, excluded)
-    return Batch(tokens, keep, doc_ids)
+    return Batch(tokens, keep, doc_ids, lengths)
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> dict[str, str]:
@@ -238,7 +245,7 @@ def _start_point(tokenizer: Any, ids: np.ndarray, texts: Sequence[str], cfg: Ext
                  skip_rows: int) -> tuple[int, int]:
     """(first batch to run, rows of that batch to drop) so that ``skip_rows`` rows are skipped."""
     seen = 0
-    for b, batch in enumerate(make_batches(tokenizer, ids, texts, cfg)):
+    for b, batch in enumerate(make_batches(tokenizer, ids, texts, cfg, sort_window=SORT_WINDOW_BATCHES)):
         rows = int(batch.keep.sum())
         if seen + rows > skip_rows:
             return b, skip_rows - seen
@@ -295,7 +302,8 @@ def extract_split(
                desc=f"extract {split} {site.name}")
     t0 = time.perf_counter()
     try:
-        for rows in _run_batches(loaded, site, make_batches(loaded.tokenizer, ids, texts, cfg, start_batch)):
+        batches = make_batches(loaded.tokenizer, ids, texts, cfg, start_batch, sort_window=SORT_WINDOW_BATCHES)
+        for rows in _run_batches(loaded, site, batches):
             acts, token_id, doc_id, position = (c[drop:] for c in rows)
             drop = 0
             check_storable(acts, cfg.dtype)

@@ -92,12 +92,16 @@ def test_batches_sort_by_length_and_cover_every_text(tiny_model, texts_path):
     from saepipe.extract import make_batches, read_split
 
     ids, texts = read_split(texts_path, "train")
-    batches = list(make_batches(tiny_model.tokenizer, ids, texts, _cfg()))
+    batches = list(make_batches(tiny_model.tokenizer, ids, texts, _cfg(), sort_window=32))
     assert sorted(np.concatenate([b.doc_ids for b in batches]).tolist()) == sorted(ids.tolist())
     widths = [b.tokens.shape[1] for b in batches]
     assert widths == sorted(widths)  # one window here: batches go from short to long texts
-    later = list(make_batches(tiny_model.tokenizer, ids, texts, _cfg(), start_batch=2))
+    later = list(make_batches(tiny_model.tokenizer, ids, texts, _cfg(), start_batch=2, sort_window=32))
     assert all((a.tokens == b.tokens).all() for a, b in zip(later, batches[2:], strict=True))
+    in_order = list(make_batches(tiny_model.tokenizer, ids, texts, _cfg()))  # sort_window=0
+    assert np.concatenate([b.doc_ids for b in in_order]).tolist() == ids.tolist()
+    for b in in_order:
+        assert (b.lengths == (b.tokens != 258).sum(1)).all() and b.keep.sum() == (b.lengths - 1).sum()
 
 
 def test_no_pad_or_special_rows_and_budget(tiny_model, texts_path, tmp_path):
