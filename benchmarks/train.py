@@ -82,9 +82,11 @@ def _mlx_times(k: int, n: int, d_model: int, expansion: int, dead_fraction: floa
         naive = saepipe_train._make_step(config, d_hidden, k_aux, n_dead > 0)
         steps["saepipe.train"] = lambda: mx.eval(naive(*args))
     capacity = so.aux_capacity(n_dead, d_hidden)
-    for method in ("dense", "scatter"):
-        fast = so.make_train_step(config, d_hidden, k_aux, capacity, method=method)
-        steps[f"sparse_ops ({method})"] = lambda fast=fast: mx.eval(fast(*args))
+    variants = {"dense, 1 stream": ("dense", 1), "scatter, 1 stream": ("scatter", 1),
+                "dense, split": ("dense", None), "scatter, split": ("scatter", None)}
+    for label, (method, parts) in variants.items():
+        fast = so.make_train_step(config, d_hidden, k_aux, capacity, method=method, parts=parts)
+        steps[f"sparse_ops ({label})"] = lambda fast=fast: mx.eval(fast(*args))
     return _best(steps, repeats)
 
 

@@ -297,7 +297,7 @@ _ADAM_EPS = 1e-8
 
 
 def make_train_step(config: SAEConfig, d_hidden: int, k_aux: int, capacity: int = 0,
-                    method: str = "dense", compile: bool = True) -> Callable:
+                    method: str = "dense", compile: bool = True, parts: int | None = None) -> Callable:
     """Compiled TopK-SAE step on the sparse kernels: ``value_and_grads`` + Adam + decoder unit norm.
 
     ``step(params, m, v, t, lr, x, mean, std, counter, aux_scale) -> (params, m, v, t, counter,
@@ -305,8 +305,16 @@ def make_train_step(config: SAEConfig, d_hidden: int, k_aux: int, capacity: int 
     contract as ``saepipe.train._make_step`` (parallel decoder-gradient component removed, global-norm
     clipping, bias-corrected Adam, rows of W_dec renormalized, per-latent dead counters).
     ``capacity``: 0 for no AuxK, else ``aux_capacity(n_dead, d_hidden)`` for the step's dead count
-    (build one step per bucket). ``method``: see ``rows_grad``.
+    (build one step per bucket). ``method``: see ``rows_grad``. ``parts``: split the batch (and the
+    parameter update) over this many per-core CPU streams with single-threaded BLAS (``None``: one
+    per core on CPU, see ``saepipe.forward``); a split step returns evaluated arrays.
     """
+    if parts is None:
+        from saepipe.forward import _parallel_parts
+
+        parts = _parallel_parts(config.batch_size)
+    if parts >= 2:
+        return _make_split_step(config, d_hidden, k_aux, capacity, method, compile, parts)
     b1, b2 = _BETAS
     clip = float(config.gradient_clip)
     threshold = int(config.dead_tokens_threshold)
@@ -346,6 +354,190 @@ def make_train_step(config: SAEConfig, d_hidden: int, k_aux: int, capacity: int 
 
     return mx.compile(step) if compile else step
 
+
+
+# --------------------------------------------------------------------------------------------------
+# The same step split over per-core CPU streams
+# --------------------------------------------------------------------------------------------------
+# MLX runs its CPU elementwise, reduction, argpartition, gather and scatter kernels on one core; only
+# BLAS is multi-threaded. Each row part of the batch runs forward + backward on its own stream (one
+# thread each) with single-threaded BLAS, so all of the step's work uses every core. Batch-level
+# statistics stay exact: the variance of x and of the residual are merged from per-part (mean, M2)
+# (Chan et al.), and AuxK's gradient, linear in 1 / var(e), is scaled after the parts are summed.
+# The update is split by parameter: W_enc (+ b_enc) on one stream, W_dec (+ b_dec) on the other.
+
+def _chan_m2(means: list[mx.array], m2s: list[mx.array], counts: list[int]) -> mx.array:
+    """Sum of squared deviations from the pooled mean, from per-part column means and M2 sums."""
+    n = sum(counts)
+    pooled = sum(c * mu for c, mu in zip(counts, means, strict=True)) / n
+    between = sum(c * mx.square(mu - pooled).sum() for c, mu in zip(counts, means, strict=True))
+    return mx.maximum(sum(m2s) + between, 1e-12)
+
+
+def _part_forward(params, x, mean, std, *, k, tied):
+    x = (x - mean) / std
+    W_dec, b_dec = params["W_dec"], params["b_dec"]
+    W_enc = W_dec if tied else params["W_enc"]
+    xc = x - b_dec
+    pre = mx.addmm(params["b_enc"], xc, W_enc.T)
+    indices = topk_indices(pre, k)
+    pv = mx.take_along_axis(pre, indices, axis=-1)
+    values = mx.maximum(pv, 0)
+    e = x - (decode_rows(values, indices, W_dec) + b_dec)
+    x_mean = x.mean(axis=0)
+    e_mean = e.mean(axis=0)
+    sums = mx.stack([mx.square(e).sum(), values.sum(), (values > 0).sum().astype(mx.float32),
+                     mx.square(x - x_mean).sum(), mx.square(e - e_mean).sum()])
+    fired = mx.zeros((W_dec.shape[0],), dtype=mx.int32).at[indices.reshape(-1)].add(
+        (values > 0).reshape(-1).astype(mx.int32))
+    return xc, pre, indices, pv, values, e, x_mean, e_mean, sums, fired
+
+
+def _part_backward(W_dec, xc, indices, pv, values, e, gscale, l1_grad, *, method):
+    g = gscale * e  # d loss / d x_hat
+    gv = decode_values_grad(g, indices, W_dec)
+    if l1_grad is not None:  # l1_coef / (rows of the whole batch)
+        gv = gv + l1_grad
+    gpre = mx.where(pv > 0, gv, 0.0)
+    d_hidden = W_dec.shape[0]
+    dW_dec = rows_grad(values, indices, g, d_hidden, method)
+    dW_enc = rows_grad(gpre, indices, xc, d_hidden, method)
+    db_enc = mx.zeros((d_hidden,), dtype=xc.dtype).at[indices.reshape(-1)].add(gpre.reshape(-1))
+    return dW_dec, dW_enc, db_enc, g.sum(axis=0)
+
+
+def _part_auxk(W_dec, pre, xc, e, didx, valid, coef, *, k_aux):
+    """AuxK of one part with the gradient scale ``coef`` (the 1 / var(e) factor applied later)."""
+    capacity = didx.shape[0]
+    a = mx.where(valid, mx.maximum(mx.take(pre, didx, axis=1), 0.0), 0.0)  # (n, capacity)
+    if capacity > k_aux:
+        keep = topk_indices(a, k_aux)
+        a = to_dense(mx.take_along_axis(a, keep, axis=-1), keep, capacity)
+    Wd = W_dec[didx]
+    r = a @ Wd - e
+    ga = coef * r
+    da = mx.where(a > 0, ga @ Wd.T, 0.0)
+    return mx.square(r).sum(), a.T @ ga, da.T @ xc, da.sum(axis=0)
+
+
+def _adam(p, m, v, g, lr, c1, c2):
+    b1, b2 = _BETAS
+    m = b1 * m + (1 - b1) * g
+    v = b2 * v + (1 - b2) * mx.square(g)
+    return p - lr * (m / c1) / (mx.sqrt(v / c2) + _ADAM_EPS), m, v
+
+
+def _adam_unit_rows(p, m, v, g, lr, c1, c2):
+    p, m, v = _adam(p, m, v, g, lr, c1, c2)
+    return p / mx.maximum(mx.linalg.norm(p, axis=1, keepdims=True), 1e-12), m, v
+
+
+def _make_split_step(config: SAEConfig, d_hidden: int, k_aux: int, capacity: int, method: str,
+                     compile: bool, parts: int) -> Callable:
+    from saepipe import _blas_threads
+    from saepipe.forward import _cpu_streams
+
+    b1, b2 = _BETAS
+    clip = float(config.gradient_clip)
+    threshold = int(config.dead_tokens_threshold)
+    tied, l1_coef, aux_coef = config.tied_weights, float(config.l1_coefficient), float(config.aux_coef)
+    streams = _cpu_streams(parts)
+
+    def per_stream(fn):  # compiled functions keep the stream they were traced on: one per stream
+        return [mx.compile(fn) if compile else fn for _ in streams]
+
+    fwd = per_stream(lambda params, x, mean, std: _part_forward(params, x, mean, std, k=config.k, tied=tied))
+    bwd = per_stream(lambda W_dec, xc, indices, pv, values, e, gscale, l1_grad: _part_backward(
+        W_dec, xc, indices, pv, values, e, gscale, l1_grad, method=method))
+    auxk = per_stream(lambda W_dec, pre, xc, e, didx, valid, coef: _part_auxk(
+        W_dec, pre, xc, e, didx, valid, coef, k_aux=k_aux))
+    adam = per_stream(_adam)
+    adam_rows = per_stream(_adam_unit_rows)
+    # parameter -> stream of its update (the two big matrices on different streams)
+    owner = {"W_dec": 0, "b_dec": 0, "W_enc": 1 % parts, "b_enc": 1 % parts}
+
+    def step(params, m, v, t, lr, x, mean, std, counter, aux_scale):
+        n = x.shape[0]
+        used = streams[:max(1, min(parts, n))]
+        bounds = [round(i * n / len(used)) for i in range(len(used) + 1)]
+        counts = [bounds[i + 1] - bounds[i] for i in range(len(used))]
+        W_dec = params["W_dec"]
+        W_enc = W_dec if tied else params["W_enc"]
+        outs = []
+        for i, s in enumerate(used):
+            with mx.stream(s):
+                outs.append(fwd[i](params, x[bounds[i]:bounds[i + 1]], mean, std))
+        total_var = _chan_m2([o[6] for o in outs], [o[8][3] for o in outs], counts)
+        gscale = -2.0 / total_var
+        l1_grad = mx.array(l1_coef / n) if l1_coef else None
+        if capacity:
+            dead = counter >= threshold
+            didx = mx.argpartition(mx.logical_not(dead).astype(mx.int32), kth=capacity - 1)[:capacity] \
+                if capacity < d_hidden else mx.arange(d_hidden, dtype=mx.uint32)
+            valid = dead[didx]
+            aux_grad_coef = (2.0 * aux_coef) * aux_scale
+        grads_p, aux_p = [], []
+        for i, s in enumerate(used):
+            xc, pre, indices, pv, values, e = outs[i][:6]
+            with mx.stream(s):
+                grads_p.append(bwd[i](W_dec, xc, indices, pv, values, e, gscale, l1_grad))
+                if capacity:
+                    aux_p.append(auxk[i](W_dec, pre, xc, e, didx, valid, aux_grad_coef))
+        sums = sum(o[8] for o in outs)
+        fvu = sums[0] / total_var
+        l1 = sums[1] / n
+        loss = fvu + l1_coef * l1 if l1_coef else fvu
+        aux = mx.array(0.0)
+        if capacity:
+            e_var = _chan_m2([o[7] for o in outs], [o[8][4] for o in outs], counts)
+            aux = aux_scale * sum(a[0] for a in aux_p) / e_var
+            loss = loss + aux_coef * aux
+        db_enc = sum(gp[2] for gp in grads_p)
+        if capacity:
+            db_enc = db_enc.at[didx].add(sum(a[3] for a in aux_p) / e_var)
+        grads = {"b_enc": db_enc}
+        with mx.stream(streams[0]):
+            gW_dec = sum(gp[0] for gp in grads_p)
+            if capacity:
+                gW_dec = gW_dec.at[didx].add(sum(a[1] for a in aux_p) / e_var)
+            grads["b_dec"] = sum(gp[3] for gp in grads_p) - db_enc @ W_enc
+        with mx.stream(streams[owner["W_enc"]]):
+            gW_enc = sum(gp[1] for gp in grads_p)
+            if capacity:
+                gW_enc = gW_enc.at[didx].add(sum(a[2] for a in aux_p) / e_var)
+        if tied:
+            with mx.stream(streams[0]):
+                gW_dec = gW_dec + gW_enc
+        else:
+            grads["W_enc"] = gW_enc
+        with mx.stream(streams[0]):
+            grads["W_dec"] = gW_dec - (gW_dec * W_dec).sum(axis=1, keepdims=True) * W_dec
+        sq = []
+        for name, gi in grads.items():
+            with mx.stream(streams[owner[name]]):
+                sq.append(mx.square(gi).sum())
+        gnorm = mx.sqrt(sum(sq))
+        scale = mx.minimum(1.0, clip / (gnorm + 1e-12)) if clip > 0 else None
+        t = t + 1
+        c1, c2 = 1 - b1**t, 1 - b2**t
+        new_params, new_m, new_v = {}, {}, {}
+        for name, p in params.items():
+            i = owner[name]
+            with mx.stream(streams[i]):
+                gi = grads[name] * scale if scale is not None else grads[name]
+                fn = adam_rows[i] if name == "W_dec" else adam[i]
+                new_params[name], new_m[name], new_v[name] = fn(p, m[name], v[name], gi, lr, c1, c2)
+        fired = sum(o[9] for o in outs)
+        counter = mx.where(fired > 0, 0, mx.minimum(counter + n, threshold))
+        dead_fraction = (counter >= threshold).astype(mx.float32).mean()
+        metrics = mx.stack([loss, fvu, sums[0] / (n * x.shape[1]), aux, l1, sums[2] / n, gnorm,
+                            dead_fraction])
+        out = (new_params, new_m, new_v, t, counter, metrics)
+        with _blas_threads.single_threaded():  # two single-threaded GEMMs at once beat one 2-thread GEMM
+            mx.eval(out)
+        return out
+
+    return step
 
 __all__ = [
     "LossParts",

@@ -239,3 +239,34 @@ def test_make_train_step_matches_saepipe_train():
     for name in params:
         np.testing.assert_allclose(np.array(fast[0][name]), np.array(ref[0][name]), rtol=1e-4, atol=1e-6)
     np.testing.assert_array_equal(np.array(fast[4]), np.array(ref[4]))
+
+
+@pytest.mark.parametrize(("tied", "l1", "with_aux", "compile"), [
+    (False, 0.0, True, True), (False, 0.001, True, False), (True, 0.001, True, True), (False, 0.0, False, True),
+])
+def test_split_step_matches_one_stream(tied, l1, with_aux, compile):
+    """The batch split over per-core streams: same metrics, weights, Adam state and counters."""
+    from saepipe.config import SAEConfig
+
+    rng = np.random.default_rng(6)
+    d, h, n = 16, 256, 67  # odd batch: unequal parts
+    config = SAEConfig(k=6, batch_size=n, dead_tokens_threshold=100, l1_coefficient=l1, tied_weights=tied)
+    params = _params(rng, d, h, tied)
+    m = {name: mx.array(_rand(rng, *p.shape, scale=1e-3)) for name, p in params.items()}
+    v = {name: mx.array(np.abs(_rand(rng, *p.shape, scale=1e-5))) for name, p in params.items()}
+    counter = mx.array(np.where(np.arange(h) % 5 == 0, 100, rng.integers(0, 99, h)).astype(np.int32))
+    n_dead = int((np.array(counter) >= 100).sum())
+    capacity = so.aux_capacity(n_dead, h) if with_aux else 0
+    args = (params, m, v, mx.array(3.0), mx.array(1e-3), mx.array(_rand(rng, n, d, scale=2.0)),
+            mx.array(_rand(rng, d)), mx.array(1.0 + np.abs(_rand(rng, d))), counter,
+            mx.array(min(n_dead / 8, 1.0)))
+    one = so.make_train_step(config, h, 8, capacity, parts=1)(*args)
+    split = so.make_train_step(config, h, 8, capacity, parts=2, compile=compile)(*args)
+    metrics = np.array(split[5])
+    assert (metrics[3] > 0) == with_aux  # the AuxK term is really on/off
+    np.testing.assert_allclose(metrics, np.array(one[5]), rtol=1e-5, atol=1e-7)
+    for i in range(3):  # params, m, v
+        for name in params:
+            np.testing.assert_allclose(np.array(split[i][name]), np.array(one[i][name]), rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(np.array(split[4]), np.array(one[4]))
+    assert float(split[3]) == float(one[3]) == 4.0
