@@ -7,8 +7,9 @@ For each k it prints tokens/s of (all with AuxK on: ``--dead-fraction`` of the l
 
 - floor: one dense encoder matmul of the batch, ``x @ W_enc.T`` (n x d_model x d_hidden);
 - saepipe.train: the compiled step ``fit_sae`` runs (``saepipe.train._make_step``);
-- sparse_ops (dense/scatter): ``saepipe.sparse_ops.make_train_step`` (same contract) with each
-  weight-gradient method;
+- sparse_ops (dense/scatter, 1 stream/split): ``saepipe.sparse_ops.make_train_step`` (same
+  contract) with each weight-gradient method, on one stream (``parts=1``) or split over per-core
+  CPU streams (``parts=None``, what ``fit_sae`` runs);
 - peers, each through its own classes, in a subprocess of ``--peer-python``: EleutherAI sparsify
   (``SparseCoder`` forward with ``dead_mask`` + backward + decoder-gradient projection + Adam step +
   decoder renorm) and SAELens (``TopKTrainingSAE.training_forward_pass`` + backward + Adam step);
@@ -25,6 +26,7 @@ Installing the peers into a throwaway venv (never the project venv; CPU torch on
         natsort schedulefree datasets huggingface_hub    # sparsify's imports
     /tmp/benchvenv/bin/pip install transformer-lens plotly plotly-express nltk babe \\
         python-dotenv tenacity pyyaml                     # SAELens' imports
+    /tmp/benchvenv/bin/pip install "numpy>=2" "pandas>=2.2.3"   # pyarrow needs numpy 2; pandas built for it
 """
 
 from __future__ import annotations

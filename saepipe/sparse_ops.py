@@ -21,6 +21,10 @@ see ``benchmarks/sparse_ops.py`` for the side-by-side numbers):
   (n, capacity) block (capacity = a static bucket >= the number of dead latents) and the AuxK
   decoder is a small dense matmul over that block, so its cost scales with the number of dead
   latents instead of a second top-k over all of d_hidden.
+- ``make_train_step`` splits the batch over one CPU stream per core (each stream is one thread) with
+  single-threaded BLAS, so the one-core kernels above run on every core; batch statistics (FVU's
+  and AuxK's variances) are merged exactly from the parts, and the W_enc / W_dec updates run on
+  different streams (~1.3x on a loaded 2-core machine, more when it is quiet).
 
 Weight layout (same as ``saepipe.sae``): ``W_enc`` and ``W_dec`` are both (d_hidden, d_model),
 ``pre = (x - b_dec) @ W_enc.T + b_enc``; row j of ``W_dec`` is latent j's decoder direction. The loss
