@@ -20,7 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 from saepipe.extract import ExtractConfig, make_batches
-from saepipe.forward import forward
+from saepipe.forward import Replace, forward
 from saepipe.metrics import (
     ReconstructionMetrics,
     ReconstructionStats,
@@ -113,15 +113,59 @@ def _sae_reconstruct(sae: Any, x: mx.array, sparsity: SparsityStats | None) -> t
     return x_hat, sparsity.update(np.array(codes))
 
 
-def _site_mean(model: Any, batches: Sequence[TokenBatch], site: Site) -> np.ndarray:
-    """float64 mean of the site's output over all scored positions (early-stopped forwards)."""
-    total, count = None, 0
-    for b in tqdm(batches, desc="eval mean", unit="batch", leave=False):
-        acts = forward(model, mx.array(b.tokens), stop_layer=site.layer, capture=(site,)).activations[site]
-        rows = np.asarray(acts.astype(mx.float32))[b.mask].astype(np.float64)
+def length_sorted(batches: Sequence[TokenBatch], batch_size: int, pad_id: int) -> list[TokenBatch]:
+    """The same scored texts and positions regrouped into batches of similar length.
+
+    Each text with a scored position is cut after the position that the last scored one predicts
+    (the model is causal, so nothing later changes it; CE masks stay the same) and texts are sorted
+    by that width (stable): padding nearly vanishes. Metrics are sums over the scored positions, so
+    only the float rounding of their order changes.
+    """
+    rows = []  # (tokens, mask) per text, trimmed
+    for b in batches:
+        for tokens, mask, length in zip(b.tokens, b.mask, b.lengths, strict=True):
+            scored = np.flatnonzero(mask)
+            if scored.size:
+                width = min(int(length), int(scored[-1]) + 2)
+                rows.append((tokens[:width], mask[:width]))
+    rows.sort(key=lambda r: len(r[0]))
+    out = []
+    for i in range(0, len(rows), batch_size):
+        group = rows[i : i + batch_size]
+        width = len(group[-1][0])
+        tokens = np.full((len(group), width), pad_id, dtype=np.int32)
+        mask = np.zeros((len(group), width), dtype=bool)
+        for r, (t, m) in enumerate(group):
+            tokens[r, : len(t)], mask[r, : len(m)] = t, m
+        out.append(TokenBatch(tokens, np.array([len(t) for t, _ in group]), mask))
+    return out
+
+
+class _Prefix(NamedTuple):
+    """What the early-stopped pass of a batch leaves for the full passes."""
+
+    x: mx.array
+    """(B, T, d_model) site output."""
+    before: mx.array | None
+    """Residual stream entering the site's block (None for block 0: the embedding)."""
+    after: mx.array
+    """Residual stream leaving the site's block (clean)."""
+
+
+def _prefixes(model: Any, batches: Sequence[TokenBatch], site: Site) -> tuple[list[_Prefix], np.ndarray]:
+    """Blocks 0..layer once per batch (kept for the clean and edited passes, which resume from them)
+    and the float64 mean of the site's output over all scored positions."""
+    before_site, after_site = Site(site.layer - 1, "output"), Site(site.layer, "output")
+    capture = {site, after_site} | ({before_site} if site.layer > 0 else set())
+    prefixes, total, count = [], None, 0
+    for b in tqdm(batches, desc="eval prefix", unit="batch", leave=False):
+        acts = forward(model, mx.array(b.tokens), stop_layer=site.layer, capture=tuple(capture)).activations
+        mx.eval(acts)
+        prefixes.append(_Prefix(acts[site], acts.get(before_site), acts[after_site]))
+        rows = np.asarray(acts[site].astype(mx.float32))[b.mask].astype(np.float64)
         total = rows.sum(axis=0) if total is None else total + rows.sum(axis=0)
         count += rows.shape[0]
-    return total / count
+    return prefixes, total / count
 
 
 def evaluate_sae(
@@ -135,12 +179,16 @@ def evaluate_sae(
     batch_size: int,
     context_length: int,
     skip_special_tokens: bool,
+    fast: bool = True,
 ) -> EvalResult:
     """Score ``sae`` at (layer, component) of ``loaded_model`` on up to ``max_tokens`` scored
     positions of ``texts`` (the eval split): reconstruction, sparsity, CE/KL of the spliced model.
 
     ``sae``: a ``TopKSAE`` (or any object with ``encode``/``decode`` on (n, d_model) rows and
     dense codes), mapping activations to reconstructions in the original activation space.
+    ``fast``: regroup texts by length (``length_sorted``) and resume the clean and edited passes
+    from the residual stream around the site instead of rerunning the blocks before it; False
+    runs every pass from the embedding on file-order batches (same metrics up to float rounding).
     """
     model, tokenizer = loaded_model.model, loaded_model.tokenizer
     site = check_site(layer, component, len(model.model.layers))
@@ -154,13 +202,28 @@ def evaluate_sae(
     n_tokens = sum(int(b.mask.sum()) for b in batches)
     if n_tokens < max_tokens:
         log.warning("eval texts give %d scored tokens, fewer than max_tokens=%d", n_tokens, max_tokens)
-    mean = _site_mean(model, batches, site)
+    if fast:
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        batches = length_sorted(batches, batch_size, pad_id)
+    prefixes, mean = _prefixes(model, batches, site)
+    mean_value = mx.array(mean.astype(np.float32))
 
     recon, spliced, sparsity = ReconstructionStats(), SplicedLossStats(), None
-    for b in tqdm(batches, desc="evaluate", unit="batch"):
+    for b, prefix in tqdm(zip(batches, prefixes, strict=True), total=len(batches), desc="evaluate",
+                          unit="batch"):
         tokens = mx.array(b.tokens)
-        clean = forward(model, tokens, capture=(site,))
-        acts = clean.activations[site]
+        n_layers = len(model.model.layers)
+        if not fast:
+            resume: dict[str, Any] = {}
+            clean = forward(model, tokens, capture=(site,))
+            acts = clean.activations[site]
+        else:
+            resume = {"start_layer": site.layer, "start_residual": prefix.before}
+            if site.layer + 1 < n_layers:
+                clean = forward(model, tokens, start_layer=site.layer + 1, start_residual=prefix.after)
+            else:
+                clean = forward(model, tokens, **resume)
+            acts = prefix.x
         mx.eval(clean.logits, acts)
         x_full = np.array(acts.astype(mx.float32))
         x = x_full[b.mask]
@@ -173,10 +236,10 @@ def evaluate_sae(
         replacements = {
             "spliced": mx.array(x_full),
             "zero_ablated": mx.zeros((acts.shape[-1],)),
-            "mean_ablated": mx.array(mean.astype(np.float32)),
+            "mean_ablated": mean_value,
         }
         logits = {
-            name: forward(model, tokens, edit={site: _replace_at(where, value)}).logits
+            name: forward(model, tokens, edit={site: Replace(where, value)}, **resume).logits
             for name, value in replacements.items()
         }
         spliced.update(b.tokens, next_token_mask(b.mask, b.lengths), b.mask, clean=clean.logits, **logits)
@@ -184,11 +247,6 @@ def evaluate_sae(
     log.info("evaluate %s on %d tokens: fvu=%.4f l0=%.1f ce_loss_score=%.4f", site.name, n_tokens,
              result.reconstruction.fvu, result.sparsity.l0, result.spliced.ce_loss_score)
     return result
-
-
-def _replace_at(where: mx.array, value: mx.array):
-    """Edit function: ``value`` at the scored positions, the original output elsewhere."""
-    return lambda out: mx.where(where, value.astype(out.dtype), out)
 
 
 # ---------------------------------------------------------------------------------- health
@@ -239,4 +297,4 @@ def health_checks(
     }
 
 
-__all__ = ["EvalResult", "TokenBatch", "evaluate_sae", "health_checks", "token_batches"]
+__all__ = ["EvalResult", "TokenBatch", "evaluate_sae", "health_checks", "length_sorted", "token_batches"]

@@ -35,6 +35,27 @@ from saepipe.sites import Site, check_site
 Edit = Callable[[mx.array], mx.array]
 
 
+class Replace(NamedTuple):
+    """Edit: ``value`` where ``where`` is True, the component's own output elsewhere.
+
+    Unlike a plain function it can be sliced by batch rows, so edited forwards can still be split
+    over per-core streams (see ``forward``'s ``parallel``).
+    """
+
+    where: mx.array
+    """(B, T, 1) or (B, T, d_model) bool: positions to replace."""
+    value: mx.array
+    """(d_model,) or (1, 1, d_model) (same for every position) or (B, T, d_model) replacement."""
+
+    def __call__(self, out: mx.array) -> mx.array:
+        return mx.where(self.where, self.value.astype(out.dtype), out)
+
+    def rows(self, a: int, b: int) -> Replace:
+        """The edit of batch rows a:b."""
+        value = self.value[a:b] if self.value.ndim == 3 and self.value.shape[0] > 1 else self.value
+        return Replace(self.where[a:b], value)
+
+
 class ForwardOutput(NamedTuple):
     logits: mx.array | None
     """(B, T, vocab) logits, or None when the pass stopped early (``stop_layer``)."""
@@ -75,15 +96,22 @@ def forward(
     capture: Sequence[Site] = (),
     edit: Mapping[Site, Edit] | None = None,
     parallel: bool | None = None,
+    start_layer: int = 0,
+    start_residual: mx.array | None = None,
 ) -> ForwardOutput:
     """Run ``model`` on ``tokens`` (B, T) block by block, capturing and/or editing component outputs.
 
     ``stop_layer``: run blocks 0..stop_layer only (no final norm / LM head; logits None).
     ``capture``: sites whose (B, T, d_model) outputs are returned in ``activations``.
     ``edit``: per site, a function of the component output (B, T, d_model) returning its replacement.
-    ``parallel``: on CPU without edits, split the batch over one MLX stream per core with
-    single-threaded BLAS (MLX's elementwise kernels use one core each; see ``_parallel_parts``);
-    None = when it applies. Split results are returned evaluated, otherwise they are lazy arrays.
+    ``parallel``: on CPU, split the batch over one MLX stream per core with single-threaded BLAS
+    (MLX's elementwise kernels use one core each; see ``_parallel_parts``); None = when it applies,
+    i.e. every edit can be sliced by rows (a ``Replace``, or anything with a ``rows(a, b)`` method).
+    Split results are returned evaluated, otherwise they are lazy arrays.
+    ``start_layer``, ``start_residual``: resume a pass from the (B, T, d_model) residual stream that
+    enters block ``start_layer`` (e.g. the captured ``(start_layer - 1, "output")`` of an earlier
+    pass on the same tokens), skipping the embedding and blocks before it. ``tokens`` still gives
+    the batch shape. Sites before ``start_layer`` cannot be captured or edited.
     """
     module = unwrap_model(model)
     n_layers = len(module.model.layers)
@@ -95,14 +123,39 @@ def forward(
     capture_sites = _check_sites(list(capture), n_layers, stop_layer, "capture")
     edits = dict(zip(_check_sites(list(edit or {}), n_layers, stop_layer, "edit"),
                      (edit or {}).values(), strict=True))
-    parts = _parallel_parts(tokens.shape[0]) if parallel is not False and not edits else 1
+    start = _check_start(start_layer, start_residual, tokens.shape, n_layers, stop_layer,
+                         [*capture_sites, *edits])
+    splittable = all(hasattr(fn, "rows") for fn in edits.values())
+    parts = _parallel_parts(tokens.shape[0]) if parallel is not False and splittable else 1
     if parts < 2:
-        return _run(module, tokens, stop_layer, set(capture_sites), edits)
-    return _run_split(module, tokens, stop_layer, set(capture_sites), parts)
+        return _run(module, tokens, stop_layer, set(capture_sites), edits, start)
+    return _run_split(module, tokens, stop_layer, set(capture_sites), edits, start, parts)
+
+
+class _Start(NamedTuple):
+    layer: int
+    residual: mx.array | None
+
+
+def _check_start(layer: int, residual: mx.array | None, shape: tuple[int, ...], n_layers: int,
+                 stop_layer: int | None, sites: list[Site]) -> _Start:
+    if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < n_layers:
+        raise ValueError(f"start_layer must be an int in [0, {n_layers}), got {layer!r}")
+    if layer > 0 and residual is None:
+        raise ValueError(f"start_layer={layer} needs start_residual (the residual entering that block)")
+    if stop_layer is not None and layer > stop_layer:
+        raise ValueError(f"start_layer={layer} is after stop_layer={stop_layer}")
+    if residual is not None and tuple(residual.shape[:2]) != tuple(shape):
+        raise ValueError(f"start_residual must be (batch, seq, d_model) = {tuple(shape)} + (d,), "
+                         f"got {tuple(residual.shape)}")
+    early = [s for s in sites if s.layer < layer]
+    if early:
+        raise ValueError(f"site {early[0]} is before start_layer={layer}; it would never run")
+    return _Start(layer, residual)
 
 
 def _run(module: Any, tokens: mx.array, stop_layer: int | None, capture_sites: set[Site],
-         edits: dict[Site, Edit]) -> ForwardOutput:
+         edits: dict[Site, Edit], start: _Start) -> ForwardOutput:
     """The block loop (lazy, on the current stream)."""
     activations: dict[Site, mx.array] = {}
 
@@ -116,9 +169,9 @@ def _run(module: Any, tokens: mx.array, stop_layer: int | None, capture_sites: s
         return x
 
     layers = module.model.layers
-    h = module.model.embed_tokens(tokens)
+    h = module.model.embed_tokens(tokens) if start.residual is None else start.residual
     last = len(layers) - 1 if stop_layer is None else stop_layer
-    for i in range(last + 1):
+    for i in range(start.layer, last + 1):
         block = layers[i]
         attn = site_out(i, "attn", _attention(block.self_attn, block.input_layernorm(h)))
         h = h + attn
@@ -132,13 +185,15 @@ def _run(module: Any, tokens: mx.array, stop_layer: int | None, capture_sites: s
 
 
 def _run_split(module: Any, tokens: mx.array, stop_layer: int | None, capture_sites: set[Site],
-               parts: int) -> ForwardOutput:
+               edits: dict[Site, Any], start: _Start, parts: int) -> ForwardOutput:
     """``_run`` on ``parts`` row ranges, each on its own CPU stream, concatenated and evaluated."""
     bounds = [round(i * tokens.shape[0] / parts) for i in range(parts + 1)]
     outs = []
     for stream, a, b in zip(_cpu_streams(parts), bounds[:-1], bounds[1:], strict=True):
         with mx.stream(stream):
-            outs.append(_run(module, tokens[a:b], stop_layer, capture_sites, {}))
+            part_edits = {site: fn.rows(a, b) for site, fn in edits.items()}
+            part_start = _Start(start.layer, None if start.residual is None else start.residual[a:b])
+            outs.append(_run(module, tokens[a:b], stop_layer, capture_sites, part_edits, part_start))
     logits = None if stop_layer is not None else mx.concatenate([o.logits for o in outs])
     activations = {s: mx.concatenate([o.activations[s] for o in outs]) for s in capture_sites}
     with _blas.single_threaded():  # two single-threaded GEMMs at once beat one 2-thread GEMM
