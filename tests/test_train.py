@@ -339,20 +339,10 @@ PLANTED = dict(k=6, batch_size=256, num_epochs=10, warmup_steps=20, learning_rat
 @pytest.fixture
 def single_thread_blas():
     """Small matmuls: one OpenBLAS thread is as fast, and far faster when the cores are shared."""
-    import ctypes
+    from saepipe._blas_threads import single_threaded
 
-    from saepipe import _blas
-
-    if _blas.loaded_path is None:
+    with single_threaded():
         yield
-        return
-    lib = ctypes.CDLL(_blas.loaded_path)
-    before = lib.openblas_get_num_threads()
-    lib.openblas_set_num_threads(1)
-    try:
-        yield
-    finally:
-        lib.openblas_set_num_threads(before)
 
 
 def test_planted_dictionary_overcomplete_sae_recovers_atoms(single_thread_blas):
