@@ -6,6 +6,11 @@ positions only, by the SAE reconstruction x_hat, by 0 and by the eval-set mean o
 metrics come from the same x and x_hat that are spliced in, in the original activation space.
 A first, early-stopped pass (blocks 0..layer only) computes the eval-set mean for mean ablation.
 Definitions are in ``saepipe.metrics``.
+
+Speed (the metrics do not depend on it): the scored texts are regrouped by length (little padding),
+the early-stopped pass keeps the residual stream around the site so the clean and the three edited
+passes resume from it instead of rerunning blocks 0..layer-1, and the edited passes are ``Replace``
+edits, which ``forward`` splits over per-core streams.
 """
 
 from __future__ import annotations
@@ -238,8 +243,10 @@ def evaluate_sae(
             "zero_ablated": mx.zeros((acts.shape[-1],)),
             "mean_ablated": mean_value,
         }
+        # The straightforward path edits with plain functions: one stream, as before Replace existed.
+        make_edit = Replace if fast else _replace_at
         logits = {
-            name: forward(model, tokens, edit={site: Replace(where, value)}, **resume).logits
+            name: forward(model, tokens, edit={site: make_edit(where, value)}, **resume).logits
             for name, value in replacements.items()
         }
         spliced.update(b.tokens, next_token_mask(b.mask, b.lengths), b.mask, clean=clean.logits, **logits)
@@ -247,6 +254,12 @@ def evaluate_sae(
     log.info("evaluate %s on %d tokens: fvu=%.4f l0=%.1f ce_loss_score=%.4f", site.name, n_tokens,
              result.reconstruction.fvu, result.sparsity.l0, result.spliced.ce_loss_score)
     return result
+
+
+def _replace_at(where: mx.array, value: mx.array):
+    """Edit function: ``value`` at the scored positions, the original output elsewhere (a plain
+    function, so ``forward`` runs it on one stream)."""
+    return lambda out: mx.where(where, value.astype(out.dtype), out)
 
 
 # ---------------------------------------------------------------------------------- health

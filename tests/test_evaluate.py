@@ -261,3 +261,42 @@ def test_stage_end_to_end(tiny_model, tmp_path, monkeypatch):
         "--params", str(tmp_path / "params.yaml"), "--sae", str(tmp_path / "other.safetensors"),
         "--texts", str(tmp_path / "texts.parquet"), "--out", str(tmp_path / "out2")])
     assert res.exit_code != 0 and "layer differs" in res.output
+
+
+# ----------------------------------------------------------------------------- fast path
+
+
+@pytest.mark.parametrize("component,layer", [("mlp", LAYER), ("attn", 0), ("output", 3)])
+def test_fast_path_equals_straightforward_path(tiny_model, component, layer):
+    """Length-sorted batches + resumed, stream-split passes give the metrics of file-order batches
+    run from the embedding with plain edit functions; max_tokens cuts a text in the middle."""
+    sae = _random_sae(tiny_model.info.d_model, seed=2)
+    kw = dict(layer=layer, component=component, max_tokens=101, batch_size=3)
+    fast, slow = _eval(tiny_model, sae, fast=True, **kw), _eval(tiny_model, sae, fast=False, **kw)
+    for part in ("reconstruction", "spliced"):
+        rf, rs = getattr(fast, part), getattr(slow, part)
+        for field in rf._fields:
+            assert getattr(rf, field) == pytest.approx(getattr(rs, field), rel=1e-5, abs=1e-7), field
+    assert fast.spliced.n_ce_tokens == slow.spliced.n_ce_tokens
+    np.testing.assert_array_equal(fast.sparsity.density, slow.sparsity.density)
+
+
+def test_length_sorted_keeps_scored_positions(tiny_model):
+    from saepipe.evaluate import length_sorted
+
+    batches = list(token_batches(tiny_model.tokenizer, TEXTS, context_length=48, batch_size=2,
+                                 max_tokens=200, skip_special_tokens=True))
+    regrouped = length_sorted(batches, 2, pad_id=258)
+
+    def scored(bs):  # (token, next token or -1) of every scored position, as a sorted multiset
+        pairs = []
+        for b in bs:
+            for row, length in zip(range(len(b.tokens)), b.lengths, strict=True):
+                for t in np.flatnonzero(b.mask[row]):
+                    pairs.append((int(b.tokens[row, t]), int(b.tokens[row, t + 1]) if t + 1 < length else -1))
+        return sorted(pairs)
+    assert scored(regrouped) == scored(batches)
+    widths = [b.tokens.shape[1] for b in regrouped]
+    assert widths == sorted(widths)
+    assert [len(b.tokens) for b in regrouped] == [2, 2, 2]  # the 6 texts with a scored position
+    assert all(b.lengths.max() == b.tokens.shape[1] for b in regrouped)  # no all-padding column
