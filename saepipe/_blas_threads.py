@@ -9,7 +9,7 @@ from contextlib import contextmanager
 
 from saepipe import _blas
 
-_lock = threading.Lock()
+_lock = threading.RLock()  # re-entrant: a single-threaded caller may nest another
 _lib: ctypes.CDLL | None = None
 
 

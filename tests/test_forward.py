@@ -154,3 +154,25 @@ def test_fast_kernels_match_float64_truth():
     e = np.exp(z - z.max(-1, keepdims=True))
     np.testing.assert_allclose(probs, e / e.sum(-1, keepdims=True), rtol=1e-6, atol=1e-7)
     assert (probs[..., ~keep] == 0).all()
+
+
+def test_single_threaded_blas_scope_nests_and_restores():
+    """A caller already inside the scope (a test fixture, a split train step) may enter it again."""
+    import threading
+
+    from saepipe import _blas_threads
+
+    done = threading.Event()
+
+    def nested() -> None:
+        with _blas_threads.single_threaded(), _blas_threads.single_threaded():
+            pass
+        done.set()
+
+    lib = _blas_threads._openblas()
+    before = lib.openblas_get_num_threads() if lib else None
+    worker = threading.Thread(target=nested, daemon=True)
+    worker.start()
+    assert done.wait(10), "nested single_threaded() deadlocked"
+    if lib:
+        assert lib.openblas_get_num_threads() == before
