@@ -23,7 +23,9 @@ ensure_uv() {
 
 ensure_fast_blas_runtime() {
   [ "$(uname -s)" = Linux ] || return 0
-  if ldconfig -p 2>/dev/null | grep -q 'libgfortran\.so\.5'; then return 0; fi
+  # grep without -q reads all of ldconfig's output: with -q, ldconfig may die of SIGPIPE and pipefail
+  # would report the library missing.
+  if ldconfig -p 2>/dev/null | grep 'libgfortran\.so\.5' >/dev/null; then return 0; fi
   local sudo=()
   if [ "$(id -u)" != 0 ]; then
     if sudo -n true 2>/dev/null; then sudo=(sudo -n); else
