@@ -319,7 +319,6 @@ def make_train_step(config: SAEConfig, d_hidden: int, k_aux: int, capacity: int 
         parts = _parallel_parts(config.batch_size)
     if parts >= 2:
         return _make_split_step(config, d_hidden, k_aux, capacity, method, compile, parts)
-    b1, b2 = _BETAS
     clip = float(config.gradient_clip)
     threshold = int(config.dead_tokens_threshold)
 
@@ -330,34 +329,52 @@ def make_train_step(config: SAEConfig, d_hidden: int, k_aux: int, capacity: int 
             params, x, k=config.k, dead=dead, aux_scale=aux_scale, k_aux=k_aux, capacity=capacity,
             aux_coef=config.aux_coef, l1_coef=config.l1_coefficient, tied=config.tied_weights,
             method=method)
-        W = params["W_dec"]
-        g = grads["W_dec"]
-        grads["W_dec"] = g - (g * W).sum(axis=1, keepdims=True) * W
-        gnorm = mx.sqrt(sum(mx.square(gi).sum() for gi in grads.values()))
-        if clip > 0:
-            scale = mx.minimum(1.0, clip / (gnorm + 1e-12))
-            grads = {name: gi * scale for name, gi in grads.items()}
-        t = t + 1
-        c1, c2 = 1 - b1**t, 1 - b2**t
-        new_params, new_m, new_v = {}, {}, {}
-        for name, p in params.items():
-            gi = grads[name]
-            mi = b1 * m[name] + (1 - b1) * gi
-            vi = b2 * v[name] + (1 - b2) * mx.square(gi)
-            new_m[name], new_v[name] = mi, vi
-            new_params[name] = p - lr * (mi / c1) / (mx.sqrt(vi / c2) + _ADAM_EPS)
-        Wn = new_params["W_dec"]
-        new_params["W_dec"] = Wn / mx.maximum(mx.linalg.norm(Wn, axis=1, keepdims=True), 1e-12)
-        fired = mx.zeros((d_hidden,), dtype=mx.int32).at[parts.indices.reshape(-1)].add(
-            (parts.values > 0).reshape(-1).astype(mx.int32))
-        counter = mx.where(fired > 0, 0, mx.minimum(counter + x.shape[0], threshold))
-        dead_fraction = (counter >= threshold).astype(mx.float32).mean()
+        new_params, new_m, new_v, t, gnorm = constrained_adam(params, grads, m, v, t, lr, clip)
+        counter, dead_fraction = update_dead_counter(counter, parts.indices, parts.values, threshold)
         metrics = mx.stack([parts.loss, parts.fvu, parts.mse, parts.aux, parts.l1, parts.l0, gnorm,
                             dead_fraction])
         return new_params, new_m, new_v, t, counter, metrics
 
     return mx.compile(step) if compile else step
 
+
+def constrained_adam(params: dict, grads: dict, m: dict, v: dict, t: mx.array, lr: mx.array,
+                     clip: float) -> tuple[dict, dict, dict, mx.array, mx.array]:
+    """One TopK-SAE optimizer update: drop each decoder row's gradient component parallel to the row,
+    clip the global gradient norm to ``clip`` (0: no clipping), bias-corrected Adam, renormalize the
+    decoder rows to unit norm. Returns ``(params, m, v, t, grad_norm)``."""
+    W = params["W_dec"]
+    g = grads["W_dec"]
+    grads = {**grads, "W_dec": g - (g * W).sum(axis=1, keepdims=True) * W}
+    gnorm = mx.sqrt(sum(mx.square(gi).sum() for gi in grads.values()))
+    if clip > 0:
+        scale = mx.minimum(1.0, clip / (gnorm + 1e-12))
+        grads = {name: gi * scale for name, gi in grads.items()}
+    t = t + 1
+    b1, b2 = _BETAS
+    c1, c2 = 1 - b1**t, 1 - b2**t
+    new_params, new_m, new_v = {}, {}, {}
+    for name, p in params.items():
+        update = _adam_unit_rows if name == "W_dec" else _adam
+        new_params[name], new_m[name], new_v[name] = update(p, m[name], v[name], grads[name], lr, c1, c2)
+    return new_params, new_m, new_v, t, gnorm
+
+
+def update_dead_counter(counter: mx.array, indices: mx.array, values: mx.array,
+                        threshold: int) -> tuple[mx.array, mx.array]:
+    """Tokens since each latent last fired (capped at ``threshold``), and the fraction now dead.
+
+    A latent fires on a row when it is among the row's top-k with a positive value; every row of the
+    batch counts as one token."""
+    fired = mx.zeros(counter.shape, dtype=mx.int32).at[indices.reshape(-1)].add(
+        (values > 0).reshape(-1).astype(mx.int32))
+    return _count_since_fired(counter, fired, indices.size // indices.shape[-1], threshold)
+
+
+def _count_since_fired(counter: mx.array, fired: mx.array, n_rows: int,
+                       threshold: int) -> tuple[mx.array, mx.array]:
+    counter = mx.where(fired > 0, 0, mx.minimum(counter + n_rows, threshold))
+    return counter, (counter >= threshold).astype(mx.float32).mean()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -531,9 +548,7 @@ def _make_split_step(config: SAEConfig, d_hidden: int, k_aux: int, capacity: int
                 gi = grads[name] * scale if scale is not None else grads[name]
                 fn = adam_rows[i] if name == "W_dec" else adam[i]
                 new_params[name], new_m[name], new_v[name] = fn(p, m[name], v[name], gi, lr, c1, c2)
-        fired = sum(o[9] for o in outs)
-        counter = mx.where(fired > 0, 0, mx.minimum(counter + n, threshold))
-        dead_fraction = (counter >= threshold).astype(mx.float32).mean()
+        counter, dead_fraction = _count_since_fired(counter, sum(o[9] for o in outs), n, threshold)
         metrics = mx.stack([loss, fvu, sums[0] / (n * x.shape[1]), aux, l1, sums[2] / n, gnorm,
                             dead_fraction])
         out = (new_params, new_m, new_v, t, counter, metrics)

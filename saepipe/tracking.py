@@ -13,7 +13,9 @@ names: ``train/loss``, ``train/recon_loss`` (= fvu), ``train/l0``, ``train/dead_
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -150,3 +152,22 @@ def _flat(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 __all__ = ["DVCLiveLogger", "MultiLogger", "TrainLogger", "WandbLogger"]
+
+
+def write_metrics_json(path: Path, metrics: dict[str, Any]) -> Path:
+    """Write a metrics dict for ``dvc metrics``: NaN/inf become null (DVC and strict JSON readers
+    reject them), numpy/MLX scalars become floats."""
+
+    def safe(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: safe(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [safe(v) for v in value]
+        if hasattr(value, "dtype"):
+            value = value.item()
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        return value
+
+    path.write_text(json.dumps(safe(metrics), indent=2) + "\n")
+    return path

@@ -51,14 +51,13 @@ import saepipe  # noqa: F401  (fast BLAS before mlx)
 from saepipe.config import SAEConfig
 from saepipe.data import ActivationSource, as_source
 from saepipe.sae import TopKSAE, _Norm, init_params, to_dense, topk
+from saepipe.sparse_ops import constrained_adam, update_dead_counter
 from saepipe.stats import NormStats
 from saepipe.tracking import DVCLiveLogger, MultiLogger, TrainLogger, WandbLogger
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
-_BETAS = (0.9, 0.999)
-_ADAM_EPS = 1e-8
 _METRICS = ("loss", "fvu", "recon_mse", "aux_loss", "l1_loss", "l0", "grad_norm", "dead_fraction")
 _GEOMED_ROWS = 16384
 _READ_ROWS = 65536
@@ -136,7 +135,6 @@ def _loss_fn(params: dict, x: mx.array, dead: mx.array | None, aux_scale: mx.arr
 def _make_step(config: SAEConfig, d_hidden: int, k_aux: int, with_aux: bool) -> Callable:
     """A compiled training step; ``with_aux`` adds the AuxK term (used while latents are dead)."""
     tied = config.tied_weights
-    b1, b2 = _BETAS
     clip = float(config.gradient_clip)
     threshold = int(config.dead_tokens_threshold)
 
@@ -151,29 +149,8 @@ def _make_step(config: SAEConfig, d_hidden: int, k_aux: int, with_aux: bool) -> 
         x = (x - mean) / std
         dead = counter >= threshold
         (loss, fvu, mse, aux, l1, l0, values, indices), grads = grad_fn(params, x, dead, aux_scale)
-        W = params["W_dec"]
-        g = grads["W_dec"]
-        grads["W_dec"] = g - (g * W).sum(axis=1, keepdims=True) * W
-        gnorm = mx.sqrt(sum(mx.square(gi).sum() for gi in grads.values()))
-        if clip > 0:
-            scale = mx.minimum(1.0, clip / (gnorm + 1e-12))
-            grads = {name: gi * scale for name, gi in grads.items()}
-        t = t + 1
-        c1 = 1 - b1**t
-        c2 = 1 - b2**t
-        new_params, new_m, new_v = {}, {}, {}
-        for name, p in params.items():
-            gi = grads[name]
-            mi = b1 * m[name] + (1 - b1) * gi
-            vi = b2 * v[name] + (1 - b2) * mx.square(gi)
-            new_m[name], new_v[name] = mi, vi
-            new_params[name] = p - lr * (mi / c1) / (mx.sqrt(vi / c2) + _ADAM_EPS)
-        Wn = new_params["W_dec"]
-        new_params["W_dec"] = Wn / mx.maximum(mx.linalg.norm(Wn, axis=1, keepdims=True), 1e-12)
-        fired = mx.zeros((d_hidden,), dtype=mx.int32).at[indices.reshape(-1)].add(
-            (values > 0).reshape(-1).astype(mx.int32))
-        counter = mx.where(fired > 0, 0, mx.minimum(counter + x.shape[0], threshold))
-        dead_fraction = (counter >= threshold).astype(mx.float32).mean()
+        new_params, new_m, new_v, t, gnorm = constrained_adam(params, grads, m, v, t, lr, clip)
+        counter, dead_fraction = update_dead_counter(counter, indices, values, threshold)
         metrics = mx.stack([loss, fvu, mse, aux, l1, l0, gnorm, dead_fraction])
         return new_params, new_m, new_v, t, counter, metrics
 

@@ -25,6 +25,7 @@ from saepipe.plots import (
     write_density_csv,
     write_html_report,
 )
+from saepipe.tracking import write_metrics_json
 
 log = logging.getLogger("stages.evaluate")
 
@@ -38,17 +39,6 @@ def read_eval_texts(path: Path) -> list[str]:
         return read_split(path, "eval")[1]
     except (ValueError, KeyError) as err:
         raise click.ClickException(str(err)) from err
-
-
-def _json_safe(value: Any) -> Any:
-    """NaN/inf become null: dvc and strict JSON readers reject them."""
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 def _check_site(sae: Any, loaded: Any, layer: int, component: str) -> None:
@@ -96,7 +86,7 @@ def main(params_path: Path, sae_path: Path, texts_path: Path, train_metrics: Pat
     metrics["d_hidden"] = sae.d_hidden
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "metrics.json").write_text(json.dumps(_json_safe({**metrics, "health": health}), indent=2) + "\n")
+    write_metrics_json(out_dir / "metrics.json", {**metrics, "health": health})
     hist = density_histogram(result.sparsity.density, low=-math.ceil(math.log10(result.sparsity.n_tokens)))
     write_density_csv(hist, out_dir / "density.csv")
     images = {"Feature density": plot_density_histogram(hist, out_dir / "plots" / "feature_density.png")}

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ from saepipe.config import SAEConfig
 from saepipe.data import as_source
 from saepipe.params import read_params, section
 from saepipe.stats import NormStats
+from saepipe.tracking import write_metrics_json
 from saepipe.train import CHECKPOINT_NAME, fit_sae
 
 SAE_FILE = "sae.safetensors"
@@ -61,16 +61,6 @@ def load_stats(path: Path | None, source: Any) -> NormStats | None:
     return stats
 
 
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return float(value) if hasattr(value, "dtype") else value
-
-
 @click.command()
 @click.option("--params", "params_path", default="params.yaml", show_default=True,
               type=click.Path(dir_okay=False, path_type=Path), help="params file with `sae:`, `extract:`, `model:`")
@@ -102,7 +92,7 @@ def main(params_path: Path, acts_dir: Path, stats_path: Path | None, out_dir: Pa
                      live_dir=out_dir / "live", log_every=log_every)
     sae_path = result.sae.save(out_dir / SAE_FILE)
     metrics = {**result.summary, "history": result.history}
-    (out_dir / METRICS_FILE).write_text(json.dumps(_json_safe(metrics), indent=2) + "\n")
+    write_metrics_json(out_dir / METRICS_FILE, metrics)
     (ckpt_dir / CHECKPOINT_NAME).unlink(missing_ok=True)
     if ckpt_dir.is_dir() and not any(ckpt_dir.iterdir()):
         ckpt_dir.rmdir()

@@ -406,3 +406,13 @@ def test_stage_cli(tmp_path):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     res = CliRunner().invoke(main, args)
     assert res.exit_code != 0 and "rerun extract" in res.output
+
+
+def test_metrics_json_nulls_non_finite_and_unwraps_scalars(tmp_path):
+    import json
+
+    from saepipe.tracking import write_metrics_json
+
+    path = write_metrics_json(tmp_path / "m.json", {"a": float("nan"), "b": [np.float32(1.5), float("inf")],
+                                                    "c": {"d": np.int64(3), "e": mx.array(2.0)}})
+    assert json.loads(path.read_text()) == {"a": None, "b": [1.5, None], "c": {"d": 3, "e": 2.0}}
