@@ -30,6 +30,7 @@ from mlx_lm.models import llama
 
 import saepipe  # noqa: F401  (fast BLAS before mlx)
 from saepipe import _blas_threads as _blas
+from saepipe.fastmath import exp as _exp
 from saepipe.sites import Site, check_site
 
 Edit = Callable[[mx.array], mx.array]
@@ -233,26 +234,8 @@ def _lm_head(module: Any, h: mx.array) -> mx.array:
 # --- Fast CPU kernels for the non-GEMM part of a block --------------------------------------------
 # MLX's CPU exp/sigmoid cost ~40 ns per element and its fused SDPA is unblocked on CPU, so SwiGLU
 # and softmax dominated a block. A Cody-Waite range reduction + degree-6 polynomial exp (max
-# relative error ~4e-7, i.e. float32 rounding) built from compiled elementwise ops is ~8x faster.
-
-_LOG2E = 1.4426950408889634
-_LN2_HI = 0.693145751953125  # ln 2 split so n * _LN2_HI is exact for |n| < 2^11
-_LN2_LO = 1.428606765330187e-06
-
-
-def _exp(x: mx.array) -> mx.array:
-    """exp(x) in float32 to ~1 ulp; inputs are clipped to [-87, 88] (result ~0 / max finite)."""
-    x = mx.clip(x, -87.0, 88.0)
-    n = mx.floor(x * _LOG2E + 0.5)
-    r = (x - n * _LN2_HI) - n * _LN2_LO  # |r| <= ln2 / 2
-    p = r * 1.9875691500e-4 + 1.3981999507e-3
-    p = p * r + 8.3334519073e-3
-    p = p * r + 4.1665795894e-2
-    p = p * r + 1.6666665459e-1
-    p = p * r + 5.0000001201e-1
-    p = p * r * r + r + 1.0
-    two_n = mx.left_shift(n.astype(mx.int32) + 127, 23).view(mx.float32)  # 2^n from its exponent bits
-    return p * two_n
+# relative error ~4e-7, i.e. float32 rounding) built from compiled elementwise ops is ~8x faster
+# (saepipe.fastmath).
 
 
 @mx.compile  # per input shape: `view` (in _exp) cannot be shapeless; retracing is cheap

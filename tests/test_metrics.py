@@ -236,3 +236,18 @@ def test_density_histogram_keeps_every_live_latent():
     assert h.counts.sum() == 3 and h.counts[0] == 1  # below `low`: first bin
     auto = density_histogram(density, bins=7)
     assert auto.edges[0] == -7 and auto.counts.sum() == 3
+
+
+def test_fast_logsumexp_and_softmax_match_float64():
+    from saepipe import fastmath
+
+    rng = np.random.default_rng(0)
+    z = (rng.normal(size=(7, 5000)) * rng.uniform(0.1, 30, size=(7, 1))).astype(np.float32)
+    z[0, :10] = -1e4  # far below the max: exp underflows to 0, must not become NaN
+    z64 = z.astype(np.float64)
+    top = z64.max(axis=1, keepdims=True)
+    lse = (top + np.log(np.exp(z64 - top).sum(axis=1, keepdims=True)))[:, 0]
+    lse_fast, p_fast = fastmath.log_softmax_parts(mx.array(z))
+    np.testing.assert_allclose(np.array(lse_fast), lse, rtol=1e-6, atol=1e-5)
+    np.testing.assert_allclose(np.array(fastmath.logsumexp(mx.array(z))), lse, rtol=1e-6, atol=1e-5)
+    np.testing.assert_allclose(np.array(p_fast), np.exp(z64 - lse[:, None]), rtol=2e-5, atol=1e-12)
