@@ -17,6 +17,12 @@ For each k it prints tokens/s of (all with AuxK on: ``--dead-fraction`` of the l
 
 Targets (issue): full step <= 1.5x the floor, and >= 2x sparsify's tok/s with AuxK on.
 
+Measured 2026-11-27 (2-core x86 with AVX-512, quiet, cmeel OpenBLAS, torch 2.13.0 CPU; batch 4096,
+d_model 576, expansion 16): floor ~17.5k tok/s. k=32: best saepipe step (dense, split) 2.8k tok/s =
+6.2x floor; sparsify 2.7k (saepipe 1.05x); SAELens 1.05k (2.7x); the reference MLX step 0.97k.
+k=64: saepipe 2.35k (7.5x floor), sparsify 2.5k (0.93x), SAELens 1.0k (2.3x). Neither target is met:
+top-k, gather/scatter and Adam run on one core in MLX on CPU.
+
 Installing the peers into a throwaway venv (never the project venv; CPU torch only):
 
     python3 -m venv /tmp/benchvenv
