@@ -151,9 +151,6 @@ def _flat(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-__all__ = ["DVCLiveLogger", "MultiLogger", "TrainLogger", "WandbLogger"]
-
-
 def write_metrics_json(path: Path, metrics: dict[str, Any]) -> Path:
     """Write a metrics dict for ``dvc metrics``: NaN/inf become null (DVC and strict JSON readers
     reject them), numpy/MLX scalars become floats."""
@@ -171,3 +168,7 @@ def write_metrics_json(path: Path, metrics: dict[str, Any]) -> Path:
 
     path.write_text(json.dumps(safe(metrics), indent=2) + "\n")
     return path
+
+
+__all__ = ["DVCLiveLogger", "MultiLogger", "TrainLogger", "WandbLogger", "write_metrics_json"]
+
