@@ -65,6 +65,7 @@ def _mlx_times(k: int, n: int, d_model: int, expansion: int, dead_fraction: floa
     import mlx.core as mx
     import numpy as np
 
+    from saepipe import cpu_step
     from saepipe import sparse_ops as so
     from saepipe import train as saepipe_train
     from saepipe.config import SAEConfig
@@ -95,6 +96,15 @@ def _mlx_times(k: int, n: int, d_model: int, expansion: int, dead_fraction: floa
     for label, (method, parts) in variants.items():
         fast = so.make_train_step(config, d_hidden, k_aux, capacity, method=method, parts=parts)
         steps[f"sparse_ops ({label})"] = lambda fast=fast: mx.eval(fast(*args))
+    if cpu_step.available():
+        cpu = cpu_step.CpuStep(config, d_hidden, k_aux, cpu_step.StepState(*args[:4], counter))
+        dead_counter = cpu.counter.copy()
+
+        def run_cpu():
+            cpu.counter[:] = dead_counter  # the same dead latents every time (the others are functional)
+            cpu.step(1e-4, x, args[6], args[7], n_dead)
+
+        steps["cpu_step"] = run_cpu
     return _best(steps, repeats)
 
 
@@ -195,7 +205,7 @@ def main(ks, n, d_model, expansion, dead_fraction, repeats, peer_python, peers, 
                 print(f"  {name:24s} {t}")
                 continue
             print(f"  {name:24s} {t * 1e3:9.1f} {n / t:9.0f} {t / floor:8.2f}")
-        ours = {name: t for name, t in times.items() if name.startswith("sparse_ops")}
+        ours = {name: t for name, t in times.items() if name.startswith(("sparse_ops", "cpu_step"))}
         best_name = min(ours, key=ours.get)
         best = ours[best_name]
         print(f"  best saepipe step: {best_name}: {best / floor:.2f}x floor (target <= 1.5)")

@@ -58,6 +58,10 @@ def load_fast_blas() -> str | None:
     choice = os.environ.get(ENV_VAR, "")
     if choice == "0":
         return None
+    # OpenBLAS threads spin ~2^28 cycles (~0.1 s) after each call by default, stealing the cores
+    # from whatever runs next (the numba kernels of saepipe.cpu_step ran 2-3x slower): ~0.4 ms.
+    # Read when a library loads, so it also reaches numpy's OpenBLAS when numpy comes later.
+    os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "20")
     for path in [choice] if choice else _candidates():
         try:
             ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)

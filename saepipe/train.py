@@ -27,9 +27,10 @@ Recipe (Gao et al. 2024; EleutherAI sparsify):
   checkpoint and reaches the same weights as an uninterrupted run; a NaN/Inf stops training with
   ``TrainingDivergedError`` and leaves the last good checkpoint.
 
-Kernels: ``fit_sae`` runs ``saepipe.sparse_ops.make_train_step`` by default (same contract and math
-as the reference ``_make_step`` here, built on ``_encode_select`` and ``_decode``); ``kernels=
-"reference"`` selects the dense reference.
+Kernels (same math, see ``KERNELS``): on a CPU ``fit_sae`` runs ``saepipe.cpu_step.CpuStep`` (MLX
+matmul + multi-threaded numba kernels), elsewhere ``saepipe.sparse_ops.make_train_step``; both are
+tested against the dense reference ``_make_step`` here (``kernels="reference"``), built on
+``_encode_select`` and ``_decode``.
 """
 
 from __future__ import annotations
@@ -160,7 +161,7 @@ def _make_step(config: SAEConfig, d_hidden: int, k_aux: int, with_aux: bool) -> 
 def _make_eval(config: SAEConfig, d_hidden: int, kernels: str = "sparse") -> Callable:
     """Compiled validation chunk: (sse, sum x, sum ||x||^2, sum L0, sum L1, fired counts)."""
     tied = config.tied_weights
-    if kernels == "sparse":
+    if kernels in ("sparse", "cpu"):
         from saepipe import sparse_ops
 
         def encode_decode(xc, W_enc, b_enc, W_dec):
@@ -185,10 +186,24 @@ def _make_eval(config: SAEConfig, d_hidden: int, kernels: str = "sparse") -> Cal
     return mx.compile(evaluate)
 
 
-KERNELS = ("sparse", "reference")
-"""``sparse``: ``saepipe.sparse_ops.make_train_step`` (sparse top-k, decode and gradients; AuxK over
-the dead columns only, one compiled variant per power-of-two bucket of dead latents);
-``reference``: ``_make_step`` (dense MLX ops, the definition the sparse kernels are tested against)."""
+KERNELS = ("auto", "cpu", "sparse", "reference")
+"""``auto``: ``cpu`` when MLX computes on the CPU, else ``sparse``.
+``cpu``: ``saepipe.cpu_step.CpuStep`` (MLX encoder matmul, multi-threaded numba kernels for top-k,
+sparse decode, gradients and Adam: the fast path on a CPU, where MLX runs those on one core);
+``sparse``: ``saepipe.sparse_ops.make_train_step`` (sparse top-k, decode and gradients in MLX; AuxK
+over the dead columns only, one compiled variant per power-of-two bucket of dead latents);
+``reference``: ``_make_step`` (dense MLX ops, the definition the other kernels are tested against)."""
+
+
+def resolve_kernels(kernels: str) -> str:
+    """The kernels ``kernels`` stands for (``auto`` resolved for this machine); checks the name."""
+    if kernels not in KERNELS:
+        raise ValueError(f"kernels must be one of {', '.join(KERNELS)}, not {kernels!r}")
+    if kernels == "auto":
+        from saepipe import cpu_step
+
+        return "cpu" if cpu_step.available() else "sparse"
+    return kernels
 
 
 class _Steps:
@@ -211,6 +226,33 @@ class _Steps:
         if key not in self.cache:
             self.cache[key] = sparse_ops.make_train_step(self.config, self.d_hidden, self.k_aux, key)
         return self.cache[key]
+
+
+class _MlxRunner:
+    """The compiled MLX steps behind the interface of ``saepipe.cpu_step.CpuStep``."""
+
+    def __init__(self, config: SAEConfig, d_hidden: int, k_aux: int, kernels: str, state: _State) -> None:
+        self.steps = _Steps(config, d_hidden, k_aux, kernels)
+        self.k_aux, self._state = k_aux, state
+
+    def step(self, lr: float, x: mx.array, mean: mx.array, std: mx.array, n_dead: int) -> np.ndarray:
+        st = self._state
+        aux_scale = mx.array(min(n_dead / self.k_aux, 1.0))
+        params, m, v, t, counter, metrics = self.steps(n_dead)(
+            st.params, st.m, st.v, st.t, mx.array(lr), x, mean, std, st.counter, aux_scale)
+        self._state = _State(params, m, v, t, counter)
+        return np.array(metrics, dtype=np.float64)  # syncs: one step at a time
+
+    def state(self) -> _State:
+        return self._state
+
+
+def _make_runner(config: SAEConfig, d_hidden: int, k_aux: int, kernels: str, state: _State):
+    if kernels == "cpu":
+        from saepipe.cpu_step import CpuStep
+
+        return CpuStep(config, d_hidden, k_aux, state)
+    return _MlxRunner(config, d_hidden, k_aux, kernels, state)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -342,7 +384,7 @@ def fit_sae(
     log_every: int = 10,
     max_steps: int | None = None,
     progress: bool = True,
-    kernels: str = "sparse",
+    kernels: str = "auto",
 ) -> FitResult:
     """Train a TopK SAE on ``activations`` ((n, d_model) array, shard folder or ActivationSource).
 
@@ -352,10 +394,10 @@ def fit_sae(
     resumed. ``live_dir``: a dvclive folder for metrics. ``logger``: extra ``TrainLogger``.
     ``log_every``: steps between logged step metrics. ``max_steps``: stop after this many steps in
     total (checkpointing when ``checkpoint_dir`` is set; the schedule still spans the full run).
-    ``kernels``: "sparse" (fast, default) or "reference" (dense MLX ops), see ``KERNELS``.
+    ``kernels``: "auto" (default: the fastest for this device), "cpu", "sparse" or "reference"
+    (dense MLX ops), see ``KERNELS``.
     """
-    if kernels not in KERNELS:
-        raise ValueError(f"kernels must be one of {', '.join(KERNELS)}, not {kernels!r}")
+    kernels = resolve_kernels(kernels)
     source = as_source(activations)
     d_model, n_rows = source.d_model, source.n_rows
     d_hidden = d_model * config.expansion_factor
@@ -461,7 +503,7 @@ def _train_loop(source, split, config, state, pos, mean, std, d_hidden, k_aux, b
     """Epochs of steps from ``pos``; returns (state, pos, completed)."""
     from tqdm.auto import tqdm
 
-    steps = _Steps(config, d_hidden, k_aux, kernels)
+    runner = _make_runner(config, d_hidden, k_aux, kernels, state)
     evaluate = _make_eval(config, d_hidden, kernels)
     threshold = config.dead_tokens_threshold
     n_dead = int((np.asarray(state.counter) >= threshold).sum())
@@ -472,10 +514,11 @@ def _train_loop(source, split, config, state, pos, mean, std, d_hidden, k_aux, b
     def save(position: dict) -> None:
         if ckpt_dir is None:
             return
-        if not _all_finite(state.params):
+        current = runner.state()
+        if not _all_finite(current.params):
             raise TrainingDivergedError(f"non-finite weights after step {position['step']}; "
                                         f"last good checkpoint kept in {ckpt_dir}")
-        _save_checkpoint(ckpt_dir, state, {"run": run_info, "position": position})
+        _save_checkpoint(ckpt_dir, current, {"run": run_info, "position": position})
 
     try:
         for epoch in range(pos["epoch"], config.num_epochs):
@@ -486,19 +529,15 @@ def _train_loop(source, split, config, state, pos, mean, std, d_hidden, k_aux, b
             for b in range(start, steps_per_epoch):
                 if max_steps is not None and pos["step"] >= max_steps:
                     save(pos)
-                    return state, pos, False
+                    return runner.state(), pos, False
                 t0 = time.perf_counter()
                 x = mx.array(pending.result())
                 if b + 1 < steps_per_epoch:
                     pending = pool.submit(source.take, batches[b + 1])
                 lr = learning_rate_at(pos["step"], total_steps, config)
-                aux_scale = mx.array(min(n_dead / k_aux, 1.0))
-                params, m, v, t, counter, metrics = steps(n_dead)(
-                    state.params, state.m, state.v, state.t, mx.array(lr), x, mean, std, state.counter, aux_scale)
-                values = np.array(metrics, dtype=np.float64)  # syncs: one step at a time
+                values = runner.step(lr, x, mean, std, n_dead)
                 step = pos["step"] + 1
                 _check_finite(values, step, ckpt_dir)
-                state = _State(params, m, v, t, counter)
                 n_dead = round(float(values[_METRICS.index("dead_fraction")]) * d_hidden)
                 record = dict(zip(_METRICS, values.tolist(), strict=True))
                 record["learning_rate"] = lr
@@ -512,7 +551,7 @@ def _train_loop(source, split, config, state, pos, mean, std, d_hidden, k_aux, b
                                 dead=f"{record['dead_fraction']:.3f}", refresh=False)
                 if config.checkpoint_every and step % config.checkpoint_every == 0 and b + 1 < steps_per_epoch:
                     save(pos)
-            val = _validate(source, split.val, evaluate, state.params, mean, std, d_hidden, config)
+            val = _validate(source, split.val, evaluate, runner.state().params, mean, std, d_hidden, config)
             train_means = {f"train/{n}": s / max(1, pos["epoch_steps"])
                            for n, s in zip(_METRICS, pos["epoch_sums"], strict=True)}
             entry = {"epoch": epoch, "step": pos["step"], **train_means, **val}
@@ -523,7 +562,7 @@ def _train_loop(source, split, config, state, pos, mean, std, d_hidden, k_aux, b
     finally:
         pool.shutdown(wait=True)
         bar.close()
-    return state, pos, True
+    return runner.state(), pos, True
 
 
 def _check_finite(values: np.ndarray, step: int, ckpt_dir: Path | None) -> None:

@@ -131,19 +131,20 @@ def test_deterministic_given_seed():
     assert not np.array_equal(a["W_dec"], c["W_dec"])
 
 
+@pytest.mark.parametrize("kernels", ["sparse", "cpu"])
 @pytest.mark.parametrize("tied", [False, True])
-def test_sparse_kernels_match_the_reference(tied):
+def test_fast_kernels_match_the_reference(kernels, tied):
     x = _data(800, 16, seed=3)
     # a low threshold: the AuxK variants run too
     cfg = SAEConfig(**{**SMALL, "num_epochs": 1, "dead_tokens_threshold": 64, "tied_weights": tied})
-    runs = {kern: Recorder() for kern in ("sparse", "reference")}
+    runs = {kern: Recorder() for kern in (kernels, "reference")}
     res = {kern: fit_sae(x, cfg, logger=rec, max_steps=6, kernels=kern, progress=False)
            for kern, rec in runs.items()}
     assert any(m["aux_loss"] > 0 for _, m in runs["reference"].steps)
-    for (_, a), (_, b) in zip(runs["sparse"].steps, runs["reference"].steps, strict=True):
-        for name in ("loss", "fvu", "aux_loss", "l0", "dead_fraction"):
+    for (_, a), (_, b) in zip(runs[kernels].steps, runs["reference"].steps, strict=True):
+        for name in ("loss", "fvu", "aux_loss", "l1_loss", "l0", "grad_norm", "dead_fraction"):
             assert a[name] == pytest.approx(b[name], rel=1e-4, abs=1e-6), name
-    ws, wr = _weights(res["sparse"].sae), _weights(res["reference"].sae)
+    ws, wr = _weights(res[kernels].sae), _weights(res["reference"].sae)
     for name in ws:
         np.testing.assert_allclose(ws[name], wr[name], atol=1e-4)
     with pytest.raises(ValueError, match="kernels"):

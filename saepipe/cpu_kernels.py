@@ -1,0 +1,379 @@
+"""Multi-threaded CPU kernels (numba) for the sparse parts of a TopK-SAE training step.
+
+MLX on CPU runs argpartition, gather, scatter, elementwise ops and Adam on one core, so there a
+TopK step costs ~6x its one dense encoder matmul. These kernels do the sparse work in the shape it
+really has, on every core, reading each big array about once:
+
+- ``topk_rows``: per row, a size-k min-heap over the pre-activations, scanned 16 at a time (a block
+  is looked at only when its maximum beats the heap's minimum): one read of (n, d_hidden).
+- ``decode_residual``: ``e = x - (b_dec + sum_j v_j W_dec[i_j])`` and the value gradients
+  ``g . W_dec[i_j]`` row by row, with the k decoder rows still in cache.
+- ``latent_grads``: weight gradients of the active latents only. The (row, slot) pairs are grouped
+  by latent first (``group_by_latent``, a counting sort), so each latent's gradient row is summed in
+  cache and written once (no scatter races, no dense (n, d_hidden) code); the decoder's parallel
+  component is removed and squared norms are taken in the same pass.
+- ``adam_rows``: bias-corrected Adam over rows in place, decoder rows renormalized in the same pass.
+
+All kernels work on float32 C-contiguous numpy arrays (zero-copy views of MLX arrays) and write into
+arrays they are given. ``saepipe.cpu_step`` assembles them into a training step.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba as nb
+import numpy as np
+
+
+def lanes_for(width: int, k: int) -> int:
+    """Rows per column group in ``topk_rows``: ~sqrt(width / k) balances its scalar stages."""
+    return max(1, min(width // max(k, 1), round(math.sqrt(width / max(k, 1)))))
+
+
+@nb.njit(cache=True, boundscheck=False)
+def _select_top(vals, cols, m, k):
+    """Reorder ``vals[:m]`` (with ``cols``) so that its k largest come first (quickselect)."""
+    lo, hi = 0, m - 1
+    while lo < hi:
+        mid = (lo + hi) // 2  # median-of-three pivot
+        a, b, c = vals[lo], vals[mid], vals[hi]
+        pivot = max(min(a, b), min(max(a, b), c))
+        i, j = lo, hi
+        while i <= j:  # Hoare partition, descending
+            while i <= hi and vals[i] > pivot:
+                i += 1
+            while j >= lo and vals[j] < pivot:
+                j -= 1
+            if i <= j:
+                vals[i], vals[j] = vals[j], vals[i]
+                cols[i], cols[j] = cols[j], cols[i]
+                i += 1
+                j -= 1
+        if k - 1 <= j:
+            hi = j
+        elif k - 1 >= i:
+            lo = i
+        else:
+            break
+
+
+@nb.njit(inline="always")
+def _count_ge(a, t):
+    c = 0
+    for i in range(a.size):
+        c += a[i] >= t
+    return c
+
+
+@nb.njit(inline="always")
+def _group_threshold(gm, k):
+    """A value t with between k and 2k entries of ``gm`` >= t when one exists (bisection on the
+    value range with vectorized counts; branch-light, unlike a quickselect). Always >= k entries."""
+    lo, hi = gm.min(), gm.max()
+    for _ in range(64):
+        mid = np.float32(0.5) * (lo + hi)
+        if not lo < mid < hi:
+            break
+        count = _count_ge(gm, mid)
+        if count < k:
+            hi = mid
+        else:
+            lo = mid
+            if count <= 2 * k:
+                break
+    return lo
+
+
+@nb.njit(parallel=True, cache=True, fastmath=False, boundscheck=False)
+def topk_rows(pre, bias, k, lanes, out_values, out_indices):
+    """The k largest entries of each row of ``pre + bias`` (n, w) + (w,): values and int32 column
+    indices (n, k). (Adding the bias here saves a pass over the (n, w) pre-activations.)
+
+    Exactly k per row, distinct columns, in no particular order. Per row, viewed as ``lanes``
+    consecutive slices of ``g = w // lanes`` columns (group c = columns c, g + c, 2g + c, ...):
+    (1) group maxima ``gm[c] = max_i row[i*g + c]``, an elementwise max of slices (vectorized,
+    bound by memory bandwidth); (2) a threshold t with >= k (and about <= 2k) group maxima >= t;
+    (3) the entries >= t of the groups whose maximum is >= t, plus the tail columns beyond
+    ``lanes * g`` (branch-free compaction); (4) the k largest of those few (quickselect).
+    Exact: those groups hold >= k entries >= t, and every entry > t lies in one of them.
+    """
+    n, w = pre.shape
+    g = w // lanes
+    if g < k:
+        g, lanes = w, 1
+    body = g * lanes
+    chunk = 16
+    for ch in nb.prange((n + chunk - 1) // chunk):
+        gm = np.empty(g, np.float32)
+        groups = np.empty(g, np.int32)
+        cand_v = np.empty(w, np.float32)
+        cand_c = np.empty(w, np.int32)
+        for r in range(ch * chunk, min(n, (ch + 1) * chunk)):
+            row = pre[r]
+            for c in range(g):
+                gm[c] = row[c] + bias[c]
+            for i in range(1, lanes):
+                base = i * g
+                for c in range(g):
+                    gm[c] = max(gm[c], row[base + c] + bias[base + c])
+            t = _group_threshold(gm, k)
+            n_groups = 0
+            for c in range(g):
+                groups[n_groups] = c
+                n_groups += gm[c] >= t
+            m = 0
+            for q in range(n_groups):
+                for i in range(lanes):
+                    col = i * g + groups[q]
+                    v = row[col] + bias[col]
+                    cand_v[m] = v
+                    cand_c[m] = col
+                    m += v >= t
+            for col in range(body, w):
+                cand_v[m] = row[col] + bias[col]
+                cand_c[m] = col
+                m += 1
+            if m < k:  # only with NaNs in the row: any k distinct columns (training stops on the NaN)
+                for j in range(k):
+                    cand_v[j] = row[j] + bias[j]
+                    cand_c[j] = j
+            elif m > k:
+                _select_top(cand_v, cand_c, m, k)
+            for j in range(k):
+                out_values[r, j] = cand_v[j]
+                out_indices[r, j] = cand_c[j]
+
+
+@nb.njit(parallel=True, cache=True, fastmath=True, boundscheck=False)
+def decode_residual(x, b_dec, W_dec, indices, pre_values, gscale, l1_grad, e_out, gpre_out, sse_rows):
+    """Per row r: ``e = x - (b_dec + sum_j relu(pv_j) W_dec[i_j])``, ``sse_rows[r] = |e|^2`` and
+    the pre-activation gradient ``gpre_j = [pv_j > 0] (gscale * e . W_dec[i_j] + l1_grad)``.
+    """
+    n, d = x.shape
+    k = indices.shape[1]
+    for r in nb.prange(n):
+        acc = e_out[r]
+        for c in range(d):
+            acc[c] = b_dec[c]
+        for j in range(k):
+            v = pre_values[r, j]
+            if v > 0:
+                w = W_dec[indices[r, j]]
+                for c in range(d):
+                    acc[c] += v * w[c]
+        s = 0.0
+        for c in range(d):
+            acc[c] = x[r, c] - acc[c]
+            s += acc[c] * acc[c]
+        sse_rows[r] = s
+        for j in range(k):
+            if pre_values[r, j] > 0:
+                w = W_dec[indices[r, j]]
+                dot = 0.0
+                for c in range(d):
+                    dot += w[c] * acc[c]
+                gpre_out[r, j] = gscale * dot + l1_grad
+            else:
+                gpre_out[r, j] = 0.0
+
+
+@nb.njit(cache=True, boundscheck=False)
+def group_by_latent(indices, width):
+    """Counting sort of the flat (row, slot) positions of ``indices`` (n, k) by latent.
+
+    Returns ``(offsets, order)``: the positions of latent j are ``order[offsets[j]:offsets[j + 1]]``,
+    in increasing order (so sums over them are deterministic).
+    """
+    flat = indices.ravel()
+    counts = np.zeros(width + 1, np.int64)
+    for p in range(flat.size):
+        counts[flat[p] + 1] += 1
+    offsets = np.cumsum(counts)
+    fill = offsets[:-1].copy()
+    order = np.empty(flat.size, np.int64)
+    for p in range(flat.size):
+        j = flat[p]
+        order[fill[j]] = p
+        fill[j] += 1
+    return offsets, order
+
+
+@nb.njit(parallel=True, cache=True, fastmath=True, boundscheck=False)
+def latent_grads(offsets, order, k, pre_values, gpre, e, xc, gscale, W_dec, tied,
+                 aux_slot, aux_dW_dec, aux_dW_enc, aux_db_enc,
+                 dW_dec, dW_enc, db_enc, fired, sq_dec, sq_enc):
+    """Weight gradients of the active latents, one latent row at a time.
+
+    ``dW_dec[j] = gscale * sum relu(pv) e[r]`` and ``dW_enc[j] = sum gpre xc[r]`` over latent j's
+    (row, slot) pairs, plus latent j's AuxK rows when ``aux_slot[j] >= 0``; with ``tied`` the
+    encoder gradient is added to the decoder's and ``dW_enc`` is not written (pass any (h, d) array). Then the decoder
+    gradient's component along ``W_dec[j]`` is removed; ``sq_dec``/``sq_enc`` get each row's
+    squared norm, ``db_enc`` the bias gradient and ``fired`` the number of positive activations.
+    """
+    width, d = W_dec.shape
+    for j in nb.prange(width):
+        a = dW_dec[j]
+        b = dW_enc[j]
+        ta = np.zeros(d, np.float32)
+        tb = np.zeros(d, np.float32)
+        sb = 0.0
+        nf = 0
+        for p in range(offsets[j], offsets[j + 1]):
+            pos = order[p]
+            r = pos // k
+            s = pos - r * k
+            v = pre_values[r, s]
+            if v > 0:
+                nf += 1
+                er = e[r]
+                for c in range(d):
+                    ta[c] += v * er[c]
+                gp = gpre[r, s]
+                if gp != 0:
+                    sb += gp
+                    xr = xc[r]
+                    for c in range(d):
+                        tb[c] += gp * xr[c]
+        slot = aux_slot[j]
+        for c in range(d):
+            ta[c] *= gscale
+        if slot >= 0:
+            for c in range(d):
+                ta[c] += aux_dW_dec[slot, c]
+                tb[c] += aux_dW_enc[slot, c]
+            sb += aux_db_enc[slot]
+        if tied:
+            for c in range(d):
+                ta[c] += tb[c]
+        w = W_dec[j]
+        par = 0.0
+        for c in range(d):
+            par += ta[c] * w[c]
+        qa = 0.0
+        for c in range(d):
+            a[c] = ta[c] - par * w[c]
+            qa += a[c] * a[c]
+        sq_dec[j] = qa
+        qb = 0.0
+        if not tied:
+            for c in range(d):
+                b[c] = tb[c]
+                qb += tb[c] * tb[c]
+        sq_enc[j] = qb
+        db_enc[j] = sb
+        fired[j] = nf
+
+
+@nb.njit(parallel=True, cache=True, fastmath=True, boundscheck=False)
+def adam_rows(p, m, v, g, lr, c1, c2, scale, beta1, beta2, eps, unit_rows):
+    """Bias-corrected Adam on the rows of ``p`` in place with gradient ``scale * g``; with
+    ``unit_rows`` each updated row is renormalized to unit L2 norm."""
+    rows, d = p.shape
+    for r in nb.prange(rows):
+        pr, mr, vr, gr = p[r], m[r], v[r], g[r]
+        nrm = 0.0
+        for c in range(d):
+            gc = scale * gr[c]
+            mc = beta1 * mr[c] + (1 - beta1) * gc
+            vc = beta2 * vr[c] + (1 - beta2) * gc * gc
+            mr[c] = mc
+            vr[c] = vc
+            pc = pr[c] - lr * (mc / c1) / (math.sqrt(vc / c2) + eps)
+            pr[c] = pc
+            nrm += pc * pc
+        if unit_rows:
+            inv = 1.0 / max(math.sqrt(nrm), 1e-12)
+            for c in range(d):
+                pr[c] *= inv
+
+
+@nb.njit(parallel=True, cache=True, boundscheck=False)
+def gather_columns_relu(pre, bias, columns, out):
+    """``out[r, i] = max(pre[r, columns[i]] + bias[columns[i]], 0)``: dead latents' ReLU pre-activations."""
+    n = pre.shape[0]
+    for r in nb.prange(n):
+        for i in range(columns.size):
+            col = columns[i]
+            out[r, i] = max(pre[r, col] + bias[col], 0.0)
+
+
+@nb.njit(parallel=True, cache=True, boundscheck=False)
+def keep_top_k(a, k):
+    """Zero all but the k largest entries of each row of the non-negative ``a`` (n, w), in place
+    (ties: leftmost kept). Rows with <= k positive entries are left as they are (zeros are zeros).
+
+    Bisection on the value with vectorized counts finds a threshold with exactly k entries above
+    (or two adjacent floats between which the ties sit): no sorting, few branches.
+    """
+    n, w = a.shape
+    for r in nb.prange(n):
+        row = a[r]
+        if _count_ge(row, np.float32(1e-38)) <= k:
+            continue
+        lo, hi = np.float32(0.0), row.max()  # count(>= lo) > k, count(>= hi) <= k
+        while True:
+            mid = np.float32(0.5) * (lo + hi)
+            if not lo < mid < hi:
+                break
+            count = _count_ge(row, mid)
+            if count > k:
+                lo = mid
+            elif count < k:
+                hi = mid
+            else:
+                lo = hi = mid
+                break
+        quota_hi = min(_count_ge(row, hi), k)  # the leftmost of the entries >= hi ...
+        quota_lo = k - quota_hi  # ... then of those in [lo, hi) (equal to lo)
+        for c in range(w):
+            v = row[c]
+            if v >= hi:
+                if quota_hi > 0:
+                    quota_hi -= 1
+                    continue
+            elif v >= lo and quota_lo > 0:
+                quota_lo -= 1
+                continue
+            row[c] = 0.0
+
+
+@nb.njit(parallel=True, cache=True, fastmath=True, boundscheck=False)
+def zero_where_not_positive(out, a):
+    """``out[a <= 0] = 0`` in place (``out`` and ``a`` of one shape)."""
+    n = out.shape[0]
+    for r in nb.prange(n):
+        for c in range(out.shape[1]):
+            if not a[r, c] > 0:
+                out[r, c] = 0.0
+
+
+@nb.njit(parallel=True, cache=True, fastmath=True, boundscheck=False)
+def column_sums(x, parts=2):
+    """Float64 column sums of ``x`` (n, d), rows split in ``parts`` blocks over threads."""
+    n, d = x.shape
+    parts = max(1, min(parts, n))
+    acc = np.zeros((parts, d), np.float64)
+    for p in nb.prange(parts):
+        for r in range(p * n // parts, (p + 1) * n // parts):
+            for c in range(d):
+                acc[p, c] += x[r, c]
+    return acc.sum(axis=0)
+
+
+@nb.njit(parallel=True, cache=True, fastmath=True, boundscheck=False)
+def centered_sum_sq(x, mean):
+    """``sum_{r,c} (x[r, c] - mean[c])^2`` in float64."""
+    n, d = x.shape
+    total = 0.0
+    for r in nb.prange(n):
+        s = 0.0
+        for c in range(d):
+            dv = x[r, c] - mean[c]
+            s += dv * dv
+        total += s
+    return total
+
+
+__all__ = ["adam_rows", "centered_sum_sq", "column_sums", "decode_residual", "gather_columns_relu", "group_by_latent",
+           "keep_top_k", "latent_grads", "topk_rows", "zero_where_not_positive"]

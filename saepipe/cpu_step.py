@@ -1,0 +1,193 @@
+"""The TopK-SAE training step on a CPU: MLX for the encoder matmul, ``saepipe.cpu_kernels`` for the rest.
+
+Same loss, gradients and update as ``saepipe.train._make_step`` (the reference; see
+``saepipe.train`` for the math), organised for a CPU where only the matmul is multi-threaded in MLX:
+
+1. MLX (OpenBLAS, all cores): ``x = (x - mean) / std``, ``xc = x - b_dec``, ``pre = xc @ W_enc.T + b_enc``.
+2. numba kernels on zero-copy views of those arrays: top-k, sparse decode and residual, value
+   gradients, AuxK over the dead latents only (small dense matmuls), weight gradients of the active
+   latents, global-norm clipping, Adam with the decoder rows renormalized, dead counters.
+
+The step is stateful: ``CpuStep`` owns its parameters and Adam moments as MLX arrays that the
+kernels update in place (copying ~130 MB of state per step would cost more than the top-k), and
+hands out copies with ``state()``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import mlx.core as mx  # saepipe/__init__ (imported first) has loaded the fast BLAS
+import numpy as np
+
+from saepipe import cpu_kernels as ck
+from saepipe.config import SAEConfig
+
+_BETAS = (0.9, 0.999)
+_ADAM_EPS = 1e-8
+
+
+class StepState(NamedTuple):
+    """Everything a training step updates (MLX arrays, as checkpoints hold them)."""
+
+    params: dict[str, mx.array]
+    m: dict[str, mx.array]
+    v: dict[str, mx.array]
+    t: mx.array
+    counter: mx.array
+
+
+def available() -> bool:
+    """Whether this step applies: MLX computes on the CPU (on a GPU the MLX kernels are the fast path)."""
+    return mx.default_device() == mx.cpu
+
+
+def _encode(x, mean, std, W_enc, b_dec):
+    x = (x - mean) / std
+    xc = x - b_dec
+    return x, xc, xc @ W_enc.T  # b_enc is added by the kernels that read the product
+
+
+_encode_compiled = mx.compile(_encode)
+
+
+def _owned(a: mx.array) -> mx.array:
+    """A fresh, evaluated, contiguous copy that no other array shares (safe to update in place)."""
+    out = mx.array(np.array(a, copy=True))
+    mx.eval(out)
+    return out
+
+
+class CpuStep:
+    """Stateful TopK-SAE training step (see the module docstring).
+
+    ``step(lr, x, mean, std, n_dead)`` runs one update on the batch ``x`` (n, d_model) and returns
+    the metrics ``[loss, fvu, mse, aux, l1, l0, grad_norm, dead_fraction]`` (float64 numpy), the
+    contract of ``saepipe.train``'s steps. ``n_dead``: dead latents before the step (AuxK runs when
+    it and ``aux_coef`` are > 0; its loss is scaled by ``min(n_dead / k_aux, 1)``).
+    """
+
+    def __init__(self, config: SAEConfig, d_hidden: int, k_aux: int, state: StepState) -> None:
+        self.config, self.d_hidden, self.k_aux = config, d_hidden, k_aux
+        self.lanes = ck.lanes_for(d_hidden, config.k)
+        self.load(state)
+
+    # ---- state ------------------------------------------------------------------------------
+    def load(self, state: StepState) -> None:
+        """Take private copies of ``state`` (the caller's arrays are never written)."""
+        self._mx = {group: {name: _owned(a) for name, a in getattr(state, group).items()}
+                    for group in ("params", "m", "v")}
+        self._np = {group: {name: np.asarray(a) for name, a in arrays.items()}
+                    for group, arrays in self._mx.items()}
+        self.t = float(np.asarray(state.t))
+        self.counter = np.array(state.counter, dtype=np.int64)
+
+    def state(self) -> StepState:
+        """Copies of the current parameters, Adam moments, step count and dead counters."""
+        copy = {group: {name: mx.array(a) for name, a in arrays.items()} for group, arrays in self._np.items()}
+        return StepState(copy["params"], copy["m"], copy["v"], mx.array(self.t, dtype=mx.float32),
+                         mx.array(self.counter.astype(np.int32)))
+
+    # ---- one step ---------------------------------------------------------------------------
+    def step(self, lr: float, x: mx.array, mean: mx.array, std: mx.array, n_dead: int) -> np.ndarray:
+        cfg, p = self.config, self._np["params"]
+        W_dec, b_dec, b_enc = p["W_dec"], p["b_dec"], p["b_enc"]
+        tied = cfg.tied_weights
+        W_enc = W_dec if tied else p["W_enc"]
+        live = self._mx["params"]
+        xn, xc, pre = _encode_compiled(x, mean, std, live["W_dec"] if tied else live["W_enc"],
+                                       live["b_dec"])
+        mx.eval(xn, xc, pre)
+        xn, xc, pre = np.asarray(xn), np.asarray(xc), np.asarray(pre)
+        n, d = xn.shape
+        k = cfg.k
+
+        pv = np.empty((n, k), np.float32)
+        idx = np.empty((n, k), np.int32)
+        ck.topk_rows(pre, b_enc, k, self.lanes, pv, idx)
+        total_var = max(ck.centered_sum_sq(xn, ck.column_sums(xn) / n), 1e-12)
+        gscale = np.float32(-2.0 / total_var)
+        l1_coef = float(cfg.l1_coefficient)
+        e = np.empty((n, d), np.float32)
+        gpre = np.empty((n, k), np.float32)
+        sse_rows = np.empty(n, np.float32)
+        ck.decode_residual(xn, b_dec, W_dec, idx, pv, gscale, np.float32(l1_coef / n), e, gpre, sse_rows)
+        sse = float(sse_rows.sum(dtype=np.float64))
+
+        aux, aux_parts = 0.0, None
+        if cfg.aux_coef > 0 and n_dead > 0:
+            aux, aux_parts = self._auxk(pre, b_enc, xc, e, W_dec, min(n_dead / self.k_aux, 1.0))
+
+        grads = self._latent_grads(idx, pv, gpre, e, xc, gscale, W_dec, aux_parts)
+        dW_dec, dW_enc, db_enc, fired, sq = grads
+        db_dec = gscale * ck.column_sums(e).astype(np.float32) - db_enc @ W_enc
+        gnorm = float(np.sqrt(sq + float(db_enc @ db_enc) + float(db_dec @ db_dec)))
+        clip = float(cfg.gradient_clip)
+        scale = min(1.0, clip / (gnorm + 1e-12)) if clip > 0 else 1.0
+        self._adam(lr, scale, {"W_dec": dW_dec, "W_enc": dW_enc, "b_enc": db_enc, "b_dec": db_dec})
+
+        threshold = int(cfg.dead_tokens_threshold)
+        self.counter = np.where(fired > 0, 0, np.minimum(self.counter + n, threshold))
+        fvu = sse / total_var
+        pos = np.maximum(pv, 0)
+        l1 = float(pos.sum(dtype=np.float64)) / n
+        loss = fvu + l1_coef * l1 + cfg.aux_coef * aux
+        return np.array([loss, fvu, sse / (n * d), aux, l1, float((pv > 0).sum()) / n, gnorm,
+                         float((self.counter >= threshold).mean())])
+
+    def _auxk(self, pre, b_enc, xc, e, W_dec, aux_scale):
+        """AuxK over the dead latents: loss and its gradient rows (columns, dW_dec, dW_enc, db_enc).
+
+        Dense over the dead columns only: ``a`` (n, n_dead) holds their ReLU pre-activations with
+        all but each row's k_aux largest zeroed (live latents count as 0, as in the reference)."""
+        dead = np.flatnonzero(self.counter >= self.config.dead_tokens_threshold).astype(np.int32)
+        n = pre.shape[0]
+        a = np.empty((n, dead.size), np.float32)
+        ck.gather_columns_relu(pre, b_enc, dead, a)
+        ck.keep_top_k(a, self.k_aux)
+        Wd = W_dec[dead]
+        r = a @ Wd
+        r -= e
+        e_var = max(ck.centered_sum_sq(e, ck.column_sums(e) / n), 1e-12)
+        aux = aux_scale * ck.centered_sum_sq(r, np.zeros(r.shape[1])) / e_var
+        r *= np.float32(2.0 * self.config.aux_coef * aux_scale / e_var)  # d (aux_coef * aux) / d e_hat
+        da = r @ Wd.T
+        ck.zero_where_not_positive(da, a)
+        return aux, (dead, a.T @ r, da.T @ xc, da.sum(axis=0))
+
+    def _latent_grads(self, idx, pv, gpre, e, xc, gscale, W_dec, aux_parts):
+        h, d = W_dec.shape
+        slot = np.full(h, -1, np.int64)
+        if aux_parts is None:
+            aux_dec = aux_enc = np.zeros((1, d), np.float32)
+            aux_b = np.zeros(1, np.float32)
+        else:
+            dead, aux_dec, aux_enc, aux_b = aux_parts
+            slot[dead] = np.arange(dead.size)
+        offsets, order = ck.group_by_latent(idx, h)
+        tied = self.config.tied_weights
+        dW_dec = np.empty((h, d), np.float32)
+        dW_enc = dW_dec if tied else np.empty((h, d), np.float32)
+        db_enc = np.empty(h, np.float32)
+        fired = np.empty(h, np.int64)
+        sq_dec, sq_enc = np.empty(h, np.float32), np.empty(h, np.float32)
+        ck.latent_grads(offsets, order, idx.shape[1], pv, gpre, e, xc, gscale, W_dec, tied, slot,
+                        aux_dec, aux_enc, aux_b, dW_dec, dW_enc, db_enc,
+                        fired, sq_dec, sq_enc)
+        sq = float(sq_dec.sum(dtype=np.float64) + sq_enc.sum(dtype=np.float64))
+        return dW_dec, (None if tied else dW_enc), db_enc, fired, sq
+
+    def _adam(self, lr: float, scale: float, grads: dict[str, np.ndarray | None]) -> None:
+        self.t += 1
+        b1, b2 = _BETAS
+        c1, c2 = np.float32(1 - b1**self.t), np.float32(1 - b2**self.t)
+        f32 = np.float32
+        for name, p in self._np["params"].items():
+            g = grads[name]
+            rows = p if p.ndim == 2 else p.reshape(1, -1)
+            as_rows = (lambda a, like=rows: a.reshape(like.shape))  # noqa: E731
+            ck.adam_rows(rows, as_rows(self._np["m"][name]), as_rows(self._np["v"][name]), as_rows(g),
+                         f32(lr), c1, c2, f32(scale), f32(b1), f32(b2), f32(_ADAM_EPS), name == "W_dec")
+
+
+__all__ = ["CpuStep", "StepState", "available"]

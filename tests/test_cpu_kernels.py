@@ -1,0 +1,167 @@
+"""saepipe.cpu_kernels against straightforward numpy, on random and tie-heavy inputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from saepipe import cpu_kernels as ck
+
+
+def _topk(pre, bias, k, lanes=None):
+    n = pre.shape[0]
+    values, indices = np.empty((n, k), np.float32), np.empty((n, k), np.int32)
+    ck.topk_rows(pre, bias, k, ck.lanes_for(pre.shape[1], k) if lanes is None else lanes, values, indices)
+    return values, indices
+
+
+@pytest.mark.parametrize(("n", "width", "k", "lanes"), [
+    (300, 9216 // 8, 32, None), (200, 1000, 7, None), (100, 1003, 16, 5),  # tail columns
+    (50, 64, 1, None), (50, 64, 64, None), (50, 40, 39, 3), (30, 257, 20, 1)])
+def test_topk_rows_equals_argpartition(n, width, k, lanes):
+    rng = np.random.default_rng(width + k)
+    pre = rng.standard_normal((n, width), dtype=np.float32)
+    bias = rng.standard_normal(width, dtype=np.float32)
+    values, indices = _topk(pre, bias, k, lanes)
+    full = pre + bias
+    expected = np.sort(np.argpartition(full, width - k, axis=1)[:, width - k:], axis=1)
+    np.testing.assert_array_equal(np.sort(indices, axis=1), expected)
+    np.testing.assert_array_equal(values, np.take_along_axis(full, indices, axis=1))
+
+
+def test_topk_rows_keeps_exactly_k_under_ties():
+    rng = np.random.default_rng(0)
+    pre = rng.integers(-3, 3, size=(200, 512)).astype(np.float32)  # ~85 copies of each value
+    pre[:10] = 1.0  # all equal
+    k = 24
+    values, indices = _topk(pre, np.zeros(512, np.float32), k)
+    for row, vals, idx in zip(pre, values, indices, strict=True):
+        assert len(set(idx.tolist())) == k
+        np.testing.assert_array_equal(np.sort(vals), np.sort(row)[-k:])
+
+
+def test_topk_rows_gives_valid_columns_for_nan_rows():
+    pre = np.random.default_rng(1).standard_normal((6, 300), dtype=np.float32)
+    pre[0] = np.nan
+    pre[1, ::2] = np.nan
+    _, indices = _topk(pre, np.zeros(300, np.float32), 16)
+    for idx in indices:  # in range and distinct: later gathers stay in bounds
+        assert idx.min() >= 0 and idx.max() < 300 and len(set(idx.tolist())) == 16
+
+
+@pytest.mark.parametrize("k", [1, 5, 40])
+def test_keep_top_k_zeroes_all_but_the_k_largest(k):
+    rng = np.random.default_rng(k)
+    a = np.maximum(rng.standard_normal((300, 61), dtype=np.float32), 0)
+    a[:20] = np.where(a[:20] > 0, 2.0, 0.0)  # ties at the threshold
+    a[20:25] = 0.0
+    kept = a.copy()
+    ck.keep_top_k(kept, k)
+    for row, out in zip(a, kept, strict=True):
+        n_pos = int((row > 0).sum())
+        assert int((out > 0).sum()) == min(k, n_pos)
+        np.testing.assert_array_equal(np.sort(out[out > 0]), np.sort(row)[::-1][:min(k, n_pos)][::-1])
+        assert np.all((out == row) | (out == 0))
+
+
+def _problem(n=96, d=24, h=80, k=6, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, d), dtype=np.float32)
+    W = rng.standard_normal((h, d), dtype=np.float32)
+    W /= np.linalg.norm(W, axis=1, keepdims=True)
+    b_dec = rng.standard_normal(d, dtype=np.float32) * 0.1
+    pre = x @ W.T
+    pv, idx = _topk(pre, np.zeros(h, np.float32), k)
+    return x, W, b_dec, pv, idx
+
+
+def _dense(values, indices, width):
+    out = np.zeros((values.shape[0], width), np.float64)
+    np.put_along_axis(out, indices, values, axis=1)
+    return out
+
+
+def test_decode_residual_matches_dense_math():
+    x, W, b_dec, pv, idx = _problem()
+    n, d = x.shape
+    gscale, l1 = np.float32(-0.01), np.float32(0.003)
+    e, gpre, sse = np.empty((n, d), np.float32), np.empty_like(pv), np.empty(n, np.float32)
+    ck.decode_residual(x, b_dec, W, idx, pv, gscale, l1, e, gpre, sse)
+    code = _dense(np.maximum(pv, 0), idx, W.shape[0])
+    e_ref = x - (code @ W + b_dec)
+    np.testing.assert_allclose(e, e_ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(sse, (e_ref**2).sum(axis=1), rtol=1e-5)
+    gv = gscale * np.einsum("rd,rjd->rj", e_ref, W[idx]) + l1
+    np.testing.assert_allclose(gpre, np.where(pv > 0, gv, 0), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_latent_grads_match_dense_math(tied):
+    x, W, b_dec, pv, idx = _problem(seed=1)
+    rng = np.random.default_rng(2)
+    h, d = W.shape
+    e = rng.standard_normal(x.shape, dtype=np.float32)
+    xc = x - b_dec
+    gpre = np.where(pv > 0, rng.standard_normal(pv.shape, dtype=np.float32), 0).astype(np.float32)
+    gscale = np.float32(-0.02)
+    aux_cols = np.array([3, 17, 40])
+    slot = np.full(h, -1, np.int64)
+    slot[aux_cols] = np.arange(3)
+    aux_dec, aux_enc = rng.standard_normal((3, d), dtype=np.float32), rng.standard_normal((3, d), dtype=np.float32)
+    aux_b = rng.standard_normal(3, dtype=np.float32)
+    offsets, order = ck.group_by_latent(idx, h)
+    dW_dec, db_enc = np.empty((h, d), np.float32), np.empty(h, np.float32)
+    dW_enc = dW_dec if tied else np.empty((h, d), np.float32)
+    fired, sq_dec, sq_enc = np.empty(h, np.int64), np.empty(h, np.float32), np.empty(h, np.float32)
+    ck.latent_grads(offsets, order, idx.shape[1], pv, gpre, e, xc, gscale, W, tied, slot,
+                    aux_dec, aux_enc, aux_b, dW_dec, dW_enc, db_enc, fired, sq_dec, sq_enc)
+
+    code, gcode = _dense(np.maximum(pv, 0), idx, h), _dense(gpre, idx, h)
+    ref_dec, ref_enc, ref_b = gscale * code.T @ e, gcode.T @ xc, gcode.sum(axis=0)
+    ref_dec[aux_cols] += aux_dec
+    ref_enc[aux_cols] += aux_enc
+    ref_b[aux_cols] += aux_b
+    if tied:
+        ref_dec += ref_enc
+    ref_dec -= (ref_dec * W).sum(axis=1, keepdims=True) * W
+    np.testing.assert_allclose(dW_dec, ref_dec, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(sq_dec, (ref_dec**2).sum(axis=1), rtol=1e-4, atol=1e-6)
+    if not tied:
+        np.testing.assert_allclose(dW_enc, ref_enc, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(sq_enc, (ref_enc**2).sum(axis=1), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(db_enc, ref_b, rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(fired, (code > 0).sum(axis=0))
+
+
+def test_group_by_latent_is_a_stable_counting_sort():
+    idx = np.random.default_rng(0).integers(0, 50, size=(40, 7)).astype(np.int32)
+    offsets, order = ck.group_by_latent(idx, 50)
+    flat = idx.ravel()
+    np.testing.assert_array_equal(order, np.argsort(flat, kind="stable"))
+    np.testing.assert_array_equal(np.diff(offsets), np.bincount(flat, minlength=50))
+
+
+@pytest.mark.parametrize("unit_rows", [False, True])
+def test_adam_rows_matches_the_formula(unit_rows):
+    rng = np.random.default_rng(3)
+    p, m, v, g = (rng.standard_normal((30, 12), dtype=np.float32) for _ in range(4))
+    v = np.abs(v)
+    lr, c1, c2, scale, b1, b2, eps = 1e-2, 0.19, 0.002, 0.5, 0.9, 0.999, 1e-8
+    gs = scale * g
+    m_ref = b1 * m + (1 - b1) * gs
+    v_ref = b2 * v + (1 - b2) * gs**2
+    p_ref = p - lr * (m_ref / c1) / (np.sqrt(v_ref / c2) + eps)
+    if unit_rows:
+        p_ref /= np.linalg.norm(p_ref, axis=1, keepdims=True)
+    f = np.float32
+    ck.adam_rows(p, m, v, g, f(lr), f(c1), f(c2), f(scale), f(b1), f(b2), f(eps), unit_rows)
+    np.testing.assert_allclose(m, m_ref, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(v, v_ref, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(p, p_ref, rtol=1e-4, atol=1e-6)
+
+
+def test_sums_match_numpy():
+    x = np.random.default_rng(4).standard_normal((333, 21)).astype(np.float32) + 5
+    np.testing.assert_allclose(ck.column_sums(x), x.astype(np.float64).sum(axis=0), rtol=1e-12)
+    mean = x.astype(np.float64).mean(axis=0)
+    assert ck.centered_sum_sq(x, mean) == pytest.approx(((x - mean) ** 2).sum(), rel=1e-6)
