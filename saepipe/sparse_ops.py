@@ -1,4 +1,8 @@
-"""Fast TopK-SAE training-step kernels in pure MLX, tuned for MLX on a small CPU.
+"""Fast TopK-SAE training-step kernels in pure MLX: the training step on a GPU (``fit_sae``'s
+``kernels="sparse"``). On a CPU ``fit_sae`` runs ``saepipe.cpu_step`` instead (multi-threaded numba
+kernels, ~3x faster than these there); these stay the pure-MLX path and its tests.
+
+They were tuned for MLX on a small CPU first:
 
 Why these formulations (measured on the 2-core Linux box, batch 4096, d_model 576, d_hidden 9216;
 see ``benchmarks/sparse_ops.py`` for the side-by-side numbers):
