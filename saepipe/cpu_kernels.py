@@ -4,8 +4,8 @@ MLX on CPU runs argpartition, gather, scatter, elementwise ops and Adam on one c
 TopK step costs ~6x its one dense encoder matmul. These kernels do the sparse work in the shape it
 really has, on every core, reading each big array about once:
 
-- ``topk_rows``: per row, a size-k min-heap over the pre-activations, scanned 16 at a time (a block
-  is looked at only when its maximum beats the heap's minimum): one read of (n, d_hidden).
+- ``topk_rows``: per row, maxima of strided column groups, a threshold from them, then a quickselect
+  over the few candidates at or above it: one vectorized read of (n, d_hidden), exact.
 - ``decode_residual``: ``e = x - (b_dec + sum_j v_j W_dec[i_j])`` and the value gradients
   ``g . W_dec[i_j]`` row by row, with the k decoder rows still in cache.
 - ``latent_grads``: weight gradients of the active latents only. The (row, slot) pairs are grouped
@@ -21,6 +21,12 @@ arrays they are given. ``saepipe.cpu_step`` assembles them into a training step.
 from __future__ import annotations
 
 import math
+import os
+
+# numba's OpenMP workers spin after each parallel region by default, stealing the cores from the
+# OpenBLAS matmul that follows (AuxK's matmuls ran ~1.7x slower). Read when libgomp loads, i.e. at
+# the first parallel kernel call, so setting it here (before numba) is early enough.
+os.environ.setdefault("OMP_WAIT_POLICY", "passive")
 
 import numba as nb
 import numpy as np
@@ -86,9 +92,11 @@ def _group_threshold(gm, k):
 
 
 @nb.njit(parallel=True, cache=True, fastmath=False, boundscheck=False)
-def topk_rows(pre, bias, k, lanes, out_values, out_indices):
+def topk_rows(pre, bias, k, lanes, out_values, out_indices, columns, out_columns):
     """The k largest entries of each row of ``pre + bias`` (n, w) + (w,): values and int32 column
-    indices (n, k). (Adding the bias here saves a pass over the (n, w) pre-activations.)
+    indices (n, k). (Adding the bias here saves a pass over the (n, w) pre-activations.) Also
+    ``out_columns[r, i] = max(pre[r, c] + bias[c], 0)`` for ``c = columns[i]`` (AuxK's dead
+    latents; pass empty arrays for none), read while the row is in cache.
 
     Exactly k per row, distinct columns, in no particular order. Per row, viewed as ``lanes``
     consecutive slices of ``g = w // lanes`` columns (group c = columns c, g + c, 2g + c, ...):
@@ -143,6 +151,9 @@ def topk_rows(pre, bias, k, lanes, out_values, out_indices):
             for j in range(k):
                 out_values[r, j] = cand_v[j]
                 out_indices[r, j] = cand_c[j]
+            for i in range(columns.size):
+                col = columns[i]
+                out_columns[r, i] = max(row[col] + bias[col], 0.0)
 
 
 @nb.njit(parallel=True, cache=True, fastmath=True, boundscheck=False)
@@ -289,16 +300,6 @@ def adam_rows(p, m, v, g, lr, c1, c2, scale, beta1, beta2, eps, unit_rows):
 
 
 @nb.njit(parallel=True, cache=True, boundscheck=False)
-def gather_columns_relu(pre, bias, columns, out):
-    """``out[r, i] = max(pre[r, columns[i]] + bias[columns[i]], 0)``: dead latents' ReLU pre-activations."""
-    n = pre.shape[0]
-    for r in nb.prange(n):
-        for i in range(columns.size):
-            col = columns[i]
-            out[r, i] = max(pre[r, col] + bias[col], 0.0)
-
-
-@nb.njit(parallel=True, cache=True, boundscheck=False)
 def keep_top_k(a, k):
     """Zero all but the k largest entries of each row of the non-negative ``a`` (n, w), in place
     (ties: leftmost kept). Rows with <= k positive entries are left as they are (zeros are zeros).
@@ -375,5 +376,5 @@ def centered_sum_sq(x, mean):
     return total
 
 
-__all__ = ["adam_rows", "centered_sum_sq", "column_sums", "decode_residual", "gather_columns_relu", "group_by_latent",
+__all__ = ["adam_rows", "centered_sum_sq", "column_sums", "decode_residual", "group_by_latent",
            "keep_top_k", "latent_grads", "topk_rows", "zero_where_not_positive"]

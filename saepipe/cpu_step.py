@@ -102,9 +102,13 @@ class CpuStep:
         n, d = xn.shape
         k = cfg.k
 
+        aux_on = cfg.aux_coef > 0 and n_dead > 0
+        dead = np.flatnonzero(self.counter >= cfg.dead_tokens_threshold).astype(np.int32) if aux_on \
+            else np.empty(0, np.int32)
         pv = np.empty((n, k), np.float32)
         idx = np.empty((n, k), np.int32)
-        ck.topk_rows(pre, b_enc, k, self.lanes, pv, idx)
+        a = np.empty((n, dead.size), np.float32)  # dead latents' ReLU pre-activations, for AuxK
+        ck.topk_rows(pre, b_enc, k, self.lanes, pv, idx, dead, a)
         total_var = max(ck.centered_sum_sq(xn, ck.column_sums(xn) / n), 1e-12)
         gscale = np.float32(-2.0 / total_var)
         l1_coef = float(cfg.l1_coefficient)
@@ -115,8 +119,8 @@ class CpuStep:
         sse = float(sse_rows.sum(dtype=np.float64))
 
         aux, aux_parts = 0.0, None
-        if cfg.aux_coef > 0 and n_dead > 0:
-            aux, aux_parts = self._auxk(pre, b_enc, xc, e, W_dec, min(n_dead / self.k_aux, 1.0))
+        if aux_on:
+            aux, aux_parts = self._auxk(dead, a, xc, e, W_dec, min(n_dead / self.k_aux, 1.0))
 
         grads = self._latent_grads(idx, pv, gpre, e, xc, gscale, W_dec, aux_parts)
         dW_dec, dW_enc, db_enc, fired, sq = grads
@@ -135,15 +139,12 @@ class CpuStep:
         return np.array([loss, fvu, sse / (n * d), aux, l1, float((pv > 0).sum()) / n, gnorm,
                          float((self.counter >= threshold).mean())])
 
-    def _auxk(self, pre, b_enc, xc, e, W_dec, aux_scale):
+    def _auxk(self, dead, a, xc, e, W_dec, aux_scale):
         """AuxK over the dead latents: loss and its gradient rows (columns, dW_dec, dW_enc, db_enc).
 
-        Dense over the dead columns only: ``a`` (n, n_dead) holds their ReLU pre-activations with
-        all but each row's k_aux largest zeroed (live latents count as 0, as in the reference)."""
-        dead = np.flatnonzero(self.counter >= self.config.dead_tokens_threshold).astype(np.int32)
-        n = pre.shape[0]
-        a = np.empty((n, dead.size), np.float32)
-        ck.gather_columns_relu(pre, b_enc, dead, a)
+        Dense over the dead columns only: ``a`` (n, n_dead) holds their ReLU pre-activations; all
+        but each row's k_aux largest are zeroed here (live latents count as 0, as in the reference)."""
+        n = a.shape[0]
         ck.keep_top_k(a, self.k_aux)
         Wd = W_dec[dead]
         r = a @ Wd

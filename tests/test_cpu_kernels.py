@@ -8,11 +8,14 @@ import pytest
 from saepipe import cpu_kernels as ck
 
 
-def _topk(pre, bias, k, lanes=None):
+def _topk(pre, bias, k, lanes=None, columns=None):
     n = pre.shape[0]
     values, indices = np.empty((n, k), np.float32), np.empty((n, k), np.int32)
-    ck.topk_rows(pre, bias, k, ck.lanes_for(pre.shape[1], k) if lanes is None else lanes, values, indices)
-    return values, indices
+    columns = np.empty(0, np.int32) if columns is None else columns
+    gathered = np.empty((n, columns.size), np.float32)
+    lanes = ck.lanes_for(pre.shape[1], k) if lanes is None else lanes
+    ck.topk_rows(pre, bias, k, lanes, values, indices, columns, gathered)
+    return values, indices, gathered
 
 
 @pytest.mark.parametrize(("n", "width", "k", "lanes"), [
@@ -22,8 +25,10 @@ def test_topk_rows_equals_argpartition(n, width, k, lanes):
     rng = np.random.default_rng(width + k)
     pre = rng.standard_normal((n, width), dtype=np.float32)
     bias = rng.standard_normal(width, dtype=np.float32)
-    values, indices = _topk(pre, bias, k, lanes)
+    columns = np.sort(rng.choice(width, width // 3, replace=False)).astype(np.int32)
+    values, indices, gathered = _topk(pre, bias, k, lanes, columns)
     full = pre + bias
+    np.testing.assert_array_equal(gathered, np.maximum(full[:, columns], 0))
     expected = np.sort(np.argpartition(full, width - k, axis=1)[:, width - k:], axis=1)
     np.testing.assert_array_equal(np.sort(indices, axis=1), expected)
     np.testing.assert_array_equal(values, np.take_along_axis(full, indices, axis=1))
@@ -34,7 +39,7 @@ def test_topk_rows_keeps_exactly_k_under_ties():
     pre = rng.integers(-3, 3, size=(200, 512)).astype(np.float32)  # ~85 copies of each value
     pre[:10] = 1.0  # all equal
     k = 24
-    values, indices = _topk(pre, np.zeros(512, np.float32), k)
+    values, indices, _ = _topk(pre, np.zeros(512, np.float32), k)
     for row, vals, idx in zip(pre, values, indices, strict=True):
         assert len(set(idx.tolist())) == k
         np.testing.assert_array_equal(np.sort(vals), np.sort(row)[-k:])
@@ -44,7 +49,7 @@ def test_topk_rows_gives_valid_columns_for_nan_rows():
     pre = np.random.default_rng(1).standard_normal((6, 300), dtype=np.float32)
     pre[0] = np.nan
     pre[1, ::2] = np.nan
-    _, indices = _topk(pre, np.zeros(300, np.float32), 16)
+    _, indices, _ = _topk(pre, np.zeros(300, np.float32), 16)
     for idx in indices:  # in range and distinct: later gathers stay in bounds
         assert idx.min() >= 0 and idx.max() < 300 and len(set(idx.tolist())) == 16
 
@@ -71,7 +76,7 @@ def _problem(n=96, d=24, h=80, k=6, seed=0):
     W /= np.linalg.norm(W, axis=1, keepdims=True)
     b_dec = rng.standard_normal(d, dtype=np.float32) * 0.1
     pre = x @ W.T
-    pv, idx = _topk(pre, np.zeros(h, np.float32), k)
+    pv, idx, _ = _topk(pre, np.zeros(h, np.float32), k)
     return x, W, b_dec, pv, idx
 
 
