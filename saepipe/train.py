@@ -49,6 +49,7 @@ import mlx.nn as nn
 import numpy as np
 
 import saepipe  # noqa: F401  (fast BLAS before mlx)
+from saepipe._malloc import reuse_freed_memory
 from saepipe.config import SAEConfig
 from saepipe.data import ActivationSource, as_source
 from saepipe.sae import TopKSAE, _Norm, init_params, to_dense, topk
@@ -449,9 +450,10 @@ def fit_sae(
                      "n_rows": n_rows, "n_train": n_train, "n_val": len(split.val),
                      "steps_per_epoch": steps_per_epoch, "total_steps": total_steps})
     try:
-        state, pos, completed = _train_loop(
-            source, split, config, state, pos, mean, std, d_hidden, k_aux, batch_size,
-            steps_per_epoch, total_steps, run_info, ckpt_dir, sink, max_steps, progress, kernels)
+        with reuse_freed_memory():  # the step's big buffers are reused, not page-faulted in anew
+            state, pos, completed = _train_loop(
+                source, split, config, state, pos, mean, std, d_hidden, k_aux, batch_size,
+                steps_per_epoch, total_steps, run_info, ckpt_dir, sink, max_steps, progress, kernels)
     finally:
         sink.close()
 
