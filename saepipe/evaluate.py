@@ -24,6 +24,7 @@ import mlx.core as mx
 import numpy as np
 from tqdm import tqdm
 
+from saepipe._malloc import reuse_freed_memory
 from saepipe.extract import ExtractConfig, make_batches
 from saepipe.forward import Replace, forward
 from saepipe.metrics import (
@@ -210,9 +211,19 @@ def evaluate_sae(
     if fast:
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         batches = length_sorted(batches, batch_size, pad_id)
-    prefixes, mean = _prefixes(model, batches, site)
-    mean_value = mx.array(mean.astype(np.float32))
+    with reuse_freed_memory():  # the (batch, seq, vocab) logits are reused, not page-faulted in anew
+        prefixes, mean = _prefixes(model, batches, site)
+        recon, sparsity, spliced = _score(model, sae, site, batches, prefixes, mean, fast)
+    result = EvalResult(site, recon.result(), sparsity.result(), spliced.result())
+    log.info("evaluate %s on %d tokens: fvu=%.4f l0=%.1f ce_loss_score=%.4f", site.name, n_tokens,
+             result.reconstruction.fvu, result.sparsity.l0, result.spliced.ce_loss_score)
+    return result
 
+
+def _score(model: Any, sae: Any, site: Site, batches: Sequence[TokenBatch], prefixes: Sequence[_Prefix],
+           mean: np.ndarray, fast: bool) -> tuple[ReconstructionStats, SparsityStats, SplicedLossStats]:
+    """Reconstruction, sparsity and spliced-model loss stats over ``batches`` (see evaluate_sae)."""
+    mean_value = mx.array(mean.astype(np.float32))
     recon, spliced, sparsity = ReconstructionStats(), SplicedLossStats(), None
     for b, prefix in tqdm(zip(batches, prefixes, strict=True), total=len(batches), desc="evaluate",
                           unit="batch"):
@@ -250,10 +261,7 @@ def evaluate_sae(
             for name, value in replacements.items()
         }
         spliced.update(b.tokens, next_token_mask(b.mask, b.lengths), b.mask, clean=clean.logits, **logits)
-    result = EvalResult(site, recon.result(), sparsity.result(), spliced.result())
-    log.info("evaluate %s on %d tokens: fvu=%.4f l0=%.1f ce_loss_score=%.4f", site.name, n_tokens,
-             result.reconstruction.fvu, result.sparsity.l0, result.spliced.ce_loss_score)
-    return result
+    return recon, sparsity, spliced
 
 
 def _replace_at(where: mx.array, value: mx.array):
