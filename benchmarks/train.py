@@ -6,10 +6,12 @@
 For each k it prints tokens/s of (all with AuxK on: ``--dead-fraction`` of the latents are dead):
 
 - floor: one dense encoder matmul of the batch, ``x @ W_enc.T`` (n x d_model x d_hidden);
-- saepipe.train: the compiled step ``fit_sae`` runs (``saepipe.train._make_step``);
-- sparse_ops (dense/scatter, 1 stream/split): ``saepipe.sparse_ops.make_train_step`` (same
-  contract) with each weight-gradient method, on one stream (``parts=1``) or split over per-core
-  CPU streams (``parts=None``, what ``fit_sae`` runs);
+- cpu_step: ``saepipe.cpu_step.CpuStep.step``, what ``fit_sae`` runs on a CPU (MLX encoder matmul +
+  multi-threaded numba kernels), and the floor are timed inside ``reuse_freed_memory`` as in
+  ``fit_sae``, interleaved, with 3x the repeats;
+- reference: the dense MLX step (``saepipe.train._make_step``, ``kernels="reference"``);
+- sparse_ops (dense, split): ``saepipe.sparse_ops.make_train_step``, ``fit_sae``'s path on a GPU
+  (``--all-variants`` adds its other weight-gradient method and the one-stream variants);
 - peers, each through its own classes, in a subprocess of ``--peer-python``: EleutherAI sparsify
   (``SparseCoder`` forward with ``dead_mask`` + backward + decoder-gradient projection + Adam step +
   decoder renorm) and SAELens (``TopKTrainingSAE.training_forward_pass`` + backward + Adam step);
@@ -17,11 +19,14 @@ For each k it prints tokens/s of (all with AuxK on: ``--dead-fraction`` of the l
 
 Targets (issue): full step <= 1.5x the floor, and >= 2x sparsify's tok/s with AuxK on.
 
-Measured 2026-11-27 (2-core x86 with AVX-512, quiet, cmeel OpenBLAS, torch 2.13.0 CPU; batch 4096,
-d_model 576, expansion 16): floor ~17.5k tok/s. k=32: best saepipe step (dense, split) 2.8k tok/s =
-6.2x floor; sparsify 2.7k (saepipe 1.05x); SAELens 1.05k (2.7x); the reference MLX step 0.97k.
-k=64: saepipe 2.35k (7.5x floor), sparsify 2.5k (0.93x), SAELens 1.0k (2.3x). Neither target is met:
-top-k, gather/scatter and Adam run on one core in MLX on CPU.
+Measured 2026-11-27 (2-core x86 with AVX-512, cmeel OpenBLAS, torch 2.13.0 CPU; batch 4096,
+d_model 576, expansion 16, 5 % dead latents): floor ~19.5k tok/s (210 ms). k=32: cpu_step 12.1k
+tok/s = 1.61x floor; sparsify 3.2k (saepipe 3.8x; 4.4k = 2.5x in a run where it did best);
+SAELens 1.07k (11x); the reference MLX step 1.7k. k=64: cpu_step 11.1k (1.77x floor), sparsify
+3.5k (3.2x), SAELens 0.96k (11.6x). The sparsify target is met; the floor target is not: beyond
+the matmul, AuxK's four dense (n x n_dead x d_model) matmuls take ~45 ms (at BLAS peak), top-k ~35
+ms (one pass over the (n, d_hidden) pre-activations), the latent-grouped weight gradients ~25 ms,
+the sparse decode ~15 ms and Adam ~7 ms, all bound by memory bandwidth or BLAS on 2 cores.
 
 Installing the peers into a throwaway venv (never the project venv; CPU torch only):
 
@@ -30,8 +35,8 @@ Installing the peers into a throwaway venv (never the project venv; CPU torch on
     /tmp/benchvenv/bin/pip install --no-deps eai-sparsify sae-lens
     /tmp/benchvenv/bin/pip install simple-parsing einops safetensors transformers accelerate \\
         natsort schedulefree datasets huggingface_hub    # sparsify's imports
-    /tmp/benchvenv/bin/pip install transformer-lens plotly plotly-express nltk babe \\
-        python-dotenv tenacity pyyaml                     # SAELens' imports
+    /tmp/benchvenv/bin/pip install "transformer-lens>=2.16.1,<4" plotly plotly-express nltk \\
+        "babe>=0.0.7,<0.0.8" python-dotenv tenacity pyyaml    # SAELens' imports (its pins)
     /tmp/benchvenv/bin/pip install "numpy>=2" "pandas>=2.2.3"   # pyarrow needs numpy 2; pandas built for it
 """
 
