@@ -117,14 +117,15 @@ class CpuStep:
         sse_rows = np.empty(n, np.float32)
         ck.decode_residual(xn, b_dec, W_dec, idx, pv, gscale, np.float32(l1_coef / n), e, gpre, sse_rows)
         sse = float(sse_rows.sum(dtype=np.float64))
+        e_sums = ck.column_sums(e)
 
         aux, aux_parts = 0.0, None
         if aux_on:
-            aux, aux_parts = self._auxk(dead, a, xc, e, W_dec, min(n_dead / self.k_aux, 1.0))
+            aux, aux_parts = self._auxk(dead, a, xc, e, e_sums, W_dec, min(n_dead / self.k_aux, 1.0))
 
         grads = self._latent_grads(idx, pv, gpre, e, xc, gscale, W_dec, aux_parts)
         dW_dec, dW_enc, db_enc, fired, sq = grads
-        db_dec = gscale * ck.column_sums(e).astype(np.float32) - db_enc @ W_enc
+        db_dec = gscale * e_sums.astype(np.float32) - db_enc @ W_enc
         gnorm = float(np.sqrt(sq + float(db_enc @ db_enc) + float(db_dec @ db_dec)))
         clip = float(cfg.gradient_clip)
         scale = min(1.0, clip / (gnorm + 1e-12)) if clip > 0 else 1.0
@@ -139,7 +140,7 @@ class CpuStep:
         return np.array([loss, fvu, sse / (n * d), aux, l1, float((pv > 0).sum()) / n, gnorm,
                          float((self.counter >= threshold).mean())])
 
-    def _auxk(self, dead, a, xc, e, W_dec, aux_scale):
+    def _auxk(self, dead, a, xc, e, e_sums, W_dec, aux_scale):
         """AuxK over the dead latents: loss and its gradient rows (columns, dW_dec, dW_enc, db_enc).
 
         Dense over the dead columns only: ``a`` (n, n_dead) holds their ReLU pre-activations; all
@@ -149,7 +150,7 @@ class CpuStep:
         Wd = W_dec[dead]
         r = a @ Wd
         r -= e
-        e_var = max(ck.centered_sum_sq(e, ck.column_sums(e) / n), 1e-12)
+        e_var = max(ck.centered_sum_sq(e, e_sums / n), 1e-12)
         aux = aux_scale * ck.centered_sum_sq(r, np.zeros(r.shape[1])) / e_var
         r *= np.float32(2.0 * self.config.aux_coef * aux_scale / e_var)  # d (aux_coef * aux) / d e_hat
         da = r @ Wd.T
