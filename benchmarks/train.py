@@ -20,13 +20,14 @@ For each k it prints tokens/s of (all with AuxK on: ``--dead-fraction`` of the l
 Targets (issue): full step <= 1.5x the floor, and >= 2x sparsify's tok/s with AuxK on.
 
 Measured 2026-11-27 (2-core x86 with AVX-512, cmeel OpenBLAS, torch 2.13.0 CPU; batch 4096,
-d_model 576, expansion 16, 5 % dead latents): floor ~19.5k tok/s (210 ms). k=32: cpu_step 12.1k
-tok/s = 1.61x floor; sparsify 3.2k (saepipe 3.8x; 4.4k = 2.5x in a run where it did best);
-SAELens 1.07k (11x); the reference MLX step 1.7k. k=64: cpu_step 11.1k (1.77x floor), sparsify
-3.5k (3.2x), SAELens 0.96k (11.6x). The sparsify target is met; the floor target is not: beyond
-the matmul, AuxK's four dense (n x n_dead x d_model) matmuls take ~45 ms (at BLAS peak), top-k ~35
-ms (one pass over the (n, d_hidden) pre-activations), the latent-grouped weight gradients ~25 ms,
-the sparse decode ~15 ms and Adam ~7 ms, all bound by memory bandwidth or BLAS on 2 cores.
+d_model 576, expansion 16, 5 % dead latents): floor ~19.3k tok/s (212 ms). k=32: cpu_step 12.6k
+tok/s = 1.53x floor; sparsify 3.3k (saepipe 3.8x; sparsify ranged 3.2-4.4k over the day's runs);
+SAELens 0.99k (12.8x); the reference MLX step 1.6k. k=64: cpu_step 11.2k (1.74x floor), sparsify
+3.6k (3.1x), SAELens 0.95k (11.8x). The sparsify target is met; the floor target is not (close at
+k=32). Beyond the matmul, at k=32: AuxK ~50 ms (its four dense n x n_dead x d_model matmuls ~44 ms
+at BLAS peak), top-k ~25 ms, weight gradients of the active latents ~22 ms, sparse decode ~15 ms,
+Adam ~7 ms; at k=64 the gradients (~50 ms) and decode (~32 ms) double: they read a d_model row
+per (token, active latent) pair and are bound by cache bandwidth on 2 cores.
 
 Installing the peers into a throwaway venv (never the project venv; CPU torch only):
 
