@@ -33,7 +33,8 @@ import numpy as np
 
 
 def lanes_for(width: int, k: int) -> int:
-    """Rows per column group in ``topk_rows``: ~sqrt(width / k) balances its scalar stages."""
+    """Slices per row in ``topk_rows`` (each column group takes one column of every slice):
+    ~sqrt(width / k) balances its scalar stages."""
     return max(1, min(width // max(k, 1), round(math.sqrt(width / max(k, 1)))))
 
 
