@@ -244,10 +244,11 @@ def latent_grads(offsets, order, k, pre_values, gpre, e, xc, gscale, W_dec, tied
     """
     width, d = W_dec.shape
     for j in nb.prange(width):
-        a = dW_dec[j]
-        b = dW_enc[j]
-        ta = np.zeros(d, np.float32)
-        tb = np.zeros(d, np.float32)
+        ta = dW_dec[j]  # sums go straight into the output rows (no per-latent temporaries) ...
+        tb = np.empty(d, np.float32) if tied else dW_enc[j]  # ... but with tied, dW_enc is dW_dec
+        for c in range(d):
+            ta[c] = 0.0
+            tb[c] = 0.0
         sb = 0.0
         nf = 0
         for p in range(offsets[j], offsets[j + 1]):
@@ -283,13 +284,12 @@ def latent_grads(offsets, order, k, pre_values, gpre, e, xc, gscale, W_dec, tied
             par += ta[c] * w[c]
         qa = 0.0
         for c in range(d):
-            a[c] = ta[c] - par * w[c]
-            qa += a[c] * a[c]
+            ta[c] -= par * w[c]
+            qa += ta[c] * ta[c]
         sq_dec[j] = qa
         qb = 0.0
         if not tied:
             for c in range(d):
-                b[c] = tb[c]
                 qb += tb[c] * tb[c]
         sq_enc[j] = qb
         db_enc[j] = sb
