@@ -383,6 +383,21 @@ def column_sums(x, parts=2):
 
 
 @nb.njit(parallel=True, cache=True, fastmath=True, boundscheck=False)
+def subtract_sum_sq_scale(r, e, scale):
+    """In place ``r = scale * (r - e)``; returns ``sum (r - e)^2`` (before scaling) in float64."""
+    n, d = r.shape
+    total = 0.0
+    for i in nb.prange(n):
+        s = 0.0
+        for c in range(d):
+            t = r[i, c] - e[i, c]
+            s += t * t
+            r[i, c] = scale * t
+        total += s
+    return total
+
+
+@nb.njit(parallel=True, cache=True, fastmath=True, boundscheck=False)
 def centered_sum_sq(x, mean):
     """``sum_{r,c} (x[r, c] - mean[c])^2`` in float64."""
     n, d = x.shape
@@ -397,4 +412,4 @@ def centered_sum_sq(x, mean):
 
 
 __all__ = ["adam_rows", "centered_sum_sq", "column_sums", "decode_residual", "group_by_latent",
-           "keep_top_k", "latent_grads", "topk_rows", "zero_where_not_positive"]
+           "keep_top_k", "latent_grads", "subtract_sum_sq_scale", "topk_rows", "zero_where_not_positive"]

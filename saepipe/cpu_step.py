@@ -148,11 +148,10 @@ class CpuStep:
         n = a.shape[0]
         ck.keep_top_k(a, self.k_aux)
         Wd = W_dec[dead]
-        r = a @ Wd
-        r -= e
         e_var = max(ck.centered_sum_sq(e, e_sums / n), 1e-12)
-        aux = aux_scale * ck.centered_sum_sq(r, np.zeros(r.shape[1])) / e_var
-        r *= np.float32(2.0 * self.config.aux_coef * aux_scale / e_var)  # d (aux_coef * aux) / d e_hat
+        r = a @ Wd  # becomes d (aux_coef * aux) / d e_hat, from aux = aux_scale * |a Wd - e|^2 / var(e):
+        aux_sse = ck.subtract_sum_sq_scale(r, e, np.float32(2.0 * self.config.aux_coef * aux_scale / e_var))
+        aux = aux_scale * aux_sse / e_var
         da = r @ Wd.T
         ck.zero_where_not_positive(da, a)
         return aux, (dead, a.T @ r, da.T @ xc, da.sum(axis=0))

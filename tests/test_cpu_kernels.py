@@ -170,3 +170,13 @@ def test_sums_match_numpy():
     np.testing.assert_allclose(ck.column_sums(x), x.astype(np.float64).sum(axis=0), rtol=1e-12)
     mean = x.astype(np.float64).mean(axis=0)
     assert ck.centered_sum_sq(x, mean) == pytest.approx(((x - mean) ** 2).sum(), rel=1e-6)
+
+
+def test_subtract_sum_sq_scale_matches_numpy():
+    rng = np.random.default_rng(3)
+    r, e = rng.standard_normal((37, 11), dtype=np.float32), rng.standard_normal((37, 11), dtype=np.float32)
+    expected_sum = float(((r.astype(np.float64) - e) ** 2).sum())
+    expected = np.float32(0.25) * (r - e)
+    total = ck.subtract_sum_sq_scale(r, e, np.float32(0.25))
+    np.testing.assert_allclose(total, expected_sum, rtol=1e-6)
+    np.testing.assert_allclose(r, expected, rtol=1e-6)
