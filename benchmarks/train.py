@@ -20,14 +20,14 @@ For each k it prints tokens/s of (all with AuxK on: ``--dead-fraction`` of the l
 Targets (issue): full step <= 1.5x the floor, and >= 2x sparsify's tok/s with AuxK on.
 
 Measured 2026-11-27 (2-core x86 with AVX-512, cmeel OpenBLAS, torch 2.13.0 CPU; batch 4096,
-d_model 576, expansion 16, 5 % dead latents): floor ~19.3k tok/s (212 ms). k=32: cpu_step 12.6k
-tok/s = 1.53x floor; sparsify 3.3k (saepipe 3.8x; sparsify ranged 3.2-4.4k over the day's runs);
-SAELens 0.99k (12.8x); the reference MLX step 1.6k. k=64: cpu_step 11.2k (1.74x floor), sparsify
-3.6k (3.1x), SAELens 0.95k (11.8x). The sparsify target is met; the floor target is not (close at
-k=32). Beyond the matmul, at k=32: AuxK ~50 ms (its four dense n x n_dead x d_model matmuls ~44 ms
-at BLAS peak), top-k ~25 ms, weight gradients of the active latents ~22 ms, sparse decode ~15 ms,
-Adam ~7 ms; at k=64 the gradients (~50 ms) and decode (~32 ms) double: they read a d_model row
-per (token, active latent) pair and are bound by cache bandwidth on 2 cores.
+d_model 576, expansion 16, 5 % dead latents): floor ~19.6k tok/s (209 ms). k=32: cpu_step 12.7k
+tok/s = 1.55x floor (1.53x in another run); sparsify 3.5k (saepipe 3.6x; sparsify ranged
+3.2-4.4k over the day's runs); SAELens 1.16k (10.9x); the reference MLX step 1.7k. k=64: cpu_step
+11.6k (1.69x floor), sparsify 3.6k (3.2x), SAELens 0.98k (11.9x). The sparsify target is met; the
+floor target is not (close at k=32). Beyond the matmul, at k=32: AuxK ~47 ms (its four dense
+n x n_dead x d_model matmuls ~44 ms at BLAS peak), top-k ~22 ms, weight gradients of the active
+latents ~20 ms, sparse decode ~15 ms, Adam ~7 ms; at k=64 the gradients (~45 ms) and decode (~32
+ms) double: they read a d_model row per (token, active latent) pair, bound by cache bandwidth.
 
 Installing the peers into a throwaway venv (never the project venv; CPU torch only):
 
