@@ -1,6 +1,6 @@
 """Fast TopK-SAE training-step kernels in pure MLX: the training step on a GPU (``fit_sae``'s
 ``kernels="sparse"``). On a CPU ``fit_sae`` runs ``saepipe.cpu_step`` instead (multi-threaded numba
-kernels, ~3x faster than these there); these stay the pure-MLX path and its tests.
+kernels, ~4x faster than these there: benchmarks/train.py); these stay the pure-MLX path and its tests.
 
 They were tuned for MLX on a small CPU first:
 
