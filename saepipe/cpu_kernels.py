@@ -30,6 +30,41 @@ os.environ.setdefault("OMP_WAIT_POLICY", "passive")
 
 import numba as nb
 import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+_PREFETCH_AHEAD = 2  # gathered rows: prefetch the row this many gathers ahead (measured best: 2)
+_LINE = 16  # float32s per 64-byte cache line
+
+
+@intrinsic
+def _prefetch(typingctx, arr, index):
+    """Hint the CPU to fetch the cache line holding ``arr[index]`` (1-D array): LLVM's prefetch
+    (read, keep in all cache levels). Numba has no such function; random row gathers need it, as
+    the hardware prefetcher cannot guess the next row (a 20 MB table: 21 -> 13 ms per 262k rows)."""
+    if not (isinstance(arr, types.Array) and arr.ndim == 1 and isinstance(index, types.Integer)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        array_type, index_type = signature.args
+        array = context.make_array(array_type)(context, builder, args[0])
+        i = context.cast(builder, args[1], index_type, types.intp)
+        pointer = cgutils.get_item_pointer(context, builder, array_type, array, [i], wraparound=False)
+        i32 = ir.IntType(32)
+        declared = ir.FunctionType(ir.VoidType(), [pointer.type, i32, i32, i32])
+        function = cgutils.get_or_insert_function(builder.module, declared, "llvm.prefetch.p0")
+        builder.call(function, [pointer, i32(0), i32(3), i32(1)])
+        return context.get_dummy_value()
+
+    return types.void(arr, index), codegen
+
+
+@nb.njit(inline="always")
+def _prefetch_row(row):
+    for c in range(0, row.size, _LINE):
+        _prefetch(row, c)
 
 
 def lanes_for(width: int, k: int) -> int:
@@ -177,6 +212,9 @@ def decode_residual(x, b_dec, W_dec, indices, pre_values, gscale, l1_grad, e_out
         for c in range(d):
             acc[c] = b_dec[c]
         for j in range(k):
+            ahead = r * k + j + _PREFETCH_AHEAD  # flat (row, slot) position, may be the next row's
+            if ahead < n * k:
+                _prefetch_row(W_dec[indices[ahead // k, ahead % k]])
             v = pre_values[r, j]
             if v > 0:
                 w = W_dec[indices[r, j]]
@@ -230,38 +268,51 @@ def latent_grads(offsets, order, k, pre_values, gpre, e, xc, gscale, W_dec, tied
     encoder gradient is added to the decoder's and ``dW_enc`` is not written (pass any (h, d) array). Then the decoder
     gradient's component along ``W_dec[j]`` is removed; ``sq_dec``/``sq_enc`` get each row's
     squared norm, ``db_enc`` the bias gradient and ``fired`` the number of positive activations.
+
+    Two passes, the first gathering rows of ``e`` only, the second rows of ``xc``: one (n, d) table
+    at a time stays in the last-level cache, where gathering from both at once ran ~1.3x slower.
+    Sums go straight into the output rows (no per-latent temporaries unless tied).
     """
     width, d = W_dec.shape
-    for j in nb.prange(width):
-        ta = dW_dec[j]  # sums go straight into the output rows (no per-latent temporaries) ...
-        tb = np.empty(d, np.float32) if tied else dW_enc[j]  # ... but with tied, dW_enc is dW_dec
+    for j in nb.prange(width):  # pass 1: decoder sums
+        ta = dW_dec[j]
         for c in range(d):
             ta[c] = 0.0
-            tb[c] = 0.0
-        sb = 0.0
         nf = 0
         for p in range(offsets[j], offsets[j + 1]):
             pos = order[p]
             r = pos // k
-            s = pos - r * k
-            v = pre_values[r, s]
+            v = pre_values[r, pos - r * k]
             if v > 0:
                 nf += 1
                 er = e[r]
                 for c in range(d):
                     ta[c] += v * er[c]
-                gp = gpre[r, s]
-                if gp != 0:
-                    sb += gp
-                    xr = xc[r]
-                    for c in range(d):
-                        tb[c] += gp * xr[c]
-        slot = aux_slot[j]
         for c in range(d):
             ta[c] *= gscale
+        slot = aux_slot[j]
         if slot >= 0:
             for c in range(d):
                 ta[c] += aux_dW_dec[slot, c]
+        fired[j] = nf
+    for j in nb.prange(width):  # pass 2: encoder sums, then the projection and norms
+        ta = dW_dec[j]
+        tb = np.empty(d, np.float32) if tied else dW_enc[j]  # with tied, dW_enc is dW_dec
+        for c in range(d):
+            tb[c] = 0.0
+        sb = 0.0
+        for p in range(offsets[j], offsets[j + 1]):
+            pos = order[p]
+            r = pos // k
+            gp = gpre[r, pos - r * k]  # 0 where the activation is not positive
+            if gp != 0:
+                sb += gp
+                xr = xc[r]
+                for c in range(d):
+                    tb[c] += gp * xr[c]
+        slot = aux_slot[j]
+        if slot >= 0:
+            for c in range(d):
                 tb[c] += aux_dW_enc[slot, c]
             sb += aux_db_enc[slot]
         if tied:
@@ -282,7 +333,6 @@ def latent_grads(offsets, order, k, pre_values, gpre, e, xc, gscale, W_dec, tied
                 qb += tb[c] * tb[c]
         sq_enc[j] = qb
         db_enc[j] = sb
-        fired[j] = nf
 
 
 @nb.njit(parallel=True, cache=True, fastmath=True, boundscheck=False)
