@@ -6,12 +6,13 @@ really has, on every core, reading each big array about once:
 
 - ``topk_rows``: per row, maxima of strided column groups, a threshold from them, then a quickselect
   over the few candidates at or above it: one vectorized read of (n, d_hidden), exact.
-- ``decode_residual``: ``e = x - (b_dec + sum_j v_j W_dec[i_j])`` and the value gradients
-  ``g . W_dec[i_j]`` row by row, with the k decoder rows still in cache.
-- ``latent_grads``: weight gradients of the active latents only. The (row, slot) pairs are grouped
-  by latent first (``group_by_latent``, a counting sort), so each latent's gradient row is summed in
-  cache and written once (no scatter races, no dense (n, d_hidden) code); the decoder's parallel
-  component is removed and squared norms are taken in the same pass.
+- ``decode_residual``: ``e = x - (b_dec + sum_j v_j W_dec[i_j])`` row by row (decoder rows
+  prefetched ahead: the row gathers are bound by memory latency).
+- ``latent_grads``: the value gradients ``g . W_dec[j]`` and the weight gradients of the active
+  latents only. The (row, slot) pairs are grouped by latent first (``group_by_latent``, a counting
+  sort), so each latent's gradient row is summed in cache and written once (no scatter races, no
+  dense (n, d_hidden) code); the decoder's parallel component is removed and squared norms are
+  taken in the same pass.
 - ``adam_rows``: bias-corrected Adam over rows in place, decoder rows renormalized in the same pass.
 
 All kernels work on float32 C-contiguous numpy arrays (zero-copy views of MLX arrays) and write into
@@ -140,6 +141,17 @@ def _group_maxima(row, bias, lanes, g, gm):
             gm[c] = max(gm[c], r[c] + b[c])
 
 
+@nb.njit(parallel=True, cache=True, boundscheck=False)
+def standardize(x, mean, std, b_dec, xn_out, xc_out):
+    """``xn = (x - mean) / std`` and ``xc = xn - b_dec`` in float32 (IEEE, no fast math)."""
+    n, d = x.shape
+    for r in nb.prange(n):
+        for c in range(d):
+            v = (x[r, c] - mean[c]) / std[c]
+            xn_out[r, c] = v
+            xc_out[r, c] = v - b_dec[c]
+
+
 @nb.njit(parallel=True, cache=True, fastmath=False, boundscheck=False)
 def topk_rows(pre, bias, k, lanes, out_values, out_indices, columns, out_columns):
     """The k largest entries of each row of ``pre + bias`` (n, w) + (w,): values and int32 column
@@ -201,10 +213,8 @@ def topk_rows(pre, bias, k, lanes, out_values, out_indices, columns, out_columns
 
 
 @nb.njit(parallel=True, cache=True, fastmath=True, boundscheck=False)
-def decode_residual(x, b_dec, W_dec, indices, pre_values, gscale, l1_grad, e_out, gpre_out, sse_rows):
-    """Per row r: ``e = x - (b_dec + sum_j relu(pv_j) W_dec[i_j])``, ``sse_rows[r] = |e|^2`` and
-    the pre-activation gradient ``gpre_j = [pv_j > 0] (gscale * e . W_dec[i_j] + l1_grad)``.
-    """
+def decode_residual(x, b_dec, W_dec, indices, pre_values, e_out, sse_rows):
+    """Per row r: ``e = x - (b_dec + sum_j relu(pv_j) W_dec[i_j])`` and ``sse_rows[r] = |e|^2``."""
     n, d = x.shape
     k = indices.shape[1]
     for r in nb.prange(n):
@@ -225,15 +235,6 @@ def decode_residual(x, b_dec, W_dec, indices, pre_values, gscale, l1_grad, e_out
             acc[c] = x[r, c] - acc[c]
             s += acc[c] * acc[c]
         sse_rows[r] = s
-        for j in range(k):
-            if pre_values[r, j] > 0:
-                w = W_dec[indices[r, j]]
-                dot = 0.0
-                for c in range(d):
-                    dot += w[c] * acc[c]
-                gpre_out[r, j] = gscale * dot + l1_grad
-            else:
-                gpre_out[r, j] = 0.0
 
 
 @nb.njit(cache=True, boundscheck=False)
@@ -258,36 +259,44 @@ def group_by_latent(indices, width):
 
 
 @nb.njit(parallel=True, cache=True, fastmath=True, boundscheck=False)
-def latent_grads(offsets, order, k, pre_values, gpre, e, xc, gscale, W_dec, tied,
+def latent_grads(offsets, order, k, pre_values, e, xc, gscale, l1_grad, W_dec, tied, gpre,
                  aux_slot, aux_dW_dec, aux_dW_enc, aux_db_enc,
                  dW_dec, dW_enc, db_enc, fired, sq_dec, sq_enc):
-    """Weight gradients of the active latents, one latent row at a time.
+    """Pre-activation and weight gradients of the active latents, one latent row at a time.
 
-    ``dW_dec[j] = gscale * sum relu(pv) e[r]`` and ``dW_enc[j] = sum gpre xc[r]`` over latent j's
+    ``gpre[r, s] = [pv > 0] (gscale * e[r] . W_dec[j] + l1_grad)`` for latent j's (row, slot)
+    pairs (written here, while ``e[r]`` is in cache for the decoder sum), ``dW_dec[j] = gscale * sum relu(pv) e[r]`` and ``dW_enc[j] = sum gpre xc[r]`` over latent j's
     (row, slot) pairs, plus latent j's AuxK rows when ``aux_slot[j] >= 0``; with ``tied`` the
     encoder gradient is added to the decoder's and ``dW_enc`` is not written (pass any (h, d) array). Then the decoder
     gradient's component along ``W_dec[j]`` is removed; ``sq_dec``/``sq_enc`` get each row's
     squared norm, ``db_enc`` the bias gradient and ``fired`` the number of positive activations.
 
-    Two passes, the first gathering rows of ``e`` only, the second rows of ``xc``: one (n, d) table
+    Two passes, the first gathering rows of ``e`` only (decoder sums and ``gpre``), the second rows of ``xc``: one (n, d) table
     at a time stays in the last-level cache, where gathering from both at once ran ~1.3x slower.
     Sums go straight into the output rows (no per-latent temporaries unless tied).
     """
     width, d = W_dec.shape
-    for j in nb.prange(width):  # pass 1: decoder sums
+    for j in nb.prange(width):  # pass 1: decoder sums and pre-activation gradients
         ta = dW_dec[j]
+        w = W_dec[j]
         for c in range(d):
             ta[c] = 0.0
         nf = 0
         for p in range(offsets[j], offsets[j + 1]):
             pos = order[p]
             r = pos // k
-            v = pre_values[r, pos - r * k]
+            s = pos - r * k
+            v = pre_values[r, s]
             if v > 0:
                 nf += 1
                 er = e[r]
+                dot = 0.0
                 for c in range(d):
                     ta[c] += v * er[c]
+                    dot += w[c] * er[c]
+                gpre[r, s] = gscale * dot + l1_grad
+            else:
+                gpre[r, s] = 0.0
         for c in range(d):
             ta[c] *= gscale
         slot = aux_slot[j]
@@ -451,4 +460,4 @@ def centered_sum_sq(x, mean):
 
 
 __all__ = ["adam_rows", "centered_sum_sq", "column_sums", "decode_residual", "group_by_latent",
-           "keep_top_k", "latent_grads", "subtract_sum_sq_scale", "topk_rows", "zero_where_not_positive"]
+           "keep_top_k", "latent_grads", "standardize", "subtract_sum_sq_scale", "topk_rows", "zero_where_not_positive"]

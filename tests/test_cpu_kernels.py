@@ -89,26 +89,23 @@ def _dense(values, indices, width):
 def test_decode_residual_matches_dense_math():
     x, W, b_dec, pv, idx = _problem()
     n, d = x.shape
-    gscale, l1 = np.float32(-0.01), np.float32(0.003)
-    e, gpre, sse = np.empty((n, d), np.float32), np.empty_like(pv), np.empty(n, np.float32)
-    ck.decode_residual(x, b_dec, W, idx, pv, gscale, l1, e, gpre, sse)
+    e, sse = np.empty((n, d), np.float32), np.empty(n, np.float32)
+    ck.decode_residual(x, b_dec, W, idx, pv, e, sse)
     code = _dense(np.maximum(pv, 0), idx, W.shape[0])
     e_ref = x - (code @ W + b_dec)
     np.testing.assert_allclose(e, e_ref, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(sse, (e_ref**2).sum(axis=1), rtol=1e-5)
-    gv = gscale * np.einsum("rd,rjd->rj", e_ref, W[idx]) + l1
-    np.testing.assert_allclose(gpre, np.where(pv > 0, gv, 0), rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("tied", [False, True])
 def test_latent_grads_match_dense_math(tied):
     x, W, b_dec, pv, idx = _problem(seed=1)
+    pv[::7, 0] = -np.abs(pv[::7, 0])  # some slots not positive: no gradient through them
     rng = np.random.default_rng(2)
     h, d = W.shape
     e = rng.standard_normal(x.shape, dtype=np.float32)
     xc = x - b_dec
-    gpre = np.where(pv > 0, rng.standard_normal(pv.shape, dtype=np.float32), 0).astype(np.float32)
-    gscale = np.float32(-0.02)
+    gscale, l1 = np.float32(-0.02), np.float32(0.003)
     aux_cols = np.array([3, 17, 40])
     slot = np.full(h, -1, np.int64)
     slot[aux_cols] = np.arange(3)
@@ -118,8 +115,12 @@ def test_latent_grads_match_dense_math(tied):
     dW_dec, db_enc = np.empty((h, d), np.float32), np.empty(h, np.float32)
     dW_enc = dW_dec if tied else np.empty((h, d), np.float32)
     fired, sq_dec, sq_enc = np.empty(h, np.int64), np.empty(h, np.float32), np.empty(h, np.float32)
-    ck.latent_grads(offsets, order, idx.shape[1], pv, gpre, e, xc, gscale, W, tied, slot,
+    gpre = np.full(pv.shape, np.nan, np.float32)
+    ck.latent_grads(offsets, order, idx.shape[1], pv, e, xc, gscale, l1, W, tied, gpre, slot,
                     aux_dec, aux_enc, aux_b, dW_dec, dW_enc, db_enc, fired, sq_dec, sq_enc)
+
+    gv = gscale * np.einsum("rd,rjd->rj", e, W[idx]) + l1
+    np.testing.assert_allclose(gpre, np.where(pv > 0, gv, 0), rtol=1e-4, atol=1e-6)
 
     code, gcode = _dense(np.maximum(pv, 0), idx, h), _dense(gpre, idx, h)
     ref_dec, ref_enc, ref_b = gscale * code.T @ e, gcode.T @ xc, gcode.sum(axis=0)
@@ -180,3 +181,28 @@ def test_subtract_sum_sq_scale_matches_numpy():
     total = ck.subtract_sum_sq_scale(r, e, np.float32(0.25))
     np.testing.assert_allclose(total, expected_sum, rtol=1e-6)
     np.testing.assert_allclose(r, expected, rtol=1e-6)
+
+
+def test_standardize_equals_numpy_float32():
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((19, 13), dtype=np.float32) * 3 + 1
+    mean, std = x.mean(axis=0), x.std(axis=0) + np.float32(0.5)
+    b_dec = rng.standard_normal(13, dtype=np.float32)
+    xn, xc = np.empty_like(x), np.empty_like(x)
+    ck.standardize(x, mean, std, b_dec, xn, xc)
+    np.testing.assert_array_equal(xn, (x - mean) / std)  # IEEE float32, bit for bit
+    np.testing.assert_array_equal(xc, (x - mean) / std - b_dec)
+
+
+def test_cpu_step_state_is_a_private_aligned_copy_shared_with_mlx():
+    import mlx.core as mx
+
+    from saepipe.cpu_step import _aligned_empty, _owned
+
+    source = mx.arange(40, dtype=mx.float32).reshape(8, 5)
+    owned, view = _owned(source)
+    assert view.ctypes.data % 64 == 0 and view.shape == (8, 5)
+    np.testing.assert_array_equal(view, np.asarray(source))
+    view[0, 0] = 99.0  # the kernels write the numpy view; MLX's matmul reads the array
+    assert float(owned[0, 0]) == 99.0 and float(source[0, 0]) == 0.0
+    assert _aligned_empty((3, 7)).ctypes.data % 64 == 0
