@@ -111,7 +111,7 @@ def _count_ge(a, t):
 
 @nb.njit(inline="always")
 def _group_threshold(gm, k):
-    """A value t with between k and 2k entries of ``gm`` >= t when one exists (bisection on the
+    """A value t with between k and 1.25k entries of ``gm`` >= t when one exists (bisection on the
     value range with vectorized counts; branch-light, unlike a quickselect). Always >= k entries."""
     lo, hi = gm.min(), gm.max()
     for _ in range(64):
@@ -123,7 +123,7 @@ def _group_threshold(gm, k):
             hi = mid
         else:
             lo = mid
-            if count <= 2 * k:
+            if count <= k + k // 4:
                 break
     return lo
 
@@ -162,7 +162,7 @@ def topk_rows(pre, bias, k, lanes, out_values, out_indices, columns, out_columns
     Exactly k per row, distinct columns, in no particular order. Per row, viewed as ``lanes``
     consecutive slices of ``g = w // lanes`` columns (group c = columns c, g + c, 2g + c, ...):
     (1) group maxima ``gm[c] = max_i row[i*g + c]``, an elementwise max of slices (vectorized,
-    bound by memory bandwidth); (2) a threshold t with >= k (and about <= 2k) group maxima >= t;
+    bound by memory bandwidth); (2) a threshold t with >= k (and about <= 1.25k) group maxima >= t;
     (3) the entries >= t of the groups whose maximum is >= t, plus the tail columns beyond
     ``lanes * g`` (branch-free compaction); (4) the k largest of those few (quickselect).
     Exact: those groups hold >= k entries >= t, and every entry > t lies in one of them.
