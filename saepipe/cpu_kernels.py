@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import os
+import platform
 
 # numba's OpenMP workers spin after each parallel region by default, stealing the cores from the
 # OpenBLAS matmul that follows (AuxK's matmuls ran ~1.7x slower). Read when libgomp loads, i.e. at
@@ -36,6 +37,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+_X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
 _PREFETCH_AHEAD = 2  # gathered rows: prefetch the row this many gathers ahead (measured best: 2)
 _LINE = 16  # float32s per 64-byte cache line
 
@@ -60,6 +62,58 @@ def _prefetch(typingctx, arr, index):
         return context.get_dummy_value()
 
     return types.void(arr, index), codegen
+
+
+@intrinsic
+def _stream16(typingctx, dst, src, index):
+    """``dst[index:index + 16] = src[index:index + 16]`` with a non-temporal (streaming) store:
+    the line goes to memory without being read first or evicting cached data. ``dst + index``
+    must be 64-byte aligned. Follow a run of them with ``_store_fence()``."""
+    if not all(isinstance(a, types.Array) and a.ndim == 1 for a in (dst, src)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        dst_type, src_type, index_type = signature.args
+        i = context.cast(builder, args[2], index_type, types.intp)
+        pointers = [cgutils.get_item_pointer(context, builder, t, context.make_array(t)(context, builder, a),
+                                             [i], wraparound=False)
+                    for t, a in ((dst_type, args[0]), (src_type, args[1]))]
+        vector = ir.VectorType(ir.FloatType(), 16).as_pointer()
+        values = builder.load(builder.bitcast(pointers[1], vector), align=4)
+        store = builder.store(values, builder.bitcast(pointers[0], vector), align=64)
+        store.set_metadata("nontemporal", builder.module.add_metadata([ir.IntType(32)(1)]))
+        return context.get_dummy_value()
+
+    return types.void(dst, src, index), codegen
+
+
+@intrinsic
+def _store_fence(typingctx):
+    """Streaming stores before it are visible to other threads after it (``sfence`` on x86, a
+    full fence elsewhere)."""
+
+    def codegen(context, builder, signature, args):
+        if _X86:
+            declared = ir.FunctionType(ir.VoidType(), [])
+            builder.call(cgutils.get_or_insert_function(builder.module, declared, "llvm.x86.sse.sfence"), [])
+        else:
+            builder.fence("seq_cst")
+        return context.get_dummy_value()
+
+    return types.void(), codegen
+
+
+@nb.njit(inline="always")
+def _write_row(dst, src, stream):
+    """``dst[:] = src``; with ``stream`` (dst 64-byte aligned, a multiple of 16 long) as streaming
+    stores, for output rows nothing reads soon: no read-for-ownership, no eviction of the tables
+    being gathered (the weight-gradient passes ran ~7 % faster)."""
+    if stream:
+        for c in range(0, dst.size, 16):
+            _stream16(dst, src, c)
+    else:
+        for c in range(dst.size):
+            dst[c] = src[c]
 
 
 @nb.njit(inline="always")
@@ -258,90 +312,109 @@ def group_by_latent(indices, width):
     return offsets, order
 
 
+@nb.njit(inline="always")
+def _remove_parallel(g, w):
+    """``g -= (g . w) w`` in place (w a unit row); returns ``|g|^2`` after."""
+    par = 0.0
+    for c in range(g.size):
+        par += g[c] * w[c]
+    sq = 0.0
+    for c in range(g.size):
+        g[c] -= par * w[c]
+        sq += g[c] * g[c]
+    return sq
+
+
+_LATENT_CHUNK = 64  # latents per parallel work item in latent_grads (one set of temporaries each)
+
+
 @nb.njit(parallel=True, cache=True, fastmath=True, boundscheck=False)
-def latent_grads(offsets, order, k, pre_values, e, xc, gscale, l1_grad, W_dec, tied, gpre,
+def latent_grads(offsets, order, k, pre_values, e, xc, gscale, l1_grad, W_dec, tied, stream, gpre,
                  aux_slot, aux_dW_dec, aux_dW_enc, aux_db_enc,
                  dW_dec, dW_enc, db_enc, fired, sq_dec, sq_enc):
     """Pre-activation and weight gradients of the active latents, one latent row at a time.
 
     ``gpre[r, s] = [pv > 0] (gscale * e[r] . W_dec[j] + l1_grad)`` for latent j's (row, slot)
-    pairs (written here, while ``e[r]`` is in cache for the decoder sum), ``dW_dec[j] = gscale * sum relu(pv) e[r]`` and ``dW_enc[j] = sum gpre xc[r]`` over latent j's
-    (row, slot) pairs, plus latent j's AuxK rows when ``aux_slot[j] >= 0``; with ``tied`` the
-    encoder gradient is added to the decoder's and ``dW_enc`` is not written (pass any (h, d) array). Then the decoder
-    gradient's component along ``W_dec[j]`` is removed; ``sq_dec``/``sq_enc`` get each row's
-    squared norm, ``db_enc`` the bias gradient and ``fired`` the number of positive activations.
+    pairs (written here, while ``e[r]`` is in cache for the decoder sum), ``dW_dec[j] = gscale *
+    sum relu(pv) e[r]`` and ``dW_enc[j] = sum gpre xc[r]`` over those pairs, plus latent j's AuxK
+    rows when ``aux_slot[j] >= 0``; with ``tied`` the encoder gradient is added to the decoder's
+    and ``dW_enc`` is not written (pass any (h, d) array). Then the decoder gradient's component
+    along ``W_dec[j]`` is removed; ``sq_dec``/``sq_enc`` get each row's squared norm, ``db_enc``
+    the bias gradient and ``fired`` the number of positive activations. ``stream``: the output
+    rows are 64-byte aligned and d a multiple of 16, so they are written with streaming stores.
 
-    Two passes, the first gathering rows of ``e`` only (decoder sums and ``gpre``), the second rows of ``xc``: one (n, d) table
-    at a time stays in the last-level cache, where gathering from both at once ran ~1.3x slower.
-    Sums go straight into the output rows (no per-latent temporaries unless tied).
+    Two passes, the first gathering rows of ``e`` only, the second rows of ``xc``: one (n, d)
+    table at a time stays in the last-level cache (gathering from both at once ran ~1.3x slower).
     """
     width, d = W_dec.shape
-    for j in nb.prange(width):  # pass 1: decoder sums and pre-activation gradients
-        ta = dW_dec[j]
-        w = W_dec[j]
-        for c in range(d):
-            ta[c] = 0.0
-        nf = 0
-        for p in range(offsets[j], offsets[j + 1]):
-            pos = order[p]
-            r = pos // k
-            s = pos - r * k
-            v = pre_values[r, s]
-            if v > 0:
-                nf += 1
-                er = e[r]
-                dot = 0.0
+    chunks = (width + _LATENT_CHUNK - 1) // _LATENT_CHUNK
+    for q in nb.prange(chunks):  # pass 1: decoder sums and pre-activation gradients
+        ta = np.empty(d, np.float32)
+        for j in range(q * _LATENT_CHUNK, min(width, (q + 1) * _LATENT_CHUNK)):
+            w = W_dec[j]
+            for c in range(d):
+                ta[c] = 0.0
+            nf = 0
+            for p in range(offsets[j], offsets[j + 1]):
+                pos = order[p]
+                r = pos // k
+                s = pos - r * k
+                v = pre_values[r, s]
+                if v > 0:
+                    nf += 1
+                    er = e[r]
+                    dot = 0.0
+                    for c in range(d):
+                        ta[c] += v * er[c]
+                        dot += w[c] * er[c]
+                    gpre[r, s] = gscale * dot + l1_grad
+                else:
+                    gpre[r, s] = 0.0
+            for c in range(d):
+                ta[c] *= gscale
+            slot = aux_slot[j]
+            if slot >= 0:
                 for c in range(d):
-                    ta[c] += v * er[c]
-                    dot += w[c] * er[c]
-                gpre[r, s] = gscale * dot + l1_grad
+                    ta[c] += aux_dW_dec[slot, c]
+            if not tied:  # complete: project now (tied adds the encoder part first, in pass 2)
+                sq_dec[j] = _remove_parallel(ta, w)
+            fired[j] = nf
+            _write_row(dW_dec[j], ta, stream)
+        _store_fence()
+    for q in nb.prange(chunks):  # pass 2: encoder sums (tied: then the projection)
+        tb = np.empty(d, np.float32)
+        for j in range(q * _LATENT_CHUNK, min(width, (q + 1) * _LATENT_CHUNK)):
+            for c in range(d):
+                tb[c] = 0.0
+            sb = 0.0
+            for p in range(offsets[j], offsets[j + 1]):
+                pos = order[p]
+                r = pos // k
+                gp = gpre[r, pos - r * k]  # 0 where the activation is not positive
+                if gp != 0:
+                    sb += gp
+                    xr = xc[r]
+                    for c in range(d):
+                        tb[c] += gp * xr[c]
+            slot = aux_slot[j]
+            if slot >= 0:
+                for c in range(d):
+                    tb[c] += aux_dW_enc[slot, c]
+                sb += aux_db_enc[slot]
+            db_enc[j] = sb
+            if tied:
+                ta = dW_dec[j]
+                for c in range(d):
+                    ta[c] += tb[c]
+                sq_dec[j] = _remove_parallel(ta, W_dec[j])
+                sq_enc[j] = 0.0
             else:
-                gpre[r, s] = 0.0
-        for c in range(d):
-            ta[c] *= gscale
-        slot = aux_slot[j]
-        if slot >= 0:
-            for c in range(d):
-                ta[c] += aux_dW_dec[slot, c]
-        fired[j] = nf
-    for j in nb.prange(width):  # pass 2: encoder sums, then the projection and norms
-        ta = dW_dec[j]
-        tb = np.empty(d, np.float32) if tied else dW_enc[j]  # with tied, dW_enc is dW_dec
-        for c in range(d):
-            tb[c] = 0.0
-        sb = 0.0
-        for p in range(offsets[j], offsets[j + 1]):
-            pos = order[p]
-            r = pos // k
-            gp = gpre[r, pos - r * k]  # 0 where the activation is not positive
-            if gp != 0:
-                sb += gp
-                xr = xc[r]
+                qb = 0.0
                 for c in range(d):
-                    tb[c] += gp * xr[c]
-        slot = aux_slot[j]
-        if slot >= 0:
-            for c in range(d):
-                tb[c] += aux_dW_enc[slot, c]
-            sb += aux_db_enc[slot]
-        if tied:
-            for c in range(d):
-                ta[c] += tb[c]
-        w = W_dec[j]
-        par = 0.0
-        for c in range(d):
-            par += ta[c] * w[c]
-        qa = 0.0
-        for c in range(d):
-            ta[c] -= par * w[c]
-            qa += ta[c] * ta[c]
-        sq_dec[j] = qa
-        qb = 0.0
-        if not tied:
-            for c in range(d):
-                qb += tb[c] * tb[c]
-        sq_enc[j] = qb
-        db_enc[j] = sb
+                    qb += tb[c] * tb[c]
+                sq_enc[j] = qb
+                _write_row(dW_enc[j], tb, stream)
+        _store_fence()
 
 
 @nb.njit(parallel=True, cache=True, fastmath=True, boundscheck=False)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from saepipe import cpu_kernels as ck
+from saepipe.cpu_step import _aligned_empty
 
 
 def _topk(pre, bias, k, lanes=None, columns=None):
@@ -98,8 +99,9 @@ def test_decode_residual_matches_dense_math():
 
 
 @pytest.mark.parametrize("tied", [False, True])
-def test_latent_grads_match_dense_math(tied):
-    x, W, b_dec, pv, idx = _problem(seed=1)
+@pytest.mark.parametrize("stream", [False, True])
+def test_latent_grads_match_dense_math(tied, stream):
+    x, W, b_dec, pv, idx = _problem(seed=1, d=32 if stream else 24)
     pv[::7, 0] = -np.abs(pv[::7, 0])  # some slots not positive: no gradient through them
     rng = np.random.default_rng(2)
     h, d = W.shape
@@ -112,11 +114,11 @@ def test_latent_grads_match_dense_math(tied):
     aux_dec, aux_enc = rng.standard_normal((3, d), dtype=np.float32), rng.standard_normal((3, d), dtype=np.float32)
     aux_b = rng.standard_normal(3, dtype=np.float32)
     offsets, order = ck.group_by_latent(idx, h)
-    dW_dec, db_enc = np.empty((h, d), np.float32), np.empty(h, np.float32)
-    dW_enc = dW_dec if tied else np.empty((h, d), np.float32)
+    dW_dec, db_enc = _aligned_empty((h, d)), np.empty(h, np.float32)  # streaming: rows on cache lines
+    dW_enc = dW_dec if tied else _aligned_empty((h, d))
     fired, sq_dec, sq_enc = np.empty(h, np.int64), np.empty(h, np.float32), np.empty(h, np.float32)
     gpre = np.full(pv.shape, np.nan, np.float32)
-    ck.latent_grads(offsets, order, idx.shape[1], pv, e, xc, gscale, l1, W, tied, gpre, slot,
+    ck.latent_grads(offsets, order, idx.shape[1], pv, e, xc, gscale, l1, W, tied, stream, gpre, slot,
                     aux_dec, aux_enc, aux_b, dW_dec, dW_enc, db_enc, fired, sq_dec, sq_enc)
 
     gv = gscale * np.einsum("rd,rjd->rj", e, W[idx]) + l1
@@ -197,7 +199,7 @@ def test_standardize_equals_numpy_float32():
 def test_cpu_step_state_is_a_private_aligned_copy_shared_with_mlx():
     import mlx.core as mx
 
-    from saepipe.cpu_step import _aligned_empty, _owned
+    from saepipe.cpu_step import _owned
 
     source = mx.arange(40, dtype=mx.float32).reshape(8, 5)
     owned, view = _owned(source)
