@@ -103,6 +103,13 @@ def _store_fence(typingctx):
     return types.void(), codegen
 
 
+def streamable(*arrays: np.ndarray) -> bool:
+    """Whether every row of each (C-contiguous float32) array starts on a 64-byte line, as the
+    streaming stores of ``_write_row`` require (a misaligned one faults)."""
+    return all(a.dtype == np.float32 and a.flags.c_contiguous and a.ctypes.data % 64 == 0
+               and (a.shape[-1] * 4) % 64 == 0 for a in arrays)
+
+
 @nb.njit(inline="always")
 def _write_row(dst, src, stream):
     """``dst[:] = src``; with ``stream`` (dst 64-byte aligned, a multiple of 16 long) as streaming
@@ -295,30 +302,35 @@ def decode_residual(x, b_dec, W_dec, indices, pre_values, e_out, sse_rows):
 def group_by_latent(indices, width):
     """Counting sort of the flat (row, slot) positions of ``indices`` (n, k) by latent.
 
-    Returns ``(offsets, order)``: the positions of latent j are ``order[offsets[j]:offsets[j + 1]]``,
-    in increasing order (so sums over them are deterministic).
+    Returns ``(offsets, order, rows)``: the positions of latent j are
+    ``order[offsets[j]:offsets[j + 1]]``, in increasing order (so sums over them are
+    deterministic), and ``rows[i] = order[i] // k`` (their rows, so no kernel divides).
     """
-    flat = indices.ravel()
+    n, k = indices.shape
     counts = np.zeros(width + 1, np.int64)
-    for p in range(flat.size):
-        counts[flat[p] + 1] += 1
+    for r in range(n):
+        for s in range(k):
+            counts[indices[r, s] + 1] += 1
     offsets = np.cumsum(counts)
     fill = offsets[:-1].copy()
-    order = np.empty(flat.size, np.int64)
-    for p in range(flat.size):
-        j = flat[p]
-        order[fill[j]] = p
-        fill[j] += 1
-    return offsets, order
+    order = np.empty(n * k, np.int64)
+    rows = np.empty(n * k, np.int32)
+    for r in range(n):
+        for s in range(k):
+            j = indices[r, s]
+            order[fill[j]] = r * k + s
+            rows[fill[j]] = r
+            fill[j] += 1
+    return offsets, order, rows
 
 
 @nb.njit(inline="always")
 def _remove_parallel(g, w):
     """``g -= (g . w) w`` in place (w a unit row); returns ``|g|^2`` after."""
-    par = 0.0
+    par = np.float32(0.0)  # float32 sums in the hot loops: float64 ones cost ~2x the instructions
     for c in range(g.size):
         par += g[c] * w[c]
-    sq = 0.0
+    sq = np.float32(0.0)
     for c in range(g.size):
         g[c] -= par * w[c]
         sq += g[c] * g[c]
@@ -329,7 +341,7 @@ _LATENT_CHUNK = 64  # latents per parallel work item in latent_grads (one set of
 
 
 @nb.njit(parallel=True, cache=True, fastmath=True, boundscheck=False)
-def latent_grads(offsets, order, k, pre_values, e, xc, gscale, l1_grad, W_dec, tied, stream, gpre,
+def latent_grads(offsets, order, rows, pre_values, e, xc, gscale, l1_grad, W_dec, tied, stream, gpre,
                  aux_slot, aux_dW_dec, aux_dW_enc, aux_db_enc,
                  dW_dec, dW_enc, db_enc, fired, sq_dec, sq_enc):
     """Pre-activation and weight gradients of the active latents, one latent row at a time.
@@ -340,13 +352,14 @@ def latent_grads(offsets, order, k, pre_values, e, xc, gscale, l1_grad, W_dec, t
     rows when ``aux_slot[j] >= 0``; with ``tied`` the encoder gradient is added to the decoder's
     and ``dW_enc`` is not written (pass any (h, d) array). Then the decoder gradient's component
     along ``W_dec[j]`` is removed; ``sq_dec``/``sq_enc`` get each row's squared norm, ``db_enc``
-    the bias gradient and ``fired`` the number of positive activations. ``stream``: the output
-    rows are 64-byte aligned and d a multiple of 16, so they are written with streaming stores.
+    the bias gradient and ``fired`` the number of positive activations. ``stream``: write the
+    output rows with streaming stores; only when ``streamable(dW_dec, dW_enc)``.
 
     Two passes, the first gathering rows of ``e`` only, the second rows of ``xc``: one (n, d)
     table at a time stays in the last-level cache (gathering from both at once ran ~1.3x slower).
     """
     width, d = W_dec.shape
+    values, gpre_flat = pre_values.ravel(), gpre.ravel()  # indexed by flat (row, slot) position
     chunks = (width + _LATENT_CHUNK - 1) // _LATENT_CHUNK
     for q in nb.prange(chunks):  # pass 1: decoder sums and pre-activation gradients
         ta = np.empty(d, np.float32)
@@ -357,19 +370,17 @@ def latent_grads(offsets, order, k, pre_values, e, xc, gscale, l1_grad, W_dec, t
             nf = 0
             for p in range(offsets[j], offsets[j + 1]):
                 pos = order[p]
-                r = pos // k
-                s = pos - r * k
-                v = pre_values[r, s]
+                v = values[pos]
                 if v > 0:
                     nf += 1
-                    er = e[r]
-                    dot = 0.0
+                    er = e[rows[p]]
+                    dot = np.float32(0.0)
                     for c in range(d):
                         ta[c] += v * er[c]
                         dot += w[c] * er[c]
-                    gpre[r, s] = gscale * dot + l1_grad
+                    gpre_flat[pos] = gscale * dot + l1_grad
                 else:
-                    gpre[r, s] = 0.0
+                    gpre_flat[pos] = 0.0
             for c in range(d):
                 ta[c] *= gscale
             slot = aux_slot[j]
@@ -388,12 +399,10 @@ def latent_grads(offsets, order, k, pre_values, e, xc, gscale, l1_grad, W_dec, t
                 tb[c] = 0.0
             sb = 0.0
             for p in range(offsets[j], offsets[j + 1]):
-                pos = order[p]
-                r = pos // k
-                gp = gpre[r, pos - r * k]  # 0 where the activation is not positive
+                gp = gpre_flat[order[p]]  # 0 where the activation is not positive
                 if gp != 0:
                     sb += gp
-                    xr = xc[r]
+                    xr = xc[rows[p]]
                     for c in range(d):
                         tb[c] += gp * xr[c]
             slot = aux_slot[j]
@@ -409,7 +418,7 @@ def latent_grads(offsets, order, k, pre_values, e, xc, gscale, l1_grad, W_dec, t
                 sq_dec[j] = _remove_parallel(ta, W_dec[j])
                 sq_enc[j] = 0.0
             else:
-                qb = 0.0
+                qb = np.float32(0.0)
                 for c in range(d):
                     qb += tb[c] * tb[c]
                 sq_enc[j] = qb
@@ -422,20 +431,22 @@ def adam_rows(p, m, v, g, lr, c1, c2, scale, beta1, beta2, eps, unit_rows):
     """Bias-corrected Adam on the rows of ``p`` in place with gradient ``scale * g``; with
     ``unit_rows`` each updated row is renormalized to unit L2 norm."""
     rows, d = p.shape
+    one = np.float32(1.0)
+    rest1, rest2 = one - beta1, one - beta2  # all float32, as the reference (a literal 1 would make float64)
     for r in nb.prange(rows):
         pr, mr, vr, gr = p[r], m[r], v[r], g[r]
-        nrm = 0.0
+        nrm = np.float32(0.0)
         for c in range(d):
             gc = scale * gr[c]
-            mc = beta1 * mr[c] + (1 - beta1) * gc
-            vc = beta2 * vr[c] + (1 - beta2) * gc * gc
+            mc = beta1 * mr[c] + rest1 * gc
+            vc = beta2 * vr[c] + rest2 * gc * gc
             mr[c] = mc
             vr[c] = vc
-            pc = pr[c] - lr * (mc / c1) / (math.sqrt(vc / c2) + eps)
+            pc = pr[c] - lr * (mc / c1) / (np.sqrt(vc / c2) + eps)
             pr[c] = pc
             nrm += pc * pc
         if unit_rows:
-            inv = 1.0 / max(math.sqrt(nrm), 1e-12)
+            inv = one / max(np.sqrt(nrm), np.float32(1e-12))
             for c in range(d):
                 pr[c] *= inv
 
@@ -533,4 +544,5 @@ def centered_sum_sq(x, mean):
 
 
 __all__ = ["adam_rows", "centered_sum_sq", "column_sums", "decode_residual", "group_by_latent",
-           "keep_top_k", "latent_grads", "standardize", "subtract_sum_sq_scale", "topk_rows", "zero_where_not_positive"]
+           "keep_top_k", "latent_grads", "standardize", "streamable", "subtract_sum_sq_scale",
+           "topk_rows", "zero_where_not_positive"]

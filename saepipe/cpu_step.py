@@ -182,16 +182,16 @@ class CpuStep:
         else:
             dead, aux_dec, aux_enc, aux_b = aux_parts
             slot[dead] = np.arange(dead.size)
-        offsets, order = ck.group_by_latent(idx, h)
+        offsets, order, rows = ck.group_by_latent(idx, h)
         tied = self.config.tied_weights
         dW_dec = _aligned_empty((h, d))
         dW_enc = dW_dec if tied else _aligned_empty((h, d))
-        stream = d % 16 == 0  # rows on cache lines: streaming stores (x86)
         db_enc = np.empty(h, np.float32)
         fired = np.empty(h, np.int64)
         sq_dec, sq_enc = np.empty(h, np.float32), np.empty(h, np.float32)
         gpre = np.empty(idx.shape, np.float32)
-        ck.latent_grads(offsets, order, idx.shape[1], pv, e, xc, gscale, l1_grad, W_dec, tied, stream, gpre, slot,
+        ck.latent_grads(offsets, order, rows, pv, e, xc, gscale, l1_grad, W_dec, tied,
+                        ck.streamable(dW_dec, dW_enc), gpre, slot,
                         aux_dec, aux_enc, aux_b, dW_dec, dW_enc, db_enc,
                         fired, sq_dec, sq_enc)
         sq = float(sq_dec.sum(dtype=np.float64) + sq_enc.sum(dtype=np.float64))

@@ -113,12 +113,15 @@ def test_latent_grads_match_dense_math(tied, stream):
     slot[aux_cols] = np.arange(3)
     aux_dec, aux_enc = rng.standard_normal((3, d), dtype=np.float32), rng.standard_normal((3, d), dtype=np.float32)
     aux_b = rng.standard_normal(3, dtype=np.float32)
-    offsets, order = ck.group_by_latent(idx, h)
+    offsets, order, rows = ck.group_by_latent(idx, h)
     dW_dec, db_enc = _aligned_empty((h, d)), np.empty(h, np.float32)  # streaming: rows on cache lines
     dW_enc = dW_dec if tied else _aligned_empty((h, d))
+    assert ck.streamable(dW_dec, dW_enc) == stream
+    shifted = _aligned_empty((h * d + 1,))[1:].reshape(h, d)
+    assert not ck.streamable(shifted)  # rows off the cache lines: never streamed (it would fault)
     fired, sq_dec, sq_enc = np.empty(h, np.int64), np.empty(h, np.float32), np.empty(h, np.float32)
     gpre = np.full(pv.shape, np.nan, np.float32)
-    ck.latent_grads(offsets, order, idx.shape[1], pv, e, xc, gscale, l1, W, tied, stream, gpre, slot,
+    ck.latent_grads(offsets, order, rows, pv, e, xc, gscale, l1, W, tied, stream, gpre, slot,
                     aux_dec, aux_enc, aux_b, dW_dec, dW_enc, db_enc, fired, sq_dec, sq_enc)
 
     gv = gscale * np.einsum("rd,rjd->rj", e, W[idx]) + l1
@@ -143,9 +146,10 @@ def test_latent_grads_match_dense_math(tied, stream):
 
 def test_group_by_latent_is_a_stable_counting_sort():
     idx = np.random.default_rng(0).integers(0, 50, size=(40, 7)).astype(np.int32)
-    offsets, order = ck.group_by_latent(idx, 50)
+    offsets, order, rows = ck.group_by_latent(idx, 50)
     flat = idx.ravel()
     np.testing.assert_array_equal(order, np.argsort(flat, kind="stable"))
+    np.testing.assert_array_equal(rows, order // 7)
     np.testing.assert_array_equal(np.diff(offsets), np.bincount(flat, minlength=50))
 
 
