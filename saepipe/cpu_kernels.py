@@ -202,15 +202,29 @@ def _group_maxima(row, bias, lanes, g, gm):
             gm[c] = max(gm[c], r[c] + b[c])
 
 
-@nb.njit(parallel=True, cache=True, boundscheck=False)
+_PARTS = 16  # row blocks of the kernels that also sum columns (one float64 partial row each)
+
+
+@nb.njit(parallel=True, cache=True, fastmath={"reassoc", "nsz"}, boundscheck=False)
 def standardize(x, mean, std, b_dec, xn_out, xc_out):
-    """``xn = (x - mean) / std`` and ``xc = xn - b_dec`` in float32 (IEEE, no fast math)."""
+    """``xn = (x - mean) / std`` and ``xc = xn - b_dec`` in float32 (IEEE: divisions exact, only
+    the sums reassociated). Returns xn's float64 column sums and sum of squares (for its variance)."""
     n, d = x.shape
-    for r in nb.prange(n):
-        for c in range(d):
-            v = (x[r, c] - mean[c]) / std[c]
-            xn_out[r, c] = v
-            xc_out[r, c] = v - b_dec[c]
+    parts = max(1, min(_PARTS, n))
+    sums, squares = np.zeros((parts, d)), np.zeros(parts)
+    for q in nb.prange(parts):
+        total = 0.0
+        for r in range(q * n // parts, (q + 1) * n // parts):
+            row_sq = np.float32(0.0)
+            for c in range(d):
+                v = (x[r, c] - mean[c]) / std[c]
+                xn_out[r, c] = v
+                xc_out[r, c] = v - b_dec[c]
+                sums[q, c] += v
+                row_sq += v * v
+            total += row_sq
+        squares[q] = total
+    return sums.sum(axis=0), squares.sum()
 
 
 @nb.njit(parallel=True, cache=True, fastmath=False, boundscheck=False)
@@ -275,27 +289,34 @@ def topk_rows(pre, bias, k, lanes, out_values, out_indices, columns, out_columns
 
 @nb.njit(parallel=True, cache=True, fastmath=True, boundscheck=False)
 def decode_residual(x, b_dec, W_dec, indices, pre_values, e_out, sse_rows):
-    """Per row r: ``e = x - (b_dec + sum_j relu(pv_j) W_dec[i_j])`` and ``sse_rows[r] = |e|^2``."""
+    """Per row r: ``e = x - (b_dec + sum_j relu(pv_j) W_dec[i_j])`` and ``sse_rows[r] = |e|^2``.
+    Returns e's float64 column sums."""
     n, d = x.shape
     k = indices.shape[1]
-    for r in nb.prange(n):
-        acc = e_out[r]
-        for c in range(d):
-            acc[c] = b_dec[c]
-        for j in range(k):
-            ahead = r * k + j + _PREFETCH_AHEAD  # flat (row, slot) position, may be the next row's
-            if ahead < n * k:
-                _prefetch_row(W_dec[indices[ahead // k, ahead % k]])
-            v = pre_values[r, j]
-            if v > 0:
-                w = W_dec[indices[r, j]]
-                for c in range(d):
-                    acc[c] += v * w[c]
-        s = 0.0
-        for c in range(d):
-            acc[c] = x[r, c] - acc[c]
-            s += acc[c] * acc[c]
-        sse_rows[r] = s
+    flat = indices.ravel()
+    parts = max(1, min(_PARTS, n))
+    sums = np.zeros((parts, d))
+    for q in nb.prange(parts):
+        for r in range(q * n // parts, (q + 1) * n // parts):
+            acc = e_out[r]
+            for c in range(d):
+                acc[c] = b_dec[c]
+            for j in range(k):
+                ahead = r * k + j + _PREFETCH_AHEAD  # flat (row, slot) position, may be the next row's
+                if ahead < flat.size:
+                    _prefetch_row(W_dec[flat[ahead]])
+                v = pre_values[r, j]
+                if v > 0:
+                    w = W_dec[indices[r, j]]
+                    for c in range(d):
+                        acc[c] += v * w[c]
+            s = np.float32(0.0)
+            for c in range(d):
+                acc[c] = x[r, c] - acc[c]
+                s += acc[c] * acc[c]
+                sums[q, c] += acc[c]
+            sse_rows[r] = s
+    return sums.sum(axis=0)
 
 
 @nb.njit(cache=True, boundscheck=False)
@@ -493,25 +514,18 @@ def keep_top_k(a, k):
 
 @nb.njit(parallel=True, cache=True, fastmath=True, boundscheck=False)
 def zero_where_not_positive(out, a):
-    """``out[a <= 0] = 0`` in place (``out`` and ``a`` of one shape)."""
-    n = out.shape[0]
-    for r in nb.prange(n):
-        for c in range(out.shape[1]):
-            if not a[r, c] > 0:
-                out[r, c] = 0.0
-
-
-@nb.njit(parallel=True, cache=True, fastmath=True, boundscheck=False)
-def column_sums(x, parts=2):
-    """Float64 column sums of ``x`` (n, d), rows split in ``parts`` blocks over threads."""
-    n, d = x.shape
-    parts = max(1, min(parts, n))
-    acc = np.zeros((parts, d), np.float64)
-    for p in nb.prange(parts):
-        for r in range(p * n // parts, (p + 1) * n // parts):
-            for c in range(d):
-                acc[p, c] += x[r, c]
-    return acc.sum(axis=0)
+    """``out[a <= 0] = 0`` in place (``out`` and ``a`` of one shape); returns the float64 column
+    sums of the result."""
+    n, w = out.shape
+    parts = max(1, min(_PARTS, n))
+    sums = np.zeros((parts, w))
+    for q in nb.prange(parts):
+        for r in range(q * n // parts, (q + 1) * n // parts):
+            for c in range(w):
+                if not a[r, c] > 0:
+                    out[r, c] = 0.0
+                sums[q, c] += out[r, c]
+    return sums.sum(axis=0)
 
 
 @nb.njit(parallel=True, cache=True, fastmath=True, boundscheck=False)
@@ -529,20 +543,6 @@ def subtract_sum_sq_scale(r, e, scale):
     return total
 
 
-@nb.njit(parallel=True, cache=True, fastmath=True, boundscheck=False)
-def centered_sum_sq(x, mean):
-    """``sum_{r,c} (x[r, c] - mean[c])^2`` in float64."""
-    n, d = x.shape
-    total = 0.0
-    for r in nb.prange(n):
-        s = 0.0
-        for c in range(d):
-            dv = x[r, c] - mean[c]
-            s += dv * dv
-        total += s
-    return total
-
-
-__all__ = ["adam_rows", "centered_sum_sq", "column_sums", "decode_residual", "group_by_latent",
+__all__ = ["adam_rows", "decode_residual", "group_by_latent",
            "keep_top_k", "latent_grads", "standardize", "streamable", "subtract_sum_sq_scale",
            "topk_rows", "zero_where_not_positive"]

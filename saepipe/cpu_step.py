@@ -113,7 +113,8 @@ class CpuStep:
         x = np.asarray(x, dtype=np.float32)
         n, d = x.shape
         xn, xc = _aligned_empty((n, d)), _aligned_empty((n, d))
-        ck.standardize(x, np.asarray(mean, np.float32), np.asarray(std, np.float32), b_dec, xn, xc)
+        x_sums, x_squares = ck.standardize(x, np.asarray(mean, np.float32), np.asarray(std, np.float32),
+                                           b_dec, xn, xc)
         live = self._mx["params"]
         pre = mx.array(xc) @ (live["W_dec"] if tied else live["W_enc"]).T  # b_enc: added by top-k
         mx.eval(pre)
@@ -127,18 +128,18 @@ class CpuStep:
         idx = np.empty((n, k), np.int32)
         a = np.empty((n, dead.size), np.float32)  # dead latents' ReLU pre-activations, for AuxK
         ck.topk_rows(pre, b_enc, k, self.lanes, pv, idx, dead, a)
-        total_var = max(ck.centered_sum_sq(xn, ck.column_sums(xn) / n), 1e-12)
+        total_var = max(x_squares - float(x_sums @ x_sums) / n, 1e-12)  # sum |x - mean|^2
         gscale = np.float32(-2.0 / total_var)
         l1_coef = float(cfg.l1_coefficient)
         e = _aligned_empty((n, d))
         sse_rows = np.empty(n, np.float32)
-        ck.decode_residual(xn, b_dec, W_dec, idx, pv, e, sse_rows)
+        e_sums = ck.decode_residual(xn, b_dec, W_dec, idx, pv, e, sse_rows)
         sse = float(sse_rows.sum(dtype=np.float64))
-        e_sums = ck.column_sums(e)
 
         aux, aux_parts = 0.0, None
         if aux_on:
-            aux, aux_parts = self._auxk(dead, a, xc, e, e_sums, W_dec, min(n_dead / self.k_aux, 1.0))
+            aux, aux_parts = self._auxk(dead, a, xc, e, max(sse - float(e_sums @ e_sums) / n, 1e-12),
+                                        W_dec, min(n_dead / self.k_aux, 1.0))
 
         grads = self._latent_grads(idx, pv, e, xc, gscale, np.float32(l1_coef / n), W_dec, aux_parts)
         dW_dec, dW_enc, db_enc, fired, sq = grads
@@ -157,21 +158,19 @@ class CpuStep:
         return np.array([loss, fvu, sse / (n * d), aux, l1, float((pv > 0).sum()) / n, gnorm,
                          float((self.counter >= threshold).mean())])
 
-    def _auxk(self, dead, a, xc, e, e_sums, W_dec, aux_scale):
+    def _auxk(self, dead, a, xc, e, e_var, W_dec, aux_scale):
         """AuxK over the dead latents: loss and its gradient rows (columns, dW_dec, dW_enc, db_enc).
 
         Dense over the dead columns only: ``a`` (n, n_dead) holds their ReLU pre-activations; all
         but each row's k_aux largest are zeroed here (live latents count as 0, as in the reference)."""
-        n = a.shape[0]
         ck.keep_top_k(a, self.k_aux)
         Wd = W_dec[dead]
-        e_var = max(ck.centered_sum_sq(e, e_sums / n), 1e-12)
         r = a @ Wd  # becomes d (aux_coef * aux) / d e_hat, from aux = aux_scale * |a Wd - e|^2 / var(e):
         aux_sse = ck.subtract_sum_sq_scale(r, e, np.float32(2.0 * self.config.aux_coef * aux_scale / e_var))
         aux = aux_scale * aux_sse / e_var
         da = r @ Wd.T
-        ck.zero_where_not_positive(da, a)
-        return aux, (dead, a.T @ r, da.T @ xc, da.sum(axis=0))
+        da_sums = ck.zero_where_not_positive(da, a)
+        return aux, (dead, a.T @ r, da.T @ xc, da_sums.astype(np.float32))
 
     def _latent_grads(self, idx, pv, e, xc, gscale, l1_grad, W_dec, aux_parts):
         h, d = W_dec.shape

@@ -91,11 +91,12 @@ def test_decode_residual_matches_dense_math():
     x, W, b_dec, pv, idx = _problem()
     n, d = x.shape
     e, sse = np.empty((n, d), np.float32), np.empty(n, np.float32)
-    ck.decode_residual(x, b_dec, W, idx, pv, e, sse)
+    e_sums = ck.decode_residual(x, b_dec, W, idx, pv, e, sse)
     code = _dense(np.maximum(pv, 0), idx, W.shape[0])
     e_ref = x - (code @ W + b_dec)
     np.testing.assert_allclose(e, e_ref, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(sse, (e_ref**2).sum(axis=1), rtol=1e-5)
+    np.testing.assert_allclose(e_sums, e.astype(np.float64).sum(axis=0), rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize("tied", [False, True])
@@ -172,11 +173,13 @@ def test_adam_rows_matches_the_formula(unit_rows):
     np.testing.assert_allclose(p, p_ref, rtol=1e-4, atol=1e-6)
 
 
-def test_sums_match_numpy():
-    x = np.random.default_rng(4).standard_normal((333, 21)).astype(np.float32) + 5
-    np.testing.assert_allclose(ck.column_sums(x), x.astype(np.float64).sum(axis=0), rtol=1e-12)
-    mean = x.astype(np.float64).mean(axis=0)
-    assert ck.centered_sum_sq(x, mean) == pytest.approx(((x - mean) ** 2).sum(), rel=1e-6)
+def test_zero_where_not_positive_returns_column_sums():
+    rng = np.random.default_rng(4)
+    out, a = rng.standard_normal((333, 21), dtype=np.float32), rng.standard_normal((333, 21), dtype=np.float32)
+    expected = np.where(a > 0, out, 0)
+    sums = ck.zero_where_not_positive(out, a)
+    np.testing.assert_array_equal(out, expected)
+    np.testing.assert_allclose(sums, expected.astype(np.float64).sum(axis=0), rtol=1e-12, atol=1e-12)
 
 
 def test_subtract_sum_sq_scale_matches_numpy():
@@ -195,9 +198,11 @@ def test_standardize_equals_numpy_float32():
     mean, std = x.mean(axis=0), x.std(axis=0) + np.float32(0.5)
     b_dec = rng.standard_normal(13, dtype=np.float32)
     xn, xc = np.empty_like(x), np.empty_like(x)
-    ck.standardize(x, mean, std, b_dec, xn, xc)
+    sums, squares = ck.standardize(x, mean, std, b_dec, xn, xc)
     np.testing.assert_array_equal(xn, (x - mean) / std)  # IEEE float32, bit for bit
     np.testing.assert_array_equal(xc, (x - mean) / std - b_dec)
+    np.testing.assert_allclose(sums, xn.astype(np.float64).sum(axis=0), rtol=1e-9, atol=1e-9)
+    assert squares == pytest.approx(float((xn.astype(np.float64) ** 2).sum()), rel=1e-6)
 
 
 def test_cpu_step_state_is_a_private_aligned_copy_shared_with_mlx():
