@@ -4,8 +4,9 @@ MLX on CPU runs argpartition, gather, scatter, elementwise ops and Adam on one c
 TopK step costs ~6x its one dense encoder matmul. These kernels do the sparse work in the shape it
 really has, on every core, reading each big array about once:
 
-- ``topk_rows``: per row, maxima of strided column groups, a threshold from them, then a quickselect
-  over the few candidates at or above it: one vectorized read of (n, d_hidden), exact.
+- ``topk_rows``: per row, maxima of strided column groups, a threshold from them, then a
+  branch-free selection among the few candidates at or above it: one vectorized read of
+  (n, d_hidden), exact.
 - ``decode_residual``: ``e = x - (b_dec + sum_j v_j W_dec[i_j])`` row by row (decoder rows
   prefetched ahead: the row gathers are bound by memory latency).
 - ``latent_grads``: the value gradients ``g . W_dec[j]`` and the weight gradients of the active
@@ -135,39 +136,45 @@ def lanes_for(width: int, k: int) -> int:
     return max(1, min(width // max(k, 1), round(math.sqrt(width / max(k, 1)))))
 
 
-@nb.njit(cache=True, boundscheck=False)
-def _select_top(vals, cols, m, k):
-    """Reorder ``vals[:m]`` (with ``cols``) so that its k largest come first (quickselect)."""
-    lo, hi = 0, m - 1
-    while lo < hi:
-        mid = (lo + hi) // 2  # median-of-three pivot
-        a, b, c = vals[lo], vals[mid], vals[hi]
-        pivot = max(min(a, b), min(max(a, b), c))
-        i, j = lo, hi
-        while i <= j:  # Hoare partition, descending
-            while i <= hi and vals[i] > pivot:
-                i += 1
-            while j >= lo and vals[j] < pivot:
-                j -= 1
-            if i <= j:
-                vals[i], vals[j] = vals[j], vals[i]
-                cols[i], cols[j] = cols[j], cols[i]
-                i += 1
-                j -= 1
-        if k - 1 <= j:
-            hi = j
-        elif k - 1 >= i:
-            lo = i
-        else:
-            break
-
-
 @nb.njit(inline="always")
 def _count_ge(a, t):
     c = 0
     for i in range(a.size):
         c += a[i] >= t
     return c
+
+
+@nb.njit(inline="always")
+def _take_top(vals, cols, m, k, out_v, out_c):
+    """The k largest of ``vals[:m]`` (with ``cols``) into ``out_v[:k]``/``out_c[:k]`` (m >= k,
+    no NaNs; the outputs hold >= m + 1 entries). Bisection on the value with vectorized counts
+    for hi, the smallest tried value with < k entries >= hi (or exactly k), and lo below it with
+    >= k; then branch-free compaction: the entries >= hi, then ties in [lo, hi) up to k. Unlike a
+    quickselect this has no data-dependent branches to mispredict (top-k ~8 % faster at k = 64)."""
+    cand = vals[:m]
+    lo, hi = cand.min(), cand.max()
+    if _count_ge(cand, hi) >= k:  # >= k ties at the maximum
+        lo = hi
+    while lo < hi:
+        mid = np.float32(0.5) * (lo + hi)
+        if not lo < mid < hi:
+            break
+        count = _count_ge(cand, mid)
+        if count > k:
+            lo = mid
+        elif count < k:
+            hi = mid
+        else:
+            lo = hi = mid
+    j = 0
+    for i in range(m):
+        out_v[j] = cand[i]
+        out_c[j] = cols[i]
+        j += cand[i] >= hi
+    for i in range(m):
+        out_v[j] = cand[i]
+        out_c[j] = cols[i]
+        j += (cand[i] >= lo) & (cand[i] < hi) & (j < k)
 
 
 @nb.njit(inline="always")
@@ -238,8 +245,8 @@ def topk_rows(pre, bias, k, lanes, out_values, out_indices, columns, out_columns
     consecutive slices of ``g = w // lanes`` columns (group c = columns c, g + c, 2g + c, ...):
     (1) group maxima ``gm[c] = max_i row[i*g + c]``, an elementwise max of slices (vectorized,
     bound by memory bandwidth); (2) a threshold t with >= k (and about <= 1.25k) group maxima >= t;
-    (3) the entries >= t of the groups whose maximum is >= t, plus the tail columns beyond
-    ``lanes * g`` (branch-free compaction); (4) the k largest of those few (quickselect).
+    (3) the entries >= t of the groups whose maximum is >= t and of the tail columns beyond
+    ``lanes * g`` (branch-free compaction); (4) the k largest of those few (``_take_top``).
     Exact: those groups hold >= k entries >= t, and every entry > t lies in one of them.
     """
     n, w = pre.shape
@@ -253,6 +260,8 @@ def topk_rows(pre, bias, k, lanes, out_values, out_indices, columns, out_columns
         groups = np.empty(g, np.int32)
         cand_v = np.empty(w, np.float32)
         cand_c = np.empty(w, np.int32)
+        top_v = np.empty(w + 1, np.float32)
+        top_c = np.empty(w + 1, np.int32)
         for r in range(ch * chunk, min(n, (ch + 1) * chunk)):
             row = pre[r]
             _group_maxima(row, bias, lanes, g, gm)
@@ -270,18 +279,19 @@ def topk_rows(pre, bias, k, lanes, out_values, out_indices, columns, out_columns
                     cand_c[m] = col
                     m += v >= t
             for col in range(body, w):
-                cand_v[m] = row[col] + bias[col]
+                v = row[col] + bias[col]
+                cand_v[m] = v
                 cand_c[m] = col
-                m += 1
+                m += v >= t
             if m < k:  # only with NaNs in the row: any k distinct columns (training stops on the NaN)
                 for j in range(k):
-                    cand_v[j] = row[j] + bias[j]
-                    cand_c[j] = j
-            elif m > k:
-                _select_top(cand_v, cand_c, m, k)
+                    top_v[j] = row[j] + bias[j]
+                    top_c[j] = j
+            else:
+                _take_top(cand_v, cand_c, m, k, top_v, top_c)
             for j in range(k):
-                out_values[r, j] = cand_v[j]
-                out_indices[r, j] = cand_c[j]
+                out_values[r, j] = top_v[j]
+                out_indices[r, j] = top_c[j]
             for i in range(columns.size):
                 col = columns[i]
                 out_columns[r, i] = max(row[col] + bias[col], 0.0)
