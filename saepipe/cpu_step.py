@@ -97,6 +97,13 @@ class CpuStep:
             self._np[group] = {name: pair[1] for name, pair in owned.items()}
         self.t = float(np.asarray(state.t))
         self.counter = np.array(state.counter, dtype=np.int64)
+        self._xc: tuple[mx.array, np.ndarray] | None = None  # the matmul's input, reused across steps
+
+    def _centered_input(self, shape: tuple[int, int]) -> tuple[mx.array, np.ndarray]:
+        """An aligned (n, d) buffer the kernels write and MLX's matmul reads (no copy per step)."""
+        if self._xc is None or self._xc[1].shape != shape:
+            self._xc = _owned(mx.zeros(shape, mx.float32))
+        return self._xc
 
     def state(self) -> StepState:
         """Copies of the current parameters, Adam moments, step count and dead counters."""
@@ -112,11 +119,12 @@ class CpuStep:
         W_enc = W_dec if tied else p["W_enc"]
         x = np.asarray(x, dtype=np.float32)
         n, d = x.shape
-        xn, xc = _aligned_empty((n, d)), _aligned_empty((n, d))
+        xn = _aligned_empty((n, d))
+        xc_mx, xc = self._centered_input((n, d))
         x_sums, x_squares = ck.standardize(x, np.asarray(mean, np.float32), np.asarray(std, np.float32),
                                            b_dec, xn, xc)
         live = self._mx["params"]
-        pre = mx.array(xc) @ (live["W_dec"] if tied else live["W_enc"]).T  # b_enc: added by top-k
+        pre = xc_mx @ (live["W_dec"] if tied else live["W_enc"]).T  # b_enc: added by top-k
         mx.eval(pre)
         pre = np.asarray(pre)
         k = cfg.k
