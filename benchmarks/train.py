@@ -206,12 +206,17 @@ def main(ks, n, d_model, expansion, dead_fraction, repeats, peer_python, peers, 
         return
     print(f"batch {n}, d_model {d_model}, d_hidden {d_model * expansion}, AuxK on with "
           f"{dead_fraction:.0%} dead latents; best of {repeats} (interleaved)")
+    # All of saepipe's timings first, then the peers: each peer is a big torch subprocess whose
+    # exit leaves the kernel busy reclaiming memory for a while (our steps ran ~5 % slower after one).
+    results = {k: _mlx_times(k, n, d_model, expansion, dead_fraction, repeats, all_variants) for k in ks}
     for k in ks:
-        times = _mlx_times(k, n, d_model, expansion, dead_fraction, repeats, all_variants)
-        floor = times["floor"]
+        times = results[k]
         if peers:
             for name in _PEERS:
                 times[name] = _peer_time(peer_python, name, k, n, d_model, expansion, dead_fraction, repeats)
+    for k in ks:
+        times = results[k]
+        floor = times["floor"]
         print(f"\nk = {k}")
         print(f"  {'':24s} {'ms/step':>9s} {'tok/s':>9s} {'x floor':>8s}")
         for name, t in times.items():
