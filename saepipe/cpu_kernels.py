@@ -11,13 +11,14 @@ really has, on every core, reading each big array about once:
   prefetched ahead: the row gathers are bound by memory latency).
 - ``latent_grads``: the value gradients ``g . W_dec[j]`` and the weight gradients of the active
   latents only. The (row, slot) pairs are grouped by latent first (``group_by_latent``, a counting
-  sort), so each latent's gradient row is summed in cache and written once (no scatter races, no
-  dense (n, d_hidden) code); the decoder's parallel component is removed and squared norms are
-  taken in the same pass.
+  sort), so each latent's gradient row is summed in cache and written once, with streaming stores
+  (no scatter races, no dense (n, d_hidden) code); two passes, one (n, d) table gathered in each;
+  the decoder's parallel component is removed and squared norms are taken on the way.
 - ``adam_rows``: bias-corrected Adam over rows in place, decoder rows renormalized in the same pass.
 
-All kernels work on float32 C-contiguous numpy arrays (zero-copy views of MLX arrays) and write into
-arrays they are given. ``saepipe.cpu_step`` assembles them into a training step.
+All kernels work on float32 C-contiguous numpy arrays (some are zero-copy views of MLX arrays) and
+write into arrays they are given; hot loops sum in float32, as the reference's MLX matmuls do.
+``saepipe.cpu_step`` assembles them into a training step.
 """
 
 from __future__ import annotations
