@@ -89,6 +89,8 @@ def _dense(values, indices, width):
 
 def test_decode_residual_matches_dense_math():
     x, W, b_dec, pv, idx = _problem()
+    pv[::5, 1] = -np.abs(pv[::5, 1])  # not positive: no contribution, in a sweep of four ...
+    pv[::3, 5] = -np.abs(pv[::3, 5])  # ... and in the tail (k = 6)
     n, d = x.shape
     e, sse = np.empty((n, d), np.float32), np.empty(n, np.float32)
     e_sums = ck.decode_residual(x, b_dec, W, idx, pv, e, sse)
