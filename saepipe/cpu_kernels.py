@@ -273,12 +273,13 @@ def topk_rows(pre, bias, k, lanes, out_values, out_indices, columns, out_columns
                 groups[n_groups] = c
                 n_groups += gm[c] >= t
             m = 0
-            for q in range(n_groups):
-                for i in range(lanes):
-                    col = i * g + groups[q]
-                    v = row[col] + bias[col]
+            for i in range(lanes):  # slice by slice: the selected groups' columns in increasing order
+                row_i, bias_i = row[i * g:(i + 1) * g], bias[i * g:(i + 1) * g]
+                for q in range(n_groups):
+                    c = groups[q]
+                    v = row_i[c] + bias_i[c]
                     cand_v[m] = v
-                    cand_c[m] = col
+                    cand_c[m] = i * g + c
                     m += v >= t
             for col in range(body, w):
                 v = row[col] + bias[col]
