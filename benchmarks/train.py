@@ -20,13 +20,14 @@ For each k it prints tokens/s of (all with AuxK on: ``--dead-fraction`` of the l
 Targets (issue): full step <= 1.5x the floor, and >= 2x sparsify's tok/s with AuxK on.
 
 Measured 2026-11-27, second session (2-core x86 with AVX-512, cmeel OpenBLAS, torch 2.13.0 CPU;
-batch 4096, d_model 576, expansion 16, 5 % dead latents), one run: floor ~19.5k tok/s (209 ms).
-k=32: cpu_step 13.8k tok/s = 1.42x floor; sparsify 4.0k (saepipe 3.4x), SAELens 1.12k (12x), the
-reference MLX step 1.7k. k=64: cpu_step 13.0k = 1.50x floor; sparsify 3.6k (3.6x), SAELens 1.07k
-(12x). Over the day's runs on this shared, noisy machine: k=32 1.40-1.46x, k=64 1.48-1.57x (in-process
-A/B runs: 1.49-1.50x). Beyond the matmul, at k=64: AuxK ~48 ms (its four dense n x n_dead x d_model
-matmuls ~44 ms at BLAS peak), gradients of the active latents ~19 ms and the sparse decode ~13 ms
-(row gathers, bound by memory latency), top-k ~13.5 ms, Adam ~5 ms (memory bound).
+batch 4096, d_model 576, expansion 16, 5 % dead latents), one run: floor ~19.6k tok/s (208 ms).
+k=32: cpu_step 14.0k tok/s = 1.41x floor; sparsify 4.5k (saepipe 3.1x; 3.4-4.1k in other runs),
+SAELens 1.14k (12x), the reference MLX step 1.7k. k=64: cpu_step 13.2k = 1.48x floor; sparsify 3.7k
+(3.6x), SAELens 1.09k (12x). This machine is shared and noisy: over the last runs k=32 gave
+1.39-1.44x and k=64 1.43-1.52x. Beyond the matmul, at k=64 (per-kernel minima in the step): AuxK
+~46 ms (its four dense n x n_dead x d_model matmuls ~44 ms at BLAS peak), gradients of the active
+latents ~15 ms and the sparse decode ~9 ms (row gathers, bound by memory latency), top-k ~12 ms,
+Adam ~5 ms (memory bound).
 
 Installing the peers into a throwaway venv (never the project venv; CPU torch only):
 
