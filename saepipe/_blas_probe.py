@@ -1,0 +1,142 @@
+"""Prove a BLAS library on this host, in a child process: ``python _blas_probe.py LIBRARY``.
+
+``saepipe._blas`` runs this file as a script (never imports it) before it loads a candidate
+library into its own process: a library built for another CPU dies here with SIGILL instead of
+killing the user's run. The checks follow what MLX does with the library:
+
+1. load it with ``RTLD_GLOBAL`` (as saepipe does) and call its ``cblas_sgemm`` directly, big enough
+   for OpenBLAS's multi-threaded path, with beta 0 (C full of NaN must be ignored: the
+   ``sgemm_beta`` kernel that crashed on AVX2-only CPUs) and beta 1, plain and transposed, on
+   shapes that are no multiple of any kernel tile;
+2. import MLX, check that its CPU matmul, ``addmm`` and an LAPACK-backed inverse give the right
+   numbers, and time a matmul (up to 1024^3) (the speed used to choose among working candidates).
+
+References are float64 ``np.einsum`` (numpy's loops, no BLAS). The verdict is one JSON line on
+stdout; a crash shows as the child's signal.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import sys
+import time
+
+import numpy as np
+
+ROW_MAJOR, NO_TRANS, TRANS = 101, 111, 112
+TOLERANCE = 1e-4  # max |error| / max |reference|: float32 sums over a few hundred terms
+
+
+def _sgemm(lib: ctypes.CDLL, a: np.ndarray, b: np.ndarray, c: np.ndarray, *, trans_b: bool,
+           alpha: float, beta: float) -> None:
+    """C = alpha * A @ op(B) + beta * C in place (row-major float32)."""
+    m, k = a.shape
+    n = c.shape[1]
+    fn = lib.cblas_sgemm
+    fn.restype = None
+    fp = ctypes.POINTER(ctypes.c_float)
+    fn.argtypes = [ctypes.c_int] * 6 + [ctypes.c_float, fp, ctypes.c_int, fp, ctypes.c_int,
+                                       ctypes.c_float, fp, ctypes.c_int]
+    fn(ROW_MAJOR, NO_TRANS, TRANS if trans_b else NO_TRANS, m, n, k, alpha,
+       a.ctypes.data_as(fp), k, b.ctypes.data_as(fp), b.shape[1], beta, c.ctypes.data_as(fp), n)
+
+
+def _relative_error(got: np.ndarray, want: np.ndarray) -> float:
+    got = np.asarray(got, dtype=np.float64)
+    if not np.all(np.isfinite(got)):
+        return float("inf")
+    return float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-30))
+
+
+def check_cblas(lib: ctypes.CDLL, rng: np.random.Generator) -> list[str]:
+    """Direct ``cblas_sgemm`` calls; returns the failed checks."""
+    m, n, k = 523, 389, 301
+    a = rng.standard_normal((m, k), dtype=np.float32)
+    b = rng.standard_normal((k, n), dtype=np.float32)
+    bt = np.ascontiguousarray(b.T)
+    c0 = rng.standard_normal((m, n), dtype=np.float32)
+    ab = np.einsum("ik,kj->ij", a.astype(np.float64), b.astype(np.float64))
+    failed = []
+    for name, trans_b, beta, start, want in (
+        ("beta 0", False, 0.0, np.full((m, n), np.nan, np.float32), 1.5 * ab),
+        ("beta 1", False, 1.0, c0.copy(), 1.5 * ab + c0),
+        ("beta 0, B transposed", True, 0.0, np.full((m, n), np.nan, np.float32), 1.5 * ab),
+    ):
+        c = start
+        _sgemm(lib, a, bt if trans_b else b, c, trans_b=trans_b, alpha=1.5, beta=beta)
+        if _relative_error(c, want) > TOLERANCE:
+            failed.append(f"cblas_sgemm {name}: relative error {_relative_error(c, want):.2g}")
+    return failed
+
+
+def check_mlx(rng: np.random.Generator) -> tuple[list[str], float]:
+    """MLX's CPU matmul, addmm and inverse on the loaded library; returns (failed checks, GFLOP/s)."""
+    import mlx.core as mx
+
+    failed = []
+    cpu = mx.cpu
+    a = rng.standard_normal((517, 300), dtype=np.float32)
+    b = rng.standard_normal((300, 261), dtype=np.float32)
+    c = rng.standard_normal((517, 261), dtype=np.float32)
+    ab = np.einsum("ik,kj->ij", a.astype(np.float64), b.astype(np.float64))
+    got = mx.matmul(mx.array(a), mx.array(b), stream=cpu)
+    if (err := _relative_error(np.array(got), ab)) > TOLERANCE:
+        failed.append(f"mlx matmul: relative error {err:.2g}")
+    got = mx.addmm(mx.array(c), mx.array(a), mx.array(b), alpha=0.5, beta=1.0, stream=cpu)
+    if (err := _relative_error(np.array(got), 0.5 * ab + c)) > TOLERANCE:
+        failed.append(f"mlx addmm: relative error {err:.2g}")
+    s = rng.standard_normal((96, 96)).astype(np.float32)
+    spd = s @ s.T + 96 * np.eye(96, dtype=np.float32)
+    inv = np.array(mx.linalg.inv(mx.array(spd), stream=cpu)).astype(np.float64)
+    if (err := float(np.abs(inv @ spd - np.eye(96)).max())) > 1e-3:
+        failed.append(f"mlx inverse (LAPACK): |inv(A) A - I| = {err:.2g}")
+    return failed, _mlx_gflops(mx)
+
+
+def _mlx_gflops(mx, max_size: int = 1024, min_seconds: float = 0.05, repeats: int = 3) -> float:
+    """Best of ``repeats`` float32 matmuls, the size doubled from 256 until one takes
+    ``min_seconds`` (so a slow library or a CPU emulator is timed on a small one)."""
+    size = 256
+    while True:
+        a = mx.random.normal((size, size), stream=mx.cpu)
+        b = mx.random.normal((size, size), stream=mx.cpu)
+        mx.eval(mx.matmul(a, b, stream=mx.cpu))  # warm-up: threads started, buffers allocated
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            mx.eval(mx.matmul(a, b, stream=mx.cpu))
+            best = min(best, time.perf_counter() - start)
+        if best >= min_seconds or size >= max_size:
+            return 2 * size**3 / best / 1e9
+        size *= 2
+
+
+def _address(function: ctypes._CFuncPtr) -> int:
+    return ctypes.cast(function, ctypes.c_void_p).value or 0
+
+
+def probe(library: str) -> dict[str, object]:
+    try:
+        lib = ctypes.CDLL(library, mode=ctypes.RTLD_GLOBAL)
+    except OSError as err:
+        return {"ok": False, "reason": f"cannot be loaded: {err}"}
+    if not hasattr(lib, "cblas_sgemm"):
+        return {"ok": False, "reason": "exports no cblas_sgemm"}
+    if _address(ctypes.CDLL(None).cblas_sgemm) != _address(lib.cblas_sgemm):
+        # MLX would resolve another library's sgemm: the checks below would prove that one instead.
+        return {"ok": False, "reason": "another BLAS was loaded first (run the probe with SAEPIPE_BLAS=0)"}
+    rng = np.random.default_rng(0)
+    failed = check_cblas(lib, rng)
+    if failed:
+        return {"ok": False, "reason": "wrong results: " + "; ".join(failed)}
+    failed, gflops = check_mlx(rng)
+    if failed:
+        return {"ok": False, "reason": "wrong results through MLX: " + "; ".join(failed)}
+    return {"ok": True, "gflops": round(gflops, 1)}
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: python _blas_probe.py LIBRARY")
+    print(json.dumps(probe(sys.argv[1])))
