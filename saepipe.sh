@@ -22,6 +22,33 @@ ensure_uv() {
   UV=("$tools/bin/uv")
 }
 
+# Test-only tools from the system's packages: a headless browser for the dashboard tests and, on
+# x86-64, QEMU's user-mode emulator for the tests that run saepipe's native code on other CPU levels.
+# Installed when apt can be used (root or password-less sudo); otherwise those tests are skipped
+# with this warning and their reason (set SAEPIPE_SKIP_*_TESTS=0 to make them fail instead).
+ensure_test_tools() {
+  local missing=()
+  command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || missing+=(chromium)
+  [ "$(uname -m)" != x86_64 ] || command -v qemu-x86_64 >/dev/null 2>&1 || missing+=(qemu-user)
+  [ ${#missing[@]} -gt 0 ] || return 0
+  local sudo=()
+  [ "$(id -u)" = 0 ] || { sudo -n true 2>/dev/null && sudo=(sudo -n); }
+  if { [ "$(id -u)" = 0 ] || [ ${#sudo[@]} -gt 0 ]; } && command -v apt-get >/dev/null 2>&1; then
+    log "installing test tools: ${missing[*]} (apt)"
+    if "${sudo[@]}" apt-get update -qq >/dev/null && \
+       DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null; then
+      return 0
+    fi
+  fi
+  log "warning: could not install ${missing[*]}; the tests that need them are skipped"
+  for tool in "${missing[@]}"; do
+    case "$tool" in
+      chromium) export SAEPIPE_SKIP_BROWSER_TESTS="${SAEPIPE_SKIP_BROWSER_TESTS:-1}" ;;
+      qemu-user) export SAEPIPE_SKIP_EMULATION_TESTS="${SAEPIPE_SKIP_EMULATION_TESTS:-1}" ;;
+    esac
+  done
+}
+
 ensure_uv
 "${UV[@]}" sync --frozen --quiet
 
@@ -29,6 +56,7 @@ cmd="${1:-repro}"; [ $# -gt 0 ] && shift
 case "$cmd" in
   repro) "${UV[@]}" run --frozen dvc repro "$@"
          "${UV[@]}" run --frozen python -m stages.summary ;;
-  test)  "${UV[@]}" run --frozen pytest "$@" ;;
+  test)  ensure_test_tools
+         "${UV[@]}" run --frozen pytest "$@" ;;
   *)     "${UV[@]}" run --frozen "$cmd" "$@" ;;
 esac
