@@ -3,6 +3,10 @@
 #   ./saepipe.sh repro        run the whole pipeline (prepare -> ... -> evaluate) on the embedded defaults
 #   ./saepipe.sh test         run the test suite
 #   ./saepipe.sh <cmd ...>    run any command inside the project environment (e.g. dvc exp run -S sae.k=64)
+# Optional extras (pyproject's [project.optional-dependencies], e.g. wandb) stay installed across calls:
+#   ./saepipe.sh --extra wandb <cmd ...>   install it and remember it (in .saepipe/extras)
+#   ./saepipe.sh --no-extras <cmd ...>     forget every remembered extra
+#   SAEPIPE_EXTRAS="wandb" ./saepipe.sh    add extras for this call only
 # Set-up (idempotent, quick when already done, no root needed): uv (from PyPI if missing), then
 # `uv sync --frozen`. On Linux the first `import saepipe` then proves the bundled OpenBLAS builds on
 # this CPU in a child process and loads the fastest that passes (saepipe/_blas.py).
@@ -49,14 +53,28 @@ ensure_test_tools() {
   done
 }
 
+# Extras: remembered ones, those given with --extra (remembered from now on) and $SAEPIPE_EXTRAS.
+# `uv sync --frozen` removes what the lock's selection lacks, so they must be named on every sync.
+EXTRAS_FILE=.saepipe/extras
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --extra) [ $# -ge 2 ] || { log "--extra needs a name (e.g. --extra wandb)"; exit 2; }
+             mkdir -p .saepipe; grep -qx "$2" "$EXTRAS_FILE" 2>/dev/null || echo "$2" >> "$EXTRAS_FILE"; shift 2 ;;
+    --no-extras) rm -f "$EXTRAS_FILE"; shift ;;
+    *) break ;;
+  esac
+done
+extras=()
+for name in $(cat "$EXTRAS_FILE" 2>/dev/null) ${SAEPIPE_EXTRAS:-}; do extras+=(--extra "$name"); done
+
 ensure_uv
-"${UV[@]}" sync --frozen --quiet
+"${UV[@]}" sync --frozen --quiet "${extras[@]}"
 
 cmd="${1:-repro}"; [ $# -gt 0 ] && shift
 case "$cmd" in
-  repro) "${UV[@]}" run --frozen dvc repro "$@"
-         "${UV[@]}" run --frozen python -m stages.summary ;;
+  repro) "${UV[@]}" run --frozen "${extras[@]}" dvc repro "$@"
+         "${UV[@]}" run --frozen "${extras[@]}" python -m stages.summary ;;
   test)  ensure_test_tools
-         "${UV[@]}" run --frozen pytest "$@" ;;
-  *)     "${UV[@]}" run --frozen "$cmd" "$@" ;;
+         "${UV[@]}" run --frozen "${extras[@]}" pytest "$@" ;;
+  *)     "${UV[@]}" run --frozen "${extras[@]}" "$cmd" "$@" ;;
 esac

@@ -1,6 +1,6 @@
 """Train an SAE with Weights & Biases logging (mlxterp's metric names: train/loss, train/l0, ...).
 
-    uv sync --extra wandb                                    # once: install the optional wandb client
+    ./saepipe.sh --extra wandb python examples/sae_with_wandb.py   # installs wandb and keeps it installed
     WANDB_MODE=offline uv run python examples/sae_with_wandb.py
     uv run python examples/sae_with_wandb.py --num-texts 50 --layer 2 --context-length 32
 
@@ -48,7 +48,7 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if importlib.util.find_spec("wandb") is None:
         print("this example needs the optional `wandb` package: install it with\n"
-              "    uv sync --extra wandb        (or: pip install 'saepipe[wandb]')\n"
+              "    ./saepipe.sh --extra wandb   (or: pip install 'saepipe[wandb]')\n"
               "then rerun, e.g. WANDB_MODE=offline uv run python examples/sae_with_wandb.py", file=sys.stderr)
         return 2
     if "WANDB_MODE" not in os.environ and "WANDB_API_KEY" not in os.environ:

@@ -91,7 +91,7 @@ class WandbLogger:
             import wandb
         except ImportError as err:
             raise ImportError("use_wandb is true but wandb is not installed: "
-                              "`uv sync --extra wandb` (or pip install 'saepipe[wandb]')") from err
+                              "`./saepipe.sh --extra wandb` (or pip install 'saepipe[wandb]')") from err
         self.wandb = wandb
         self.log_every = log_every
         self.run = wandb.init(project=project, name=name, tags=list(tags) or None)

@@ -53,7 +53,7 @@ def test_wandb_example(tmp_path):
     )
     if importlib.util.find_spec("wandb") is None:
         assert out.returncode == 2
-        assert "uv sync --extra wandb" in out.stderr
+        assert "./saepipe.sh --extra wandb" in out.stderr
         return
     assert out.returncode == 0, out.stderr[-3000:]
     assert "offline mode" in out.stdout
