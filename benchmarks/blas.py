@@ -41,8 +41,12 @@ def main(n: int, repeats: int) -> None:
     t_np = _best_seconds(lambda: a @ b, repeats)
     g_mlx, g_np = flops / t_mlx / 1e9, flops / t_np / 1e9
     print(f"BLAS loaded for MLX: {_blas.loaded_path or 'none (bundled reference BLAS)'}")
-    for candidate, verdict in (_blas.selection.report if _blas.selection else []):
-        state = f"ok, {verdict.gflops:.1f} GFLOP/s in the probe" if verdict.ok else f"rejected: {verdict.reason}"
+    selection = _blas.selection
+    for candidate, verdict in (selection.report if selection else []):
+        speed = selection.gflops.get(candidate.path)
+        state = "passed the probe" if verdict.ok else f"rejected: {verdict.reason}"
+        if speed is not None:
+            state += f", {speed:.1f} GFLOP/s in the race"
         print(f"  candidate {candidate.name:17s} {state}")
     print(f"sgemm {n}x{n}x{n}: MLX {g_mlx:8.1f} GFLOP/s | numpy {g_np:8.1f} GFLOP/s | "
           f"ratio MLX/numpy {g_mlx / g_np:.2f} (target >= 0.8)")

@@ -8,10 +8,11 @@ installed with the package imports saepipe at interpreter start-up.
 
 A native library built for another CPU kills the process that loads it (SIGILL), so no candidate
 is loaded unproven: ``_blas_probe.py`` checks it in a child process first (threaded sgemm with beta
-0 and 1 against a float64 reference, then MLX's matmul, addmm and an LAPACK inverse through it) and
-times MLX's matmul. Verdicts are cached per (library path, size, mtime, CPU model and flags, MLX
+0 and 1 against a float64 reference, then MLX's matmul, addmm and an LAPACK inverse through it).
+Verdicts are cached per (library path, size, mtime, CPU model and flags, MLX
 build, Python version) in the user cache dir, so later imports cost a file read. Among the
-candidates that pass, the fastest is loaded (an earlier one wins unless a later one is clearly
+candidates that pass, the fastest is loaded: their sgemm is timed in alternation in one child, so
+load from other processes slows all alike (an earlier candidate wins unless a later one is clearly
 faster).
 
 Candidates, in order of preference:
@@ -58,9 +59,9 @@ TIMEOUT_ENV = "SAEPIPE_BLAS_PROBE_TIMEOUT"
 #: another CPU (a user-mode emulator does not follow the child process on its own).
 WRAPPER_ENV = "SAEPIPE_BLAS_PROBE_WRAPPER"
 
-PROBE_VERSION = 2  # bump when the probe's checks change: every cached verdict is then redone
+PROBE_VERSION = 3  # bump when the probe's checks change: every cached verdict is then redone
 VERDICTS_FILE = "blas-verdicts.json"
-CLEARLY_FASTER = 1.5  # a later candidate must beat an earlier one by this factor: timings are noisy
+CLEARLY_FASTER = 1.1  # a later candidate must beat an earlier one by this factor in the race
 _PROBE_SCRIPT = Path(__file__).with_name("_blas_probe.py")
 
 _SYSTEM_LIBRARIES = (
@@ -94,8 +95,6 @@ class Verdict(NamedTuple):
     ok: bool
     reason: str = ""
     """Why it was rejected: the child's signal, the failed check, or the load error."""
-    gflops: float = 0.0
-    """MLX's float32 matmul speed with this library (GFLOP/s, up to 1024^3), when ok."""
     fresh: bool = False
     """Probed by this process (False: read from the verdict cache)."""
 
@@ -108,6 +107,9 @@ class Verdict(NamedTuple):
 class Selection(NamedTuple):
     chosen: Candidate | None
     report: list[tuple[Candidate, Verdict]]
+    gflops: dict[str, float]
+    """sgemm speed of each passing library (path -> GFLOP/s), raced in one process; empty when
+    fewer than two passed."""
 
 
 loaded_path: str | None = None
@@ -280,8 +282,12 @@ def _read_verdicts(folder: Path) -> dict[str, dict]:
 
 def _write_verdict(folder: Path, key: str, library: str, verdict: Verdict) -> None:
     data = _read_verdicts(folder)
-    data[key] = {"library": library, "ok": verdict.ok, "reason": verdict.reason, "gflops": verdict.gflops,
+    data[key] = {"library": library, "ok": verdict.ok, "reason": verdict.reason,
                  "probed": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    _write_verdicts(folder, data)
+
+
+def _write_verdicts(folder: Path, data: dict) -> None:
     tmp = folder / f"{VERDICTS_FILE}.{os.getpid()}.tmp"
     try:
         tmp.write_text(json.dumps(data, indent=1) + "\n")
@@ -290,27 +296,32 @@ def _write_verdict(folder: Path, key: str, library: str, verdict: Verdict) -> No
         tmp.unlink(missing_ok=True)  # an unwritable cache only costs a probe next time
 
 
-def run_probe(library: str) -> Verdict:
-    """Run ``_blas_probe.py`` on ``library`` in a child process and read its verdict."""
+def _run_child(*args: str) -> tuple[dict | None, str]:
+    """Run ``_blas_probe.py args`` in a child process: (its JSON result, or None with why not)."""
     env = {**os.environ, ENV_VAR: "0"}  # the child's own saepipe hook must not load a BLAS
     if (os.cpu_count() or 1) < 2:
         env.setdefault("OPENBLAS_NUM_THREADS", "2")  # still take OpenBLAS's threaded path
     timeout = float(os.environ.get(TIMEOUT_ENV, 300))
+    command = [*shlex.split(os.environ.get(WRAPPER_ENV, "")), sys.executable, str(_PROBE_SCRIPT), *args]
     try:
-        command = [*shlex.split(os.environ.get(WRAPPER_ENV, "")), sys.executable, str(_PROBE_SCRIPT), library]
         done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
-        return Verdict(False, f"the probe timed out after {timeout:g} s", fresh=True)
+        return None, f"the probe timed out after {timeout:g} s"
     if done.returncode < 0:
-        name = signal.Signals(-done.returncode).name
-        return Verdict(False, f"the probe died with {name}", fresh=True)
-    lines = done.stdout.strip().splitlines()
+        return None, f"the probe died with {signal.Signals(-done.returncode).name}"
     try:
-        result = json.loads(lines[-1])
+        return json.loads(done.stdout.strip().splitlines()[-1]), ""
     except (IndexError, ValueError):
         tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        return Verdict(False, f"the probe exited with {done.returncode}: {tail}", fresh=True)
-    return Verdict(bool(result["ok"]), str(result.get("reason", "")), float(result.get("gflops", 0.0)), True)
+        return None, f"the probe exited with {done.returncode}: {tail}"
+
+
+def run_probe(library: str) -> Verdict:
+    """Run ``_blas_probe.py`` on ``library`` in a child process and read its verdict."""
+    result, why = _run_child(library)
+    if result is None:
+        return Verdict(False, why, fresh=True)
+    return Verdict(bool(result["ok"]), str(result.get("reason", "")), fresh=True)
 
 
 def verdict(candidate: Candidate, folder: Path) -> Verdict:
@@ -322,20 +333,37 @@ def verdict(candidate: Candidate, folder: Path) -> Verdict:
     key = verdict_key(candidate.path)
     cached = _read_verdicts(folder).get(key)
     if cached is not None:
-        return Verdict(bool(cached["ok"]), str(cached["reason"]), float(cached["gflops"]))
+        return Verdict(bool(cached["ok"]), str(cached["reason"]))
     found = run_probe(candidate.path)
     _write_verdict(folder, key, candidate.path, found)
     return found
 
 
+def race(paths: list[str], folder: Path) -> dict[str, float]:
+    """sgemm GFLOP/s of proven libraries, timed in alternation in one child (cached like verdicts)."""
+    key = "race:" + hashlib.sha256(json.dumps([verdict_key(p) for p in paths]).encode()).hexdigest()
+    data = _read_verdicts(folder)
+    if key not in data:
+        result, why = _run_child("--race", *paths)
+        if result is None:  # proven one by one, they crashed together: keep the preference order
+            warnings.warn(f"saepipe: timing the BLAS candidates failed ({why})", RuntimeWarning, stacklevel=2)
+            return {}
+        data[key] = {"gflops": result["gflops"], "raced": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        _write_verdicts(folder, data)
+    return {p: float(v) for p, v in data[key]["gflops"].items()}
+
+
 def select(found: list[Candidate], folder: Path) -> Selection:
-    """Probe (or look up) every candidate; choose the fastest that passed, preferring earlier ones."""
+    """Probe (or look up) every candidate; of those that pass, choose the fastest, preferring an
+    earlier one unless a later one is clearly faster."""
     report = [(c, verdict(c, folder)) for c in found]
-    chosen: tuple[Candidate, Verdict] | None = None
-    for candidate, v in report:
-        if v.ok and (chosen is None or v.gflops > CLEARLY_FASTER * chosen[1].gflops):
-            chosen = (candidate, v)
-    return Selection(chosen[0] if chosen else None, report)
+    passed = [c for c, v in report if v.ok]
+    gflops = race([c.path for c in passed], folder) if len(passed) > 1 else {}
+    chosen: Candidate | None = None
+    for candidate in passed:
+        if chosen is None or gflops.get(candidate.path, 0.0) > CLEARLY_FASTER * gflops.get(chosen.path, 0.0):
+            chosen = candidate
+    return Selection(chosen, report, gflops)
 
 
 # --------------------------------------------------------------------------------------------------

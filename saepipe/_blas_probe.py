@@ -10,8 +10,11 @@ killing the user's run. The checks follow what MLX does with the library:
    for OpenBLAS's multi-threaded path, with beta 0 (C full of NaN must be ignored: the
    ``sgemm_beta`` kernel that crashed on AVX2-only CPUs) and beta 1, plain and transposed, on
    shapes that are no multiple of any kernel tile;
-2. import MLX, check that its CPU matmul, ``addmm`` and an LAPACK-backed inverse give the right
-   numbers, and time a matmul (up to 1024^3) (the speed used to choose among working candidates).
+2. import MLX, check that it resolves the library's ``cblas_sgemm`` and that its CPU matmul,
+   ``addmm`` and an LAPACK-backed inverse give the right numbers.
+
+``--race LIBRARY...`` times proven libraries' sgemm in alternation in one process (the speed used
+to choose among working candidates).
 
 References are float64 ``np.einsum`` (numpy's loops, no BLAS). The verdict is one JSON line on
 stdout; a crash shows as the child's signal.
@@ -72,8 +75,8 @@ def check_cblas(lib: ctypes.CDLL, rng: np.random.Generator) -> list[str]:
     return failed
 
 
-def check_mlx(rng: np.random.Generator) -> tuple[list[str], float]:
-    """MLX's CPU matmul, addmm and inverse on the loaded library; returns (failed checks, GFLOP/s)."""
+def check_mlx(rng: np.random.Generator) -> list[str]:
+    """MLX's CPU matmul, addmm and inverse on the loaded library; returns the failed checks."""
     import mlx.core as mx
 
     failed = []
@@ -93,25 +96,34 @@ def check_mlx(rng: np.random.Generator) -> tuple[list[str], float]:
     inv = np.array(mx.linalg.inv(mx.array(spd), stream=cpu)).astype(np.float64)
     if (err := float(np.abs(inv @ spd - np.eye(96)).max())) > 1e-3:
         failed.append(f"mlx inverse (LAPACK): |inv(A) A - I| = {err:.2g}")
-    return failed, _mlx_gflops(mx)
+    return failed
 
 
-def _mlx_gflops(mx, max_size: int = 1024, min_seconds: float = 0.05, repeats: int = 3) -> float:
-    """Best of ``repeats`` float32 matmuls, the size doubled from 256 until one takes
-    ``min_seconds`` (so a slow library or a CPU emulator is timed on a small one)."""
+def race(libraries: list[str], rounds: int = 7) -> dict[str, float]:
+    """sgemm GFLOP/s of each (already proven) library: the median of ``rounds`` timings taken in
+    alternation, so load from other processes slows every library alike. The size doubles from
+    256 until the first library takes >= 20 ms (a CPU emulator times a small one)."""
+    libs = [ctypes.CDLL(path, mode=ctypes.RTLD_LOCAL) for path in libraries]  # each resolves to itself
+    rng = np.random.default_rng(0)
     size = 256
     while True:
-        a = mx.random.normal((size, size), stream=mx.cpu)
-        b = mx.random.normal((size, size), stream=mx.cpu)
-        mx.eval(mx.matmul(a, b, stream=mx.cpu))  # warm-up: threads started, buffers allocated
-        best = float("inf")
-        for _ in range(repeats):
-            start = time.perf_counter()
-            mx.eval(mx.matmul(a, b, stream=mx.cpu))
-            best = min(best, time.perf_counter() - start)
-        if best >= min_seconds or size >= max_size:
-            return 2 * size**3 / best / 1e9
+        a, b = (rng.standard_normal((size, size), dtype=np.float32) for _ in range(2))
+        c = np.zeros((size, size), np.float32)
+        for lib in libs:  # warm-up: thread pools started, buffers allocated
+            _sgemm(lib, a, b, c, trans_b=False, alpha=1.0, beta=0.0)
+        start = time.perf_counter()
+        _sgemm(libs[0], a, b, c, trans_b=False, alpha=1.0, beta=0.0)
+        if time.perf_counter() - start >= 0.02 or size >= 1024:
+            break
         size *= 2
+    seconds: list[list[float]] = [[] for _ in libs]
+    for _ in range(rounds):
+        for lib, times in zip(libs, seconds, strict=True):
+            start = time.perf_counter()
+            _sgemm(lib, a, b, c, trans_b=False, alpha=1.0, beta=0.0)
+            times.append(time.perf_counter() - start)
+    return {path: round(2 * size**3 / float(np.median(times)) / 1e9, 1)
+            for path, times in zip(libraries, seconds, strict=True)}
 
 
 def _address(function: ctypes._CFuncPtr) -> int:
@@ -134,16 +146,21 @@ def probe(library: str, *, with_mlx: bool = True) -> dict[str, object]:
         return {"ok": False, "reason": "wrong results: " + "; ".join(failed)}
     if not with_mlx:
         return {"ok": True}
-    failed, gflops = check_mlx(rng)
+    failed = check_mlx(rng)
     if failed:
         return {"ok": False, "reason": "wrong results through MLX: " + "; ".join(failed)}
-    return {"ok": True, "gflops": round(gflops, 1)}
+    return {"ok": True}
 
+
+USAGE = "usage: python _blas_probe.py [--without-mlx] LIBRARY | python _blas_probe.py --race LIBRARY..."
 
 if __name__ == "__main__":
     args = sys.argv[1:]
-    with_mlx = "--without-mlx" not in args
-    args = [a for a in args if a != "--without-mlx"]
-    if len(args) != 1:
-        sys.exit("usage: python _blas_probe.py [--without-mlx] LIBRARY")
-    print(json.dumps(probe(args[0], with_mlx=with_mlx)))
+    if args[:1] == ["--race"] and len(args) > 1:
+        print(json.dumps({"gflops": race(args[1:])}))
+    else:
+        with_mlx = "--without-mlx" not in args
+        args = [a for a in args if a != "--without-mlx"]
+        if len(args) != 1:
+            sys.exit(USAGE)
+        print(json.dumps(probe(args[0], with_mlx=with_mlx)))
