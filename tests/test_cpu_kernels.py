@@ -22,7 +22,7 @@ def _topk(pre, bias, k, lanes=None, columns=None):
 @pytest.mark.parametrize(("n", "width", "k", "lanes"), [
     (300, 9216 // 8, 32, None), (200, 1000, 7, None), (100, 1003, 16, 5),  # tail columns
     (50, 64, 1, None), (50, 64, 64, None), (50, 40, 39, 3), (30, 257, 20, 1)])
-def test_topk_rows_equals_argpartition(n, width, k, lanes):
+def test_topk_rows_equals_a_stable_sort(n, width, k, lanes):
     rng = np.random.default_rng(width + k)
     pre = rng.standard_normal((n, width), dtype=np.float32)
     bias = rng.standard_normal(width, dtype=np.float32)
@@ -30,7 +30,8 @@ def test_topk_rows_equals_argpartition(n, width, k, lanes):
     values, indices, gathered = _topk(pre, bias, k, lanes, columns)
     full = pre + bias
     np.testing.assert_array_equal(gathered, np.maximum(full[:, columns], 0))
-    expected = np.sort(np.argpartition(full, width - k, axis=1)[:, width - k:], axis=1)
+    # a stable sort, not np.argpartition: its SIMD selection is what QEMU's AVX2 emulation got wrong
+    expected = np.sort(np.argsort(-full, axis=1, kind="stable")[:, :k], axis=1)
     np.testing.assert_array_equal(np.sort(indices, axis=1), expected)
     np.testing.assert_array_equal(values, np.take_along_axis(full, indices, axis=1))
 
