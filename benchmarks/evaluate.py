@@ -37,10 +37,10 @@ import saepipe  # noqa: F401  (fast BLAS before mlx)
 @click.option("--skip-slow", is_flag=True, help="time the fast path only")
 def main(texts_path: Path, sae_path: Path | None, max_tokens: int, batch_size: int, layer: int,
          component: str, skip_slow: bool) -> None:
-    from saepipe.evaluate import evaluate_sae
-    from saepipe.extract import read_split
-    from saepipe.model import load_model
-    from saepipe.sae import TopKSAE, load_sae
+    from saepipe.activations.extract import read_split
+    from saepipe.evaluation.evaluate import evaluate_sae
+    from saepipe.lm.model import load_model
+    from saepipe.sae.topk import TopKSAE, load_sae
 
     loaded = load_model("default")
     sae = load_sae(sae_path) if sae_path else TopKSAE(int(loaded.info.d_model), 16, 32)

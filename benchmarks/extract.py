@@ -100,7 +100,7 @@ def _end_to_end(loaded, layer: int, seq: int, batch: int, n_texts: int) -> tuple
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from saepipe.extract import ExtractConfig, extract_split
+    from saepipe.activations.extract import ExtractConfig, extract_split
 
     words = ["the", "model", "reads", "long", "texts", "about", "rivers,", "cities", "and", "the", "history", "of", "science"]
     rng = np.random.default_rng(0)
@@ -130,9 +130,9 @@ def main(layer: int, batch: int, seq: int, rounds: int, torch_python: str, threa
     import mlx.core as mx
     import numpy as np
 
-    from saepipe.forward import forward
-    from saepipe.model import default_gguf_path, load_model
-    from saepipe.sites import Site
+    from saepipe.lm.forward import forward
+    from saepipe.lm.model import default_gguf_path, load_model
+    from saepipe.lm.sites import Site
 
     loaded = load_model("default")
     model, n_layers = loaded.model, loaded.info.num_layers

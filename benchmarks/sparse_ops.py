@@ -1,4 +1,4 @@
-"""The formulations behind saepipe.sparse_ops, side by side, each as a multiple of the encoder matmul.
+"""The formulations behind saepipe.training.mlx_step, side by side, each as a multiple of the encoder matmul.
 
     uv run python benchmarks/sparse_ops.py [--k 32] [--batch 4096] [--d-model 576] [--expansion 16]
 
@@ -26,7 +26,7 @@ def main(k: int, n: int, d_model: int, expansion: int, repeats: int) -> None:
     import mlx.core as mx
     import numpy as np
 
-    from saepipe import sparse_ops as so
+    from saepipe.training import mlx_step as so
 
     h = d_model * expansion
     rng = np.random.default_rng(0)

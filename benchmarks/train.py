@@ -6,11 +6,11 @@
 For each k it prints tokens/s of (all with AuxK on: ``--dead-fraction`` of the latents are dead):
 
 - floor: one dense encoder matmul of the batch, ``x @ W_enc.T`` (n x d_model x d_hidden);
-- cpu_step: ``saepipe.cpu_step.CpuStep.step``, what ``fit_sae`` runs on a CPU (MLX encoder matmul +
+- cpu_step: ``saepipe.training.cpu_step.CpuStep.step``, what ``fit_sae`` runs on a CPU (MLX encoder matmul +
   multi-threaded numba kernels), and the floor are timed inside ``reuse_freed_memory`` as in
   ``fit_sae``, interleaved, with 3x the repeats;
-- reference: the dense MLX step (``saepipe.train._make_step``, ``kernels="reference"``);
-- sparse_ops (dense, split): ``saepipe.sparse_ops.make_train_step``, ``fit_sae``'s path on a GPU
+- reference: the dense MLX step (``saepipe.training.fit._make_step``, ``kernels="reference"``);
+- sparse_ops (dense, split): ``saepipe.training.mlx_step.make_train_step``, ``fit_sae``'s path on a GPU
   (``--all-variants`` adds its other weight-gradient method and the one-stream variants);
 - peers, each through its own classes, in a subprocess of ``--peer-python``: EleutherAI sparsify
   (``SparseCoder`` forward with ``dead_mask`` + backward + decoder-gradient projection + Adam step +
@@ -72,12 +72,12 @@ def _mlx_times(k: int, n: int, d_model: int, expansion: int, dead_fraction: floa
     import mlx.core as mx
     import numpy as np
 
-    from saepipe import cpu_step
-    from saepipe._malloc import reuse_freed_memory
-    from saepipe import sparse_ops as so
-    from saepipe import train as saepipe_train
-    from saepipe.config import SAEConfig
-    from saepipe.sae import init_params
+    from saepipe.training import cpu_step
+    from saepipe.runtime.memory import reuse_freed_memory
+    from saepipe.training import mlx_step as so
+    from saepipe.training import fit as saepipe_train
+    from saepipe.sae.config import SAEConfig
+    from saepipe.sae.topk import init_params
 
     d_hidden = d_model * expansion
     k_aux = d_model // 2

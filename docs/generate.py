@@ -24,9 +24,9 @@ ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "saepipe.md"
 
 TABLES = {  # params.yaml section -> "module:Class"
-    "prepare": "saepipe.prepare:PrepareParams",
-    "extract": "saepipe.extract:ExtractConfig",
-    "sae": "saepipe.config:SAEConfig",
+    "prepare": "saepipe.texts.prepare:PrepareParams",
+    "extract": "saepipe.activations.extract:ExtractConfig",
+    "sae": "saepipe.sae.config:SAEConfig",
 }
 BLOCK = re.compile(r"(<!-- generated:(?P<name>[\w:.]+) -->\n)(?P<body>.*?)(<!-- end generated:(?P=name) -->)", re.S)
 
@@ -57,7 +57,7 @@ def yaml_value(value: Any) -> str:
 
 def config_table(section: str) -> str:
     """Markdown table of a config dataclass and its params.yaml section."""
-    from saepipe.params import read_params
+    from saepipe.runtime.params import read_params
 
     module, name = TABLES[section].split(":")
     cls = getattr(importlib.import_module(module), name)

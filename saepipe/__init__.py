@@ -1,6 +1,6 @@
 """saepipe: TopK sparse autoencoders on language-model activations with MLX."""
 
-from saepipe import _blas
+from saepipe.runtime import blas as _blas
 
 _blas.ensure_fast_blas()  # must precede the first `import mlx`
 
@@ -12,10 +12,10 @@ _LAZY = {
     "InterpretableModel": "saepipe.api",
     "IncompatibleSAEError": "saepipe.api",
     "load_sae": "saepipe.api",
-    "SAEConfig": "saepipe.config",
-    "TopKSAE": "saepipe.sae",
-    "load_model": "saepipe.model",
-    "tiny_random_model": "saepipe.model",
+    "SAEConfig": "saepipe.sae.config",
+    "TopKSAE": "saepipe.sae.topk",
+    "load_model": "saepipe.lm.model",
+    "tiny_random_model": "saepipe.lm.model",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -29,9 +29,9 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import saepipe  # noqa: F401  (fast BLAS before mlx)
-from saepipe.config import SAEConfig
-from saepipe.model import LoadedModel, ModelInfo, load_model
-from saepipe.sites import COMPONENTS, Site, check_site
+from saepipe.lm.model import LoadedModel, ModelInfo, load_model
+from saepipe.lm.sites import COMPONENTS, Site, check_site
+from saepipe.sae.config import SAEConfig
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ class FitRecord(NamedTuple):
 
     site: Site
     history: list[dict[str, float]]
-    """Per-epoch training means and validation metrics (see ``saepipe.train.FitResult``)."""
+    """Per-epoch training means and validation metrics (see ``saepipe.training.fit.FitResult``)."""
     summary: dict[str, Any]
     """Final figures: steps, tokens, seconds, last train/* and val/* metrics."""
     activations: Path
@@ -65,7 +65,7 @@ def dataset_texts(dataset: Any, text_column: str = "text") -> list[str]:
     if isinstance(dataset, (str, bytes, Path)):
         raise TypeError("dataset must be a list of strings or a datasets.Dataset, not a single "
                         f"{type(dataset).__name__}; wrap one text in a list, or read a file with "
-                        "saepipe.text.load_texts")
+                        "saepipe.texts.sources.load_texts")
     columns = getattr(dataset, "column_names", None)
     if isinstance(columns, dict):  # a datasets.DatasetDict
         raise TypeError(f"dataset is a DatasetDict with splits {sorted(columns)}; pick one, "
@@ -106,7 +106,7 @@ def count_rows(tokenizer: Any, texts: list[str], context_length: int, skip_speci
     """Activation rows extraction stores for ``texts``: kept token positions (same rules as extract)."""
     import numpy as np
 
-    from saepipe.extract import excluded_token_ids
+    from saepipe.activations.extract import excluded_token_ids
 
     excluded = excluded_token_ids(tokenizer, skip_special_tokens)
     total = 0
@@ -181,10 +181,10 @@ class InterpretableModel:
     def trace(self, texts: str | list[str], *, capture: Iterable[str] | None = None) -> Any:
         """Run ``texts`` through the model once; ``.activations[name]`` is (batch, seq, d_model).
 
-        Names like ``model.model.layers.10.mlp`` (see ``saepipe.sites``); every site is captured
+        Names like ``model.model.layers.10.mlp`` (see ``saepipe.lm.sites``); every site is captured
         unless ``capture`` lists some. Use as ``with model.trace(...) as trace: ...``.
         """
-        from saepipe.trace import trace
+        from saepipe.lm.trace import trace
 
         return trace(self.loaded, texts, capture=capture)
 
@@ -214,9 +214,9 @@ class InterpretableModel:
         ``checkpoint_dir``/``live_dir``: resumable checkpoints / dvclive metrics, as in the train stage.
         Returns the trained ``TopKSAE``; ``self.last_fit`` holds its history and summary.
         """
-        from saepipe.extract import ExtractConfig, extract_split
-        from saepipe.normalize import fit_stats
-        from saepipe.train import fit_sae
+        from saepipe.activations.extract import ExtractConfig, extract_split
+        from saepipe.activations.normalize import fit_stats
+        from saepipe.training.fit import fit_sae
 
         site = self._site(layer, component)
         config = SAEConfig() if config is None else config
@@ -259,7 +259,7 @@ class InterpretableModel:
                  check: bool = True) -> Any:
         """Load an SAE file; with ``check`` raise ``IncompatibleSAEError`` if it was trained on another
         model (d_model, weights hash) or, when given, another ``layer``/``component``."""
-        from saepipe.sae import load_sae
+        from saepipe.sae.topk import load_sae
 
         sae = load_sae(path)
         if check:
@@ -314,7 +314,7 @@ class InterpretableModel:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        from saepipe.prepare import SCHEMA
+        from saepipe.texts.prepare import SCHEMA
 
         digest = texts_digest(texts)
         if digest in self._prepared and self._prepared[digest].texts_path.exists():
@@ -354,7 +354,7 @@ class InterpretableModel:
 
 def load_sae(path: str | Path) -> Any:
     """Load an SAE file written by ``TopKSAE.save`` / ``train_sae(save_path=...)``."""
-    from saepipe.sae import load_sae as _load
+    from saepipe.sae.topk import load_sae as _load
 
     return _load(path)
 

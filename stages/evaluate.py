@@ -15,23 +15,23 @@ from typing import Any
 import click
 
 import saepipe  # noqa: F401  (fast BLAS before mlx)
-from saepipe.evaluate import evaluate_sae, health_checks
-from saepipe.metrics import density_histogram
-from saepipe.params import read_params, section
-from saepipe.plots import (
+from saepipe.evaluation.evaluate import evaluate_sae, health_checks
+from saepipe.evaluation.metrics import density_histogram
+from saepipe.evaluation.plots import (
     plot_density_histogram,
     plot_training_curves,
     read_live_metrics,
     write_density_csv,
     write_html_report,
 )
-from saepipe.tracking import write_metrics_json
+from saepipe.runtime.params import read_params, section
+from saepipe.training.tracking import write_metrics_json
 
 log = logging.getLogger("stages.evaluate")
 
 def read_eval_texts(path: Path) -> list[str]:
     """The held-out (``split == "eval"``) texts of prepare's parquet, in file order, as extract reads them."""
-    from saepipe.extract import read_split
+    from saepipe.activations.extract import read_split
 
     if not path.exists():
         raise click.ClickException(f"texts file not found: {path} (run the prepare stage)")
@@ -62,8 +62,8 @@ def _check_site(sae: Any, loaded: Any, layer: int, component: str) -> None:
 def main(params_path: Path, sae_path: Path, texts_path: Path, train_metrics: Path | None,
          train_live: Path | None, out_dir: Path) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from saepipe.model import load_model
-    from saepipe.sae import load_sae
+    from saepipe.lm.model import load_model
+    from saepipe.sae.topk import load_sae
 
     params = read_params(params_path)
     extract, ev = section(params, "extract"), section(params, "evaluate")

@@ -14,9 +14,9 @@ from pathlib import Path
 import click
 
 import saepipe  # noqa: F401  (fast BLAS before any mlx import)
-from saepipe.extract import ExtractConfig, extract
-from saepipe.model import load_model
-from saepipe.params import read_params, section
+from saepipe.activations.extract import ExtractConfig, extract
+from saepipe.lm.model import load_model
+from saepipe.runtime.params import read_params, section
 
 
 @click.command()

@@ -13,8 +13,8 @@ from pathlib import Path
 import click
 
 import saepipe  # noqa: F401  (fast BLAS before any mlx import)
-from saepipe.normalize import STATS_FILE, normalize
-from saepipe.params import read_params, section
+from saepipe.activations.normalize import STATS_FILE, normalize
+from saepipe.runtime.params import read_params, section
 
 
 @click.command()

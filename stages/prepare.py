@@ -13,8 +13,8 @@ from pathlib import Path
 import click
 
 import saepipe  # noqa: F401  (fast BLAS before any mlx import)
-from saepipe.params import read_params, section
-from saepipe.prepare import PrepareParams, run_prepare, write_prepared
+from saepipe.runtime.params import read_params, section
+from saepipe.texts.prepare import PrepareParams, run_prepare, write_prepared
 
 
 @click.command()

@@ -19,12 +19,12 @@ from typing import Any
 import click
 
 import saepipe  # noqa: F401  (fast BLAS before any mlx import)
-from saepipe.config import SAEConfig
-from saepipe.data import as_source
-from saepipe.params import read_params, section
-from saepipe.stats import NormStats
-from saepipe.tracking import write_metrics_json
-from saepipe.train import CHECKPOINT_NAME, fit_sae
+from saepipe.activations.sources import as_source
+from saepipe.activations.stats import NormStats
+from saepipe.runtime.params import read_params, section
+from saepipe.sae.config import SAEConfig
+from saepipe.training.fit import CHECKPOINT_NAME, fit_sae
+from saepipe.training.tracking import write_metrics_json
 
 SAE_FILE = "sae.safetensors"
 METRICS_FILE = "metrics.json"

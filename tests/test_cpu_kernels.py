@@ -1,12 +1,12 @@
-"""saepipe.cpu_kernels against straightforward numpy, on random and tie-heavy inputs."""
+"""saepipe.training.cpu_kernels against straightforward numpy, on random and tie-heavy inputs."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from saepipe import cpu_kernels as ck
-from saepipe.cpu_step import _aligned_empty
+from saepipe.training import cpu_kernels as ck
+from saepipe.training.cpu_step import _aligned_empty
 
 
 def _topk(pre, bias, k, lanes=None, columns=None):
@@ -210,7 +210,7 @@ def test_standardize_equals_numpy_float32():
 def test_cpu_step_state_is_a_private_aligned_copy_shared_with_mlx():
     import mlx.core as mx
 
-    from saepipe.cpu_step import _owned
+    from saepipe.training.cpu_step import _owned
 
     source = mx.arange(40, dtype=mx.float32).reshape(8, 5)
     owned, view = _owned(source)

@@ -1,4 +1,4 @@
-"""saepipe._malloc: big buffers are reused inside the block and the defaults come back after it."""
+"""saepipe.runtime.memory: big buffers are reused inside the block and the defaults come back after it."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import resource
 
 import pytest
 
-from saepipe import _malloc
+from saepipe.runtime import memory as _malloc
 
 pytestmark = pytest.mark.skipif(_malloc._glibc() is None, reason="glibc only")
 

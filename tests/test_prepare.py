@@ -9,7 +9,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from saepipe.prepare import (
+from saepipe.texts.prepare import (
     SCHEMA,
     PrepareParams,
     assign_splits,
@@ -18,7 +18,7 @@ from saepipe.prepare import (
     truncate_text,
     write_prepared,
 )
-from saepipe.text import TextRecord
+from saepipe.texts.sources import TextRecord
 from stages.prepare import main as prepare_stage
 
 ARGS = dict(min_chars=10, max_chars=60, max_texts=None, eval_fraction=0.25, seed=0)

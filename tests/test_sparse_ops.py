@@ -1,4 +1,4 @@
-"""saepipe.sparse_ops pinned against straightforward references (numpy, and mx.grad of dense code)."""
+"""saepipe.training.mlx_step pinned against straightforward references (numpy, and mx.grad of dense code)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import mlx.core as mx  # conftest imported saepipe first (fast BLAS before mlx)
 import numpy as np
 import pytest
 
-from saepipe import sparse_ops as so
+from saepipe.training import mlx_step as so
 
 
 def _rand(rng, *shape, scale=1.0):
@@ -220,9 +220,9 @@ def test_aux_capacity_buckets():
 
 
 def test_make_train_step_matches_saepipe_train():
-    """Same contract as saepipe.train's compiled step: same new weights and metrics from a state."""
-    from saepipe import train as saepipe_train
-    from saepipe.config import SAEConfig
+    """Same contract as saepipe.training.fit's compiled step: same new weights and metrics from a state."""
+    from saepipe.sae.config import SAEConfig
+    from saepipe.training import fit as saepipe_train
 
     rng = np.random.default_rng(5)
     d, h, n = 16, 256, 64
@@ -246,7 +246,7 @@ def test_make_train_step_matches_saepipe_train():
 ])
 def test_split_step_matches_one_stream(tied, l1, with_aux, compile):
     """The batch split over per-core streams: same metrics, weights, Adam state and counters."""
-    from saepipe.config import SAEConfig
+    from saepipe.sae.config import SAEConfig
 
     rng = np.random.default_rng(6)
     d, h, n = 16, 256, 67  # odd batch: unequal parts

@@ -11,11 +11,11 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-import saepipe.train as train_mod
-from saepipe.config import SAEConfig
-from saepipe.data import ArraySource
-from saepipe.sae import TopKSAE, load_sae
-from saepipe.train import (
+import saepipe.training.fit as train_mod
+from saepipe.activations.sources import ArraySource
+from saepipe.sae.config import SAEConfig
+from saepipe.sae.topk import TopKSAE, load_sae
+from saepipe.training.fit import (
     CHECKPOINT_NAME,
     TrainingDivergedError,
     epoch_order,
@@ -110,7 +110,7 @@ def test_fit_basic_invariants():
 
 def test_given_stats_are_used_and_normalize_off():
     x = _data(300)
-    from saepipe.stats import NormStats
+    from saepipe.activations.stats import NormStats
 
     stats = NormStats(np.zeros(16), np.full(16, 2.0), 1.0, 7)
     cfg = SAEConfig(**{**SMALL, "num_epochs": 1})
@@ -340,7 +340,7 @@ PLANTED = dict(k=6, batch_size=256, num_epochs=10, warmup_steps=20, learning_rat
 @pytest.fixture
 def single_thread_blas():
     """Small matmuls: one OpenBLAS thread is as fast, and far faster when the cores are shared."""
-    from saepipe._blas_threads import single_threaded
+    from saepipe.runtime.blas_threads import single_threaded
 
     with single_threaded():
         yield
@@ -367,7 +367,7 @@ def test_planted_dictionary_exact_width_keeps_latents_alive(single_thread_blas):
 
 # --- stage ----------------------------------------------------------------------------------------
 def _shard_folder(path, data: np.ndarray, layer: int, component: str) -> None:
-    from saepipe.shards import SHARD_PATTERN, write_manifest, write_shard
+    from saepipe.activations.shards import SHARD_PATTERN, write_manifest, write_shard
 
     path.mkdir(parents=True)
     shards = []
@@ -412,7 +412,7 @@ def test_stage_cli(tmp_path):
 def test_metrics_json_nulls_non_finite_and_unwraps_scalars(tmp_path):
     import json
 
-    from saepipe.tracking import write_metrics_json
+    from saepipe.training.tracking import write_metrics_json
 
     path = write_metrics_json(tmp_path / "m.json", {"a": float("nan"), "b": [np.float32(1.5), float("inf")],
                                                     "c": {"d": np.int64(3), "e": mx.array(2.0)}})

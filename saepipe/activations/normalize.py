@@ -14,8 +14,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from saepipe.data import as_source
-from saepipe.stats import NormStats
+from saepipe.activations.sources import as_source
+from saepipe.activations.stats import NormStats
 
 STATS_FILE = "stats.safetensors"
 
@@ -87,7 +87,7 @@ def fit_stats(activations: Any, chunk_rows: int = 65536) -> NormStats:
 
 def normalize(acts_dir: Path, out: Path, chunk_rows: int = 65536) -> NormStats:
     """Fit on a shard folder; write ``out/stats.safetensors`` + ``stats.json`` naming the manifest."""
-    from saepipe.shards import ShardSource
+    from saepipe.activations.shards import ShardSource
 
     source = ShardSource(Path(acts_dir))
     stats = fit_stats(source, chunk_rows)

@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from saepipe.metrics import DensityHistogram
+from saepipe.evaluation.metrics import DensityHistogram
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ logits and the activations x), then three more times with the site's output repl
 positions only, by the SAE reconstruction x_hat, by 0 and by the eval-set mean of x. Reconstruction
 metrics come from the same x and x_hat that are spliced in, in the original activation space.
 A first, early-stopped pass (blocks 0..layer only) computes the eval-set mean for mean ablation.
-Definitions are in ``saepipe.metrics``.
+Definitions are in ``saepipe.evaluation.metrics``.
 
 Speed (the metrics do not depend on it): the scored texts are regrouped by length (little padding),
 the early-stopped pass keeps the residual stream around the site so the clean and the three edited
@@ -24,10 +24,8 @@ import mlx.core as mx
 import numpy as np
 from tqdm import tqdm
 
-from saepipe._malloc import reuse_freed_memory
-from saepipe.extract import ExtractConfig, make_batches
-from saepipe.forward import Replace, forward
-from saepipe.metrics import (
+from saepipe.activations.extract import ExtractConfig, make_batches
+from saepipe.evaluation.metrics import (
     ReconstructionMetrics,
     ReconstructionStats,
     SparsityMetrics,
@@ -36,7 +34,9 @@ from saepipe.metrics import (
     SplicedMetrics,
     next_token_mask,
 )
-from saepipe.sites import Site, check_site
+from saepipe.lm.forward import Replace, forward
+from saepipe.lm.sites import Site, check_site
+from saepipe.runtime.memory import reuse_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def token_batches(
     max_tokens: int,
     skip_special_tokens: bool,
 ) -> Iterator[TokenBatch]:
-    """Extraction's batches (``saepipe.extract.make_batches``: same tokenization, truncation, padding
+    """Extraction's batches (``saepipe.activations.extract.make_batches``: same tokenization, truncation, padding
     and kept positions) with text lengths, stopping after exactly ``max_tokens`` scored positions."""
     if context_length < 2:
         raise ValueError(f"context_length must be >= 2 (CE needs a next token), got {context_length}")

@@ -28,7 +28,7 @@ import mlx.nn as nn
 import numpy as np
 
 import saepipe
-from saepipe.stats import NormStats
+from saepipe.activations.stats import NormStats
 
 FORMAT = "saepipe.sae"
 FORMAT_VERSION = 1
@@ -157,7 +157,7 @@ class TopKSAE(nn.Module):
 
     def decode_topk(self, values: mx.array, indices: mx.array) -> mx.array:
         """Reconstruction (..., d_model) from a sparse code."""
-        from saepipe.sparse_ops import decode_rows
+        from saepipe.training.mlx_step import decode_rows
 
         values, indices = mx.array(values), mx.array(indices)
         if values.shape != indices.shape or values.ndim == 0:
@@ -309,10 +309,10 @@ def init_params(d_model: int, d_hidden: int, tied_weights: bool, seed: int) -> d
 def topk(pre: mx.array, k: int) -> tuple[mx.array, mx.array]:
     """The k largest entries of each row (by index, so ties never keep more): (values, indices).
 
-    Any leading shape; exact (``saepipe.sparse_ops.topk_indices``' two-stage selection is only a
+    Any leading shape; exact (``saepipe.training.mlx_step.topk_indices``' two-stage selection is only a
     faster way to find the same k).
     """
-    from saepipe.sparse_ops import topk_indices
+    from saepipe.training.mlx_step import topk_indices
 
     flat = mx.stop_gradient(pre).reshape(-1, pre.shape[-1])
     indices = mx.stop_gradient(topk_indices(flat, k).reshape(*pre.shape[:-1], k))

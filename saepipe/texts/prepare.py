@@ -38,7 +38,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from saepipe.text import TextRecord, load_texts
+from saepipe.texts.sources import TextRecord, load_texts
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ class PrepareParams:
     """The ``prepare:`` section of params.yaml."""
 
     source: str = "builtin"
-    """"builtin" (offline corpus) | HF hub dataset name | local file or folder (see saepipe.text)."""
+    """"builtin" (offline corpus) | HF hub dataset name | local file or folder (see saepipe.texts.sources)."""
     dataset_config: str | None = None
     """HF dataset config name (hub datasets only)."""
     dataset_split: str = "train"

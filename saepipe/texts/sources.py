@@ -2,7 +2,7 @@
 
 ``load_texts(source, ...)`` understands:
 
-- ``"builtin"`` (or ``"builtin:sotu,shakespeare"``): the offline English corpus of ``saepipe.corpus``.
+- ``"builtin"`` (or ``"builtin:sotu,shakespeare"``): the offline English corpus of ``saepipe.texts.corpus``.
 - a local file, by extension:
   ``.txt`` one passage per paragraph (paragraphs are separated by blank lines; line breaks inside a
   paragraph are kept); ``.jsonl`` one JSON object (or string) per line; ``.json`` a list of objects
@@ -59,7 +59,7 @@ def load_texts(
     """
     source = str(source).strip()
     if source == "builtin" or source.startswith("builtin:"):
-        from saepipe.corpus import builtin_corpus
+        from saepipe.texts.corpus import builtin_corpus
 
         names = [s.strip() for s in source.partition(":")[2].split(",") if s.strip()] or None
         return iter(builtin_corpus(names))

@@ -29,9 +29,9 @@ import mlx.core as mx
 from mlx_lm.models import llama
 
 import saepipe  # noqa: F401  (fast BLAS before mlx)
-from saepipe import _blas_threads as _blas
-from saepipe.fastmath import exp as _exp
-from saepipe.sites import Site, check_site
+from saepipe.lm.fastmath import exp as _exp
+from saepipe.lm.sites import Site, check_site
+from saepipe.runtime import blas_threads as _blas
 
 Edit = Callable[[mx.array], mx.array]
 
@@ -235,7 +235,7 @@ def _lm_head(module: Any, h: mx.array) -> mx.array:
 # MLX's CPU exp/sigmoid cost ~40 ns per element and its fused SDPA is unblocked on CPU, so SwiGLU
 # and softmax dominated a block. A Cody-Waite range reduction + degree-6 polynomial exp (max
 # relative error ~4e-7, i.e. float32 rounding) built from compiled elementwise ops is ~8x faster
-# (saepipe.fastmath).
+# (saepipe.lm.fastmath).
 
 
 @mx.compile  # per input shape: `view` (in _exp) cannot be shapeless; retracing is cheap

@@ -1,5 +1,5 @@
 """Fast TopK-SAE training-step kernels in pure MLX: the training step on a GPU (``fit_sae``'s
-``kernels="sparse"``). On a CPU ``fit_sae`` runs ``saepipe.cpu_step`` instead (multi-threaded numba
+``kernels="sparse"``). On a CPU ``fit_sae`` runs ``saepipe.training.cpu_step`` instead (multi-threaded numba
 kernels, ~4x faster than these there: benchmarks/train.py); these stay the pure-MLX path and its tests.
 
 They were tuned for MLX on a small CPU first:
@@ -30,9 +30,9 @@ see ``benchmarks/sparse_ops.py`` for the side-by-side numbers):
   and AuxK's variances) are merged exactly from the parts, and the W_enc / W_dec updates run on
   different streams (~1.3x on a loaded 2-core machine, more when it is quiet).
 
-Weight layout (same as ``saepipe.sae``): ``W_enc`` and ``W_dec`` are both (d_hidden, d_model),
+Weight layout (same as ``saepipe.sae.topk``): ``W_enc`` and ``W_dec`` are both (d_hidden, d_model),
 ``pre = (x - b_dec) @ W_enc.T + b_enc``; row j of ``W_dec`` is latent j's decoder direction. The loss
-is the one documented in ``saepipe.train``: FVU + l1_coef * L1 + aux_coef * AuxK.
+is the one documented in ``saepipe.training.fit``: FVU + l1_coef * L1 + aux_coef * AuxK.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from typing import NamedTuple
 
 import mlx.core as mx  # saepipe/__init__ (imported first) has loaded the fast BLAS
 
-from saepipe.config import SAEConfig
+from saepipe.sae.config import SAEConfig
 
 #: Rows per chunk times k: the gathered (rows, k, d_model) block stays a few MB (cache-resident).
 _DECODE_ROWS_TIMES_K = 1024
@@ -57,7 +57,7 @@ class TopK(NamedTuple):
 
 
 class LossParts(NamedTuple):
-    """Outputs of ``value_and_grads`` in the order ``saepipe.train``'s loss function returns them."""
+    """Outputs of ``value_and_grads`` in the order ``saepipe.training.fit``'s loss function returns them."""
 
     loss: mx.array
     fvu: mx.array
@@ -222,9 +222,9 @@ def value_and_grads(
     tied: bool = False,
     method: str = "dense",
 ) -> tuple[LossParts, dict[str, mx.array]]:
-    """Loss parts and exact gradients of ``saepipe.train``'s TopK loss, with sparse backward kernels.
+    """Loss parts and exact gradients of ``saepipe.training.fit``'s TopK loss, with sparse backward kernels.
 
-    ``params``: ``W_enc`` (absent when ``tied``), ``b_enc``, ``W_dec``, ``b_dec`` as in ``saepipe.sae``.
+    ``params``: ``W_enc`` (absent when ``tied``), ``b_enc``, ``W_dec``, ``b_dec`` as in ``saepipe.sae.topk``.
     ``x``: (n, d_model) normalized inputs. ``dead``: bool (d_hidden,) mask of dead latents, or None to
     skip AuxK; ``capacity`` (static, >= the number of dead latents, see ``aux_capacity``; default
     d_hidden) bounds the columns AuxK touches. ``aux_scale``: min(n_dead / k_aux, 1).
@@ -298,7 +298,7 @@ def _auxk(pre, xc, e, W_dec, dead, aux_scale, k_aux, capacity, aux_coef):
 
 
 # --------------------------------------------------------------------------------------------------
-# A whole training step (same signature and math as saepipe.train's compiled step)
+# A whole training step (same signature and math as saepipe.training.fit's compiled step)
 # --------------------------------------------------------------------------------------------------
 _BETAS = (0.9, 0.999)
 _ADAM_EPS = 1e-8
@@ -310,15 +310,15 @@ def make_train_step(config: SAEConfig, d_hidden: int, k_aux: int, capacity: int 
 
     ``step(params, m, v, t, lr, x, mean, std, counter, aux_scale) -> (params, m, v, t, counter,
     metrics)`` with ``metrics = [loss, fvu, mse, aux, l1, l0, grad_norm, dead_fraction]``: the same
-    contract as ``saepipe.train._make_step`` (parallel decoder-gradient component removed, global-norm
+    contract as ``saepipe.training.fit._make_step`` (parallel decoder-gradient component removed, global-norm
     clipping, bias-corrected Adam, rows of W_dec renormalized, per-latent dead counters).
     ``capacity``: 0 for no AuxK, else ``aux_capacity(n_dead, d_hidden)`` for the step's dead count
     (build one step per bucket). ``method``: see ``rows_grad``. ``parts``: split the batch (and the
     parameter update) over this many per-core CPU streams with single-threaded BLAS (``None``: one
-    per core on CPU, see ``saepipe.forward``); a split step returns evaluated arrays.
+    per core on CPU, see ``saepipe.lm.forward``); a split step returns evaluated arrays.
     """
     if parts is None:
-        from saepipe.forward import _parallel_parts
+        from saepipe.lm.forward import _parallel_parts
 
         parts = _parallel_parts(config.batch_size)
     if parts >= 2:
@@ -459,8 +459,8 @@ def _adam_unit_rows(p, m, v, g, lr, c1, c2):
 
 def _make_split_step(config: SAEConfig, d_hidden: int, k_aux: int, capacity: int, method: str,
                      compile: bool, parts: int) -> Callable:
-    from saepipe import _blas_threads
-    from saepipe.forward import _cpu_streams
+    from saepipe.lm.forward import _cpu_streams
+    from saepipe.runtime import blas_threads as _blas_threads
 
     b1, b2 = _BETAS
     clip = float(config.gradient_clip)

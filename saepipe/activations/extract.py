@@ -29,9 +29,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 import saepipe
-from saepipe.forward import forward
-from saepipe.model import LoadedModel
-from saepipe.shards import (
+from saepipe.activations.shards import (
     MANIFEST,
     SHARD_PATTERN,
     ShardInfo,
@@ -41,7 +39,9 @@ from saepipe.shards import (
     read_manifest,
     write_manifest,
 )
-from saepipe.sites import Site, check_site
+from saepipe.lm.forward import forward
+from saepipe.lm.model import LoadedModel
+from saepipe.lm.sites import Site, check_site
 
 log = logging.getLogger(__name__)
 

@@ -27,8 +27,8 @@ Recipe (Gao et al. 2024; EleutherAI sparsify):
   checkpoint and reaches the same weights as an uninterrupted run; a NaN/Inf stops training with
   ``TrainingDivergedError`` and leaves the last good checkpoint.
 
-Kernels (same math, see ``KERNELS``): on a CPU ``fit_sae`` runs ``saepipe.cpu_step.CpuStep`` (MLX
-matmul + multi-threaded numba kernels), elsewhere ``saepipe.sparse_ops.make_train_step``; both are
+Kernels (same math, see ``KERNELS``): on a CPU ``fit_sae`` runs ``saepipe.training.cpu_step.CpuStep`` (MLX
+matmul + multi-threaded numba kernels), elsewhere ``saepipe.training.mlx_step.make_train_step``; both are
 tested against the dense reference ``_make_step`` here (``kernels="reference"``), built on
 ``_encode_select`` and ``_decode``.
 """
@@ -49,13 +49,13 @@ import mlx.nn as nn
 import numpy as np
 
 import saepipe  # noqa: F401  (fast BLAS before mlx)
-from saepipe._malloc import reuse_freed_memory
-from saepipe.config import SAEConfig
-from saepipe.data import ActivationSource, as_source
-from saepipe.sae import TopKSAE, _Norm, init_params, to_dense, topk
-from saepipe.sparse_ops import constrained_adam, update_dead_counter
-from saepipe.stats import NormStats
-from saepipe.tracking import DVCLiveLogger, MultiLogger, TrainLogger, WandbLogger
+from saepipe.activations.sources import ActivationSource, as_source
+from saepipe.activations.stats import NormStats
+from saepipe.runtime.memory import reuse_freed_memory
+from saepipe.sae.config import SAEConfig
+from saepipe.sae.topk import TopKSAE, _Norm, init_params, to_dense, topk
+from saepipe.training.mlx_step import constrained_adam, update_dead_counter
+from saepipe.training.tracking import DVCLiveLogger, MultiLogger, TrainLogger, WandbLogger
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ class _Split(NamedTuple):
 
 
 # --------------------------------------------------------------------------------------------------
-# Swap points: straightforward MLX formulations (saepipe.sparse_ops provides faster ones).
+# Swap points: straightforward MLX formulations (saepipe.training.mlx_step provides faster ones).
 # --------------------------------------------------------------------------------------------------
 def _encode_select(
     xc: mx.array, W_enc: mx.array, b_enc: mx.array, k: int, dead: mx.array | None, k_aux: int
@@ -163,7 +163,7 @@ def _make_eval(config: SAEConfig, d_hidden: int, kernels: str = "sparse") -> Cal
     """Compiled validation chunk: (sse, sum x, sum ||x||^2, sum L0, sum L1, fired counts)."""
     tied = config.tied_weights
     if kernels in ("sparse", "cpu"):
-        from saepipe import sparse_ops
+        from saepipe.training import mlx_step as sparse_ops
 
         def encode_decode(xc, W_enc, b_enc, W_dec):
             values, indices = sparse_ops.topk(nn.relu(xc @ W_enc.T + b_enc), config.k)
@@ -189,9 +189,9 @@ def _make_eval(config: SAEConfig, d_hidden: int, kernels: str = "sparse") -> Cal
 
 KERNELS = ("auto", "cpu", "sparse", "reference")
 """``auto``: ``cpu`` when MLX computes on the CPU, else ``sparse``.
-``cpu``: ``saepipe.cpu_step.CpuStep`` (MLX encoder matmul, multi-threaded numba kernels for top-k,
+``cpu``: ``saepipe.training.cpu_step.CpuStep`` (MLX encoder matmul, multi-threaded numba kernels for top-k,
 sparse decode, gradients and Adam: the fast path on a CPU, where MLX runs those on one core);
-``sparse``: ``saepipe.sparse_ops.make_train_step`` (sparse top-k, decode and gradients in MLX; AuxK
+``sparse``: ``saepipe.training.mlx_step.make_train_step`` (sparse top-k, decode and gradients in MLX; AuxK
 over the dead columns only, one compiled variant per power-of-two bucket of dead latents);
 ``reference``: ``_make_step`` (dense MLX ops, the definition the other kernels are tested against)."""
 
@@ -201,7 +201,7 @@ def resolve_kernels(kernels: str) -> str:
     if kernels not in KERNELS:
         raise ValueError(f"kernels must be one of {', '.join(KERNELS)}, not {kernels!r}")
     if kernels == "auto":
-        from saepipe import cpu_step
+        from saepipe.training import cpu_step
 
         return "cpu" if cpu_step.available() else "sparse"
     return kernels
@@ -221,7 +221,7 @@ class _Steps:
             if key not in self.cache:
                 self.cache[key] = _make_step(self.config, self.d_hidden, self.k_aux, aux)
             return self.cache[key]
-        from saepipe import sparse_ops
+        from saepipe.training import mlx_step as sparse_ops
 
         key = sparse_ops.aux_capacity(n_dead, self.d_hidden) if aux else 0
         if key not in self.cache:
@@ -230,7 +230,7 @@ class _Steps:
 
 
 class _MlxRunner:
-    """The compiled MLX steps behind the interface of ``saepipe.cpu_step.CpuStep``."""
+    """The compiled MLX steps behind the interface of ``saepipe.training.cpu_step.CpuStep``."""
 
     def __init__(self, config: SAEConfig, d_hidden: int, k_aux: int, kernels: str, state: _State) -> None:
         self.steps = _Steps(config, d_hidden, k_aux, kernels)
@@ -250,7 +250,7 @@ class _MlxRunner:
 
 def _make_runner(config: SAEConfig, d_hidden: int, k_aux: int, kernels: str, state: _State):
     if kernels == "cpu":
-        from saepipe.cpu_step import CpuStep
+        from saepipe.training.cpu_step import CpuStep
 
         return CpuStep(config, d_hidden, k_aux, state)
     return _MlxRunner(config, d_hidden, k_aux, kernels, state)
@@ -297,8 +297,8 @@ def _read(source: ActivationSource, rows: np.ndarray):
 
 
 def fit_stats(source: ActivationSource, rows: np.ndarray) -> NormStats:
-    """Normalization stats of the given rows only (``saepipe.normalize``'s float64 Chan merge, streamed)."""
-    from saepipe.normalize import reduce_moments, to_stats
+    """Normalization stats of the given rows only (``saepipe.activations.normalize``'s float64 Chan merge, streamed)."""
+    from saepipe.activations.normalize import reduce_moments, to_stats
 
     return to_stats(reduce_moments(x for _, x in _read(source, rows)))
 

@@ -25,7 +25,7 @@ import re
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-from saepipe.text import TextRecord
+from saepipe.texts.sources import TextRecord
 
 log = logging.getLogger(__name__)
 

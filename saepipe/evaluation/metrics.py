@@ -34,7 +34,7 @@ Spliced model (``SplicedLossStats``), p = softmax(logits) of the next token:
 - KL_v = mean over scored positions of KL(p_clean || p_v) = sum_w p_clean(w) (log p_clean(w) - log p_v(w))
 - kl_score = 1 - KL_spliced / KL_zero; kl_score_mean_ablated uses KL_mean.
 
-Scored positions are the rows extraction stores (``saepipe.extract.make_batches``'s ``keep``: inside
+Scored positions are the rows extraction stores (``saepipe.activations.extract.make_batches``'s ``keep``: inside
 the text, not padding, and with skip_special_tokens not BOS/special). KL is averaged over all of them;
 CE also needs a next token, so ``next_token_mask`` drops the last position of each text.
 """
@@ -46,7 +46,7 @@ from typing import NamedTuple
 import mlx.core as mx
 import numpy as np
 
-from saepipe import fastmath
+from saepipe.lm import fastmath
 
 _EPS = 1e-12
 

@@ -1,7 +1,7 @@
-"""The TopK-SAE training step on a CPU: MLX for the encoder matmul, ``saepipe.cpu_kernels`` for the rest.
+"""The TopK-SAE training step on a CPU: MLX for the encoder matmul, ``saepipe.training.cpu_kernels`` for the rest.
 
-Same loss, gradients and update as ``saepipe.train._make_step`` (the reference; see
-``saepipe.train`` for the math), organised for a CPU where only the matmul is multi-threaded in MLX:
+Same loss, gradients and update as ``saepipe.training.fit._make_step`` (the reference; see
+``saepipe.training.fit`` for the math), organised for a CPU where only the matmul is multi-threaded in MLX:
 
 1. ``x = (x - mean) / std``, ``xc = x - b_dec`` (a kernel), then MLX (OpenBLAS, all cores):
    ``pre = xc @ W_enc.T`` (``b_enc`` is added by the top-k kernel).
@@ -22,8 +22,8 @@ from typing import NamedTuple
 import mlx.core as mx  # saepipe/__init__ (imported first) has loaded the fast BLAS
 import numpy as np
 
-from saepipe import cpu_kernels as ck
-from saepipe.config import SAEConfig
+from saepipe.sae.config import SAEConfig
+from saepipe.training import cpu_kernels as ck
 
 _BETAS = (0.9, 0.999)
 _ADAM_EPS = 1e-8
@@ -78,7 +78,7 @@ class CpuStep:
 
     ``step(lr, x, mean, std, n_dead)`` runs one update on the batch ``x`` (n, d_model) and returns
     the metrics ``[loss, fvu, mse, aux, l1, l0, grad_norm, dead_fraction]`` (float64 numpy), the
-    contract of ``saepipe.train``'s steps. ``n_dead``: dead latents before the step (AuxK runs when
+    contract of ``saepipe.training.fit``'s steps. ``n_dead``: dead latents before the step (AuxK runs when
     it and ``aux_coef`` are > 0; its loss is scaled by ``min(n_dead / k_aux, 1)``).
     """
 

@@ -7,7 +7,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from saepipe import _blas
+from saepipe.runtime import blas as _blas
 
 _lock = threading.RLock()  # re-entrant: a single-threaded caller may nest another
 _lib: ctypes.CDLL | None = None

@@ -4,7 +4,7 @@
         pass
     t.activations["model.model.layers.10.mlp"]   # (batch, seq, d_model) mx.array
 
-Names follow ``saepipe.sites`` (``model.model.layers.{i}.mlp`` / ``.self_attn`` / the bare block
+Names follow ``saepipe.lm.sites`` (``model.model.layers.{i}.mlp`` / ``.self_attn`` / the bare block
 for its output, also with the ``model.layers`` prefix), matched exactly. Texts are tokenized with
 BOS and right padded; ``lengths`` tells how many positions of each row are real.
 """
@@ -18,8 +18,8 @@ import mlx.core as mx
 import numpy as np
 
 import saepipe  # noqa: F401  (fast BLAS before mlx)
-from saepipe.forward import forward, unwrap_model
-from saepipe.sites import COMPONENTS, Site, parse_site_name
+from saepipe.lm.forward import forward, unwrap_model
+from saepipe.lm.sites import COMPONENTS, Site, parse_site_name
 
 
 class Activations(Mapping[str, mx.array]):

@@ -20,7 +20,7 @@ really has, on every core, reading each big array about once:
 
 All kernels work on float32 C-contiguous numpy arrays (some are zero-copy views of MLX arrays) and
 write into arrays they are given; hot loops sum in float32, as the reference's MLX matmuls do.
-``saepipe.cpu_step`` assembles them into a training step.
+``saepipe.training.cpu_step`` assembles them into a training step.
 """
 
 from __future__ import annotations
