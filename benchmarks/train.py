@@ -72,12 +72,13 @@ def _mlx_times(k: int, n: int, d_model: int, expansion: int, dead_fraction: floa
     import mlx.core as mx
     import numpy as np
 
-    from saepipe.training import cpu_step
     from saepipe.runtime.memory import reuse_freed_memory
-    from saepipe.training import mlx_step as so
-    from saepipe.training import fit as saepipe_train
     from saepipe.sae.config import SAEConfig
     from saepipe.sae.topk import init_params
+    from saepipe.training import cpu_step
+    from saepipe.training import mlx_step as so
+    from saepipe.training.reference import make_reference_step
+    from saepipe.training.state import TrainState
 
     d_hidden = d_model * expansion
     k_aux = d_model // 2
@@ -96,18 +97,15 @@ def _mlx_times(k: int, n: int, d_model: int, expansion: int, dead_fraction: floa
     W_enc = params["W_enc"]
     floor = {"floor": lambda: mx.eval(x @ W_enc.T)}
     steps = {}
-    naive = saepipe_train._make_step(config, d_hidden, k_aux, n_dead > 0)
+    naive = make_reference_step(config, d_hidden, k_aux, n_dead > 0)
     steps["reference"] = lambda: mx.eval(naive(*args))
     capacity = so.aux_capacity(n_dead, d_hidden)
-    variants = {"dense, split": ("dense", None)}  # what fit_sae(kernels="sparse") runs
-    if all_variants:
-        variants.update({"dense, 1 stream": ("dense", 1), "scatter, 1 stream": ("scatter", 1),
-                         "scatter, split": ("scatter", None)})
-    for label, (method, parts) in variants.items():
-        fast = so.make_train_step(config, d_hidden, k_aux, capacity, method=method, parts=parts)
-        steps[f"sparse_ops ({label})"] = lambda fast=fast: mx.eval(fast(*args))
+    methods = ["dense", "scatter"] if all_variants else ["dense"]  # dense: what fit_sae(kernels="sparse") runs
+    for method in methods:
+        fast = so.make_train_step(config, d_hidden, k_aux, capacity, method=method)
+        steps[f"mlx_step ({method})"] = lambda fast=fast: mx.eval(fast(*args))
     if cpu_step.available():
-        cpu = cpu_step.CpuStep(config, d_hidden, k_aux, cpu_step.StepState(*args[:4], counter))
+        cpu = cpu_step.CpuStep(config, d_hidden, k_aux, TrainState(*args[:4], counter))
         dead_counter = cpu.counter.copy()
 
         def run_cpu():
@@ -197,7 +195,7 @@ def _peer_time(python: str, peer: str, k, n, d_model, expansion, dead_fraction, 
 @click.option("--peer-python", default=sys.executable, show_default=True,
               help="Interpreter with torch (+ sparsify / sae_lens) for the peers.")
 @click.option("--peers/--no-peers", default=True, show_default=True)
-@click.option("--all-variants", is_flag=True, help="Also time every sparse_ops variant (method x streams).")
+@click.option("--all-variants", is_flag=True, help="Also time mlx_step's scatter-add weight gradients.")
 @click.option("--peer", type=click.Choice(sorted(_PEERS)), hidden=True)
 def main(ks, n, d_model, expansion, dead_fraction, repeats, peer_python, peers, all_variants, peer):
     if peer:  # subprocess mode: one peer, one k; JSON on stdout
@@ -224,7 +222,7 @@ def main(ks, n, d_model, expansion, dead_fraction, repeats, peer_python, peers, 
                 print(f"  {name:24s} {t}")
                 continue
             print(f"  {name:24s} {t * 1e3:9.1f} {n / t:9.0f} {t / floor:8.2f}")
-        ours = {name: t for name, t in times.items() if name.startswith(("sparse_ops", "cpu_step"))}
+        ours = {name: t for name, t in times.items() if name.startswith(("mlx_step", "cpu_step"))}
         best_name = min(ours, key=ours.get)
         best = ours[best_name]
         print(f"  best saepipe step: {best_name}: {best / floor:.2f}x floor (target <= 1.5)")

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "saepipe.md"
 
 TABLES = {  # params.yaml section -> "module:Class"
-    "prepare": "saepipe.texts.prepare:PrepareParams",
+    "prepare": "saepipe.texts.prepare:PrepareConfig",
     "extract": "saepipe.activations.extract:ExtractConfig",
     "sae": "saepipe.sae.config:SAEConfig",
 }

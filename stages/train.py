@@ -18,12 +18,13 @@ from typing import Any
 
 import click
 
-import saepipe  # noqa: F401  (fast BLAS before any mlx import)
+from saepipe.activations.extract import ExtractConfig
 from saepipe.activations.sources import as_source
 from saepipe.activations.stats import NormStats
-from saepipe.runtime.params import read_params, section
+from saepipe.runtime.params import model_spec, read_params, section
 from saepipe.sae.config import SAEConfig
-from saepipe.training.fit import CHECKPOINT_NAME, fit_sae
+from saepipe.training.checkpoint import CHECKPOINT_NAME
+from saepipe.training.fit import fit_sae
 from saepipe.training.tracking import write_metrics_json
 
 SAE_FILE = "sae.safetensors"
@@ -33,9 +34,9 @@ METRICS_FILE = "metrics.json"
 def run_metadata(source: Any, params: dict[str, Any]) -> dict[str, Any]:
     """SAE metadata from params; a shard folder's manifest must name the same site (fit_sae adds the
     manifest's model identity and digest itself)."""
-    extract = section(params, "extract")
-    layer, component = int(extract["layer"]), str(extract["component"])
-    meta: dict[str, Any] = {"layer": layer, "component": component, "model_name": str(params.get("model"))}
+    extract = ExtractConfig.from_dict(section(params, "extract"))
+    layer, component = extract.layer, extract.component
+    meta: dict[str, Any] = {"layer": layer, "component": component, "model_name": model_spec(params)}
     manifest = getattr(source, "manifest", None)
     if manifest:
         if (manifest.get("layer"), manifest.get("component")) != (layer, component):

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from saepipe.texts.prepare import (
     SCHEMA,
-    PrepareParams,
+    PrepareConfig,
     assign_splits,
     prepare_texts,
     read_prepared,
@@ -124,8 +124,8 @@ def test_bad_args(override, message):
 
 
 def test_params_reject_unknown_keys():
-    with pytest.raises(ValueError, match=r"unknown prepare params \['min_char'\]"):
-        PrepareParams.from_dict({"min_char": 3})
+    with pytest.raises(ValueError, match=r"unknown key\(s\) in prepare params: \['min_char'\]"):
+        PrepareConfig.from_dict({"min_char": 3})
 
 
 def test_write_outputs_open_in_hf_datasets(tmp_path):

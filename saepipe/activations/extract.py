@@ -15,43 +15,46 @@ running the model on them, and writes exactly what an uninterrupted run would ha
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import mlx.core as mx
 import numpy as np
-import pyarrow.parquet as pq
 from tqdm import tqdm
 
-import saepipe
 from saepipe.activations.shards import (
     MANIFEST,
     SHARD_PATTERN,
     ShardInfo,
     ShardWriter,
-    atomic_write_bytes,
-    file_sha256,
     read_manifest,
     write_manifest,
 )
+from saepipe.lm import tokens
 from saepipe.lm.forward import forward
 from saepipe.lm.model import LoadedModel
 from saepipe.lm.sites import Site, check_site
+from saepipe.runtime.files import atomic_write_bytes, file_sha256
+from saepipe.runtime.params import ParamsSection
+from saepipe.runtime.version import __version__
+from saepipe.texts.prepare import SPLITS, read_split
 
 log = logging.getLogger(__name__)
 
 PROGRESS = "_progress.json"
-SPLITS = ("train", "eval")
 
 
 @dataclass(frozen=True)
-class ExtractConfig:
+class ExtractConfig(ParamsSection):
     """The ``extract:`` section of params.yaml."""
+
+    SECTION: ClassVar[str] = "extract"  # its params.yaml section
 
     layer: int = 6
     """Block whose component output is stored (0-based)."""
@@ -80,15 +83,6 @@ class ExtractConfig:
         if self.dtype not in ("float16", "float32"):
             raise ValueError(f"extract.dtype must be float16 or float32, got {self.dtype!r}")
 
-    @classmethod
-    def from_params(cls, section: dict[str, Any]) -> ExtractConfig:
-        """Build from the params section; unknown keys are an error naming them."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(section) - known)
-        if unknown:
-            raise ValueError(f"unknown key(s) in extract params: {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
-        return cls(**section)
-
     def max_rows(self, split: str) -> int:
         """Row budget of a split."""
         return self.max_tokens if split == "train" else self.eval_max_tokens
@@ -109,29 +103,6 @@ class Batch(NamedTuple):
     """(B,) tokens of each text (after truncation); positions past it are padding."""
 
 
-def read_split(texts_path: Path, split: str) -> tuple[np.ndarray, list[str]]:
-    """The (ids, texts) of one split of the prepare Parquet, in file order."""
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
-    table = pq.read_table(texts_path, columns=["id", "text", "split"])
-    mask = np.asarray(table.column("split").to_numpy(zero_copy_only=False) == split)
-    ids = table.column("id").to_numpy()[mask].astype(np.int64)
-    texts = [t for t, m in zip(table.column("text").to_pylist(), mask, strict=True) if m]
-    if not texts:
-        raise ValueError(f"{texts_path} has no texts in split {split!r}")
-    return ids, texts
-
-
-def excluded_token_ids(tokenizer: Any, skip_special_tokens: bool) -> np.ndarray:
-    """Token ids whose positions are never stored (special tokens, when asked)."""
-    if not skip_special_tokens:
-        return np.zeros(0, dtype=np.int64)
-    ids = set(tokenizer.all_special_ids)
-    if tokenizer.bos_token_id is not None:
-        ids.add(tokenizer.bos_token_id)
-    return np.array(sorted(ids), dtype=np.int64)
-
-
 SORT_WINDOW_BATCHES = 32
 """Texts are sorted by token count within windows of this many batches: similar lengths share a
 batch, so little compute goes to padding (58% -> ~95% real tokens on the builtin corpus)."""
@@ -147,8 +118,8 @@ def make_batches(
     texts are sorted by token count (stable), so similar lengths share a batch. Either way batch k
     is the same in every run; windows before ``start_batch`` are skipped without tokenizing them.
     """
-    excluded = excluded_token_ids(tokenizer, cfg.skip_special_tokens)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    excluded = tokens.excluded_token_ids(tokenizer, cfg.skip_special_tokens)
+    pad_id = tokens.pad_id(tokenizer)
     window = cfg.batch_size * max(1, sort_window)
     first_batch = 0  # index of the window's first batch
     for w0 in range(0, len(texts), window):
@@ -157,7 +128,7 @@ def make_batches(
         if first_batch + n_batches <= start_batch:
             first_batch += n_batches
             continue
-        encoded = [tokenizer.encode(t)[: cfg.context_length] for t in texts[w0 : w0 + n_texts]]
+        encoded = tokens.encode(tokenizer, texts[w0 : w0 + n_texts], cfg.context_length)
         order = np.arange(n_texts)
         if sort_window:
             order = np.argsort([len(e) for e in encoded], kind="stable")
@@ -168,20 +139,12 @@ def make_batches(
 
 
 def _pad(encoded: list[list[int]], doc_ids: np.ndarray, pad_id: int, excluded: np.ndarray) -> Batch:
-    lengths = np.array([len(e) for e in encoded], dtype=np.int64)
-    width = max(1, int(lengths.max()))
-    tokens = np.full((len(encoded), width), pad_id, dtype=np.int32)
-    keep = np.zeros((len(encoded), width), dtype=bool)
-    for row, e in enumerate(encoded):
-        tokens[row, : len(e)] = e
-        keep[row, : len(e)] = ~np.isin(e, excluded)
-    return Batch(tokens, keep, doc_ids, lengths)
+    keep = tokens.pad_right([~np.isin(e, excluded) for e in encoded], False, dtype=bool)
+    return Batch(tokens.pad_right(encoded, pad_id), keep, doc_ids, tokens.lengths(encoded))
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> dict[str, str]:
     """Name and content hash of a tokenizer (its serialized fast-tokenizer JSON)."""
-    import hashlib
-
     backend = getattr(tokenizer, "backend_tokenizer", None)
     blob = backend.to_str() if backend is not None else repr(tokenizer.get_vocab())
     name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
@@ -189,8 +152,6 @@ def tokenizer_fingerprint(tokenizer: Any) -> dict[str, str]:
 
 
 def _texts_digest(ids: np.ndarray, texts: Sequence[str]) -> str:
-    import hashlib
-
     h = hashlib.sha256(np.ascontiguousarray(ids).tobytes())
     for t in texts:
         h.update(t.encode())
@@ -238,7 +199,7 @@ def _clean(folder: Path, keep: set[str]) -> None:
 
 def _write_progress(folder: Path, fingerprint: dict[str, Any], shards: list[ShardInfo]) -> None:
     body = {"fingerprint": fingerprint, "shards": [s._asdict() for s in shards]}
-    atomic_write_bytes(folder / PROGRESS, json.dumps(body, indent=2).encode())
+    atomic_write_bytes(folder / PROGRESS, json.dumps(body, indent=2).encode(), durable=True)
 
 
 def _start_point(tokenizer: Any, ids: np.ndarray, texts: Sequence[str], cfg: ExtractConfig,
@@ -292,7 +253,6 @@ def extract_split(
         _write_progress(out, fingerprint, shards)
         if max_shards is not None and len(shards) - len(kept) >= max_shards:
             raise _Interrupted  # stop like a kill right after a shard landed
-
 
     writer = ShardWriter(out, loaded.info.d_model, dtype=cfg.dtype, shard_rows=cfg.shard_rows,
                          first_index=len(kept), on_shard=on_shard)
@@ -391,7 +351,7 @@ def _manifest(loaded: LoadedModel, cfg: ExtractConfig, site: Site, split: str,
         "tokenizer": fingerprint["tokenizer"],
         "texts_digest": fingerprint["texts_digest"],
         "split": split,
-        "saepipe_version": saepipe.__version__,
+        "saepipe_version": __version__,
         "fingerprint": fingerprint,
         "shards": [s._asdict() for s in shards],
     }

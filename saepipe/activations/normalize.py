@@ -9,15 +9,39 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 
-from saepipe.activations.sources import as_source
+from saepipe.activations.shards import ShardSource
+from saepipe.activations.sources import as_source, take_in_chunks
 from saepipe.activations.stats import NormStats
+from saepipe.runtime.params import ParamsSection
 
 STATS_FILE = "stats.safetensors"
+
+MIN_STD = 1e-8
+"""Floor of a fitted std: a constant dimension must not make normalization divide by 0."""
+
+
+@dataclass(frozen=True)
+class NormalizeConfig(ParamsSection):
+    """The ``normalize:`` section of params.yaml."""
+
+    SECTION: ClassVar[str] = "normalize"  # its params.yaml section
+
+    chunk_rows: int = 65536
+    """Rows read from the shards at a time (bounds memory; the statistics do not depend on it)."""
+
+    def __post_init__(self) -> None:
+        _check_chunk_rows(self.chunk_rows)
+
+
+def _check_chunk_rows(chunk_rows: int) -> None:
+    if not isinstance(chunk_rows, int) or isinstance(chunk_rows, bool) or chunk_rows <= 0:
+        raise ValueError(f"normalize.chunk_rows must be positive, got {chunk_rows}")
 
 
 class Moments(NamedTuple):
@@ -72,23 +96,23 @@ def reduce_moments(chunks: Iterable[np.ndarray]) -> Moments:
     return total
 
 
-def to_stats(m: Moments, min_std: float = 1e-8) -> NormStats:
+def to_stats(m: Moments, min_std: float = MIN_STD) -> NormStats:
     """Population std (ddof=0), floored at ``min_std`` so constant dimensions do not divide by 0."""
     std = np.maximum(np.sqrt(m.m2 / m.count), min_std)
     return NormStats(m.mean, std, m.norm_sum / m.count, m.count)
 
 
-def fit_stats(activations: Any, chunk_rows: int = 65536) -> NormStats:
-    """Normalization statistics of an ``ActivationSource`` / shard folder / (n, d) array."""
-    if chunk_rows <= 0:
-        raise ValueError(f"normalize.chunk_rows must be positive, got {chunk_rows}")
-    return to_stats(reduce_moments(as_source(activations).chunks(chunk_rows)))
+def fit_stats(activations: Any, chunk_rows: int = 65536, rows: np.ndarray | None = None) -> NormStats:
+    """Normalization statistics of an ``ActivationSource`` / shard folder / (n, d) array; of the
+    rows with indices ``rows`` only when given (e.g. the training rows of a split)."""
+    _check_chunk_rows(chunk_rows)
+    source = as_source(activations)
+    chunks = source.chunks(chunk_rows) if rows is None else take_in_chunks(source, rows, chunk_rows)
+    return to_stats(reduce_moments(chunks))
 
 
 def normalize(acts_dir: Path, out: Path, chunk_rows: int = 65536) -> NormStats:
     """Fit on a shard folder; write ``out/stats.safetensors`` + ``stats.json`` naming the manifest."""
-    from saepipe.activations.shards import ShardSource
-
     source = ShardSource(Path(acts_dir))
     stats = fit_stats(source, chunk_rows)
     out = Path(out)

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
+
+from saepipe.runtime.files import atomic_write_bytes, file_sha256
 
 MANIFEST = "manifest.json"
 SHARD_PATTERN = "shard-{:05d}.arrow"
@@ -36,34 +37,6 @@ class ShardInfo(NamedTuple):
     """File name inside the shard folder."""
     rows: int
     sha256: str
-
-
-def file_sha256(path: Path) -> str:
-    """Hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes | memoryview) -> None:
-    """Write ``data`` to ``path`` via a temporary file, fsync and rename (never a partial file)."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def shard_schema(d_model: int, dtype: str) -> pa.Schema:
@@ -95,7 +68,7 @@ def write_shard(
     with pa.ipc.new_stream(sink, schema) as writer:
         writer.write_batch(batch)
     buf = sink.getvalue()
-    atomic_write_bytes(path, memoryview(buf))
+    atomic_write_bytes(path, memoryview(buf), durable=True)
     return ShardInfo(path.name, n, hashlib.sha256(memoryview(buf)).hexdigest())
 
 
@@ -160,7 +133,7 @@ def manifest_digest(manifest: dict[str, Any]) -> str:
 def write_manifest(folder: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     """Write ``manifest.json`` atomically with its ``digest``; return the manifest written."""
     manifest = {**manifest, "digest": manifest_digest(manifest)}
-    atomic_write_bytes(Path(folder) / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+    atomic_write_bytes(Path(folder) / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode(), durable=True)
     return manifest
 
 

@@ -12,6 +12,8 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from saepipe.activations.shards import ShardSource
+
 
 @runtime_checkable
 class ActivationSource(Protocol):
@@ -64,8 +66,19 @@ def as_source(activations: object) -> ActivationSource:
     if isinstance(activations, ActivationSource):
         return activations
     if isinstance(activations, (str, Path)):
-        from saepipe.activations.shards import ShardSource  # written by extract; imported lazily
-
         return ShardSource(Path(activations))
     return ArraySource(activations)
+
+
+def take_in_chunks(source: ActivationSource, rows: np.ndarray, chunk_rows: int) -> Iterator[np.ndarray]:
+    """The given rows (any order) as float32 arrays of at most ``chunk_rows`` rows, read in sorted
+    order: memory stays bounded, and a shard source reads each shard's rows in storage order."""
+    if chunk_rows <= 0:
+        raise ValueError(f"chunk_rows must be positive, got {chunk_rows}")
+    rows = np.sort(rows)
+    for start in range(0, len(rows), chunk_rows):
+        yield source.take(rows[start : start + chunk_rows])
+
+
+__all__ = ["ActivationSource", "ArraySource", "as_source", "take_in_chunks"]
 

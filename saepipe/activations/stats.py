@@ -8,6 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from safetensors.numpy import load_file, save_file
+
+from saepipe.runtime.files import atomic_write, atomic_write_text
 
 
 @dataclass(frozen=True)
@@ -33,17 +36,15 @@ class NormStats:
 
     def save(self, path: Path, extra: dict | None = None) -> None:
         """Write ``path`` (.safetensors) and a JSON sidecar ``path.with_suffix('.json')``."""
-        from safetensors.numpy import save_file
-
         path = Path(path)
-        save_file({"mean": self.mean.astype(np.float64), "std": self.std.astype(np.float64)}, str(path))
+        tensors = {"mean": self.mean.astype(np.float64), "std": self.std.astype(np.float64)}
+        atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
         meta = {"mean_norm": self.mean_norm, "n_rows": self.n_rows, "digest": self.digest(), **(extra or {})}
-        path.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
+        atomic_write_text(path.with_suffix(".json"), json.dumps(meta, indent=2) + "\n")
 
     @classmethod
     def load(cls, path: Path) -> NormStats:
-        from safetensors.numpy import load_file
-
+        """Read a file written by ``save`` (and its JSON sidecar)."""
         path = Path(path)
         tensors = load_file(str(path))
         meta = json.loads(path.with_suffix(".json").read_text())

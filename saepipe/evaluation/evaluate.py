@@ -18,7 +18,8 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterator, Sequence
-from typing import Any, NamedTuple
+from dataclasses import dataclass
+from typing import Any, ClassVar, NamedTuple
 
 import mlx.core as mx
 import numpy as np
@@ -34,11 +35,31 @@ from saepipe.evaluation.metrics import (
     SplicedMetrics,
     next_token_mask,
 )
+from saepipe.lm import tokens as tok
 from saepipe.lm.forward import Replace, forward
 from saepipe.lm.sites import Site, check_site
 from saepipe.runtime.memory import reuse_freed_memory
+from saepipe.runtime.params import ParamsSection
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EvaluateConfig(ParamsSection):
+    """The ``evaluate:`` section of params.yaml (which texts and tokens come from ``extract:``)."""
+
+    SECTION: ClassVar[str] = "evaluate"  # its params.yaml section
+
+    max_tokens: int = 10000
+    """Eval-split token positions scored (reconstruction and spliced-model loss)."""
+    batch_size: int = 8
+    """Texts per forward pass."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_tokens", "batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"evaluate.{name} must be a positive integer, got {value!r}")
 
 
 class TokenBatch(NamedTuple):
@@ -87,15 +108,12 @@ def token_batches(
     cfg = ExtractConfig(context_length=context_length, batch_size=batch_size,
                         skip_special_tokens=skip_special_tokens)
     left = max_tokens
-    batches = make_batches(tokenizer, np.arange(len(texts)), texts, cfg)
-    for start, batch in zip(range(0, len(texts), batch_size), batches, strict=True):
-        chunk = texts[start : start + batch_size]
-        lengths = np.array([min(len(tokenizer.encode(t)), context_length) for t in chunk])
+    for batch in make_batches(tokenizer, np.arange(len(texts)), texts, cfg):  # file order: no sort window
         # Keep the first `left` scored positions in row-major order; later ones never affect them.
         mask = batch.keep & (np.cumsum(batch.keep.ravel()).reshape(batch.keep.shape) <= left)
         left -= int(mask.sum())
         if mask.any():
-            yield TokenBatch(batch.tokens, lengths, mask)
+            yield TokenBatch(batch.tokens, batch.lengths, mask)
         if left == 0:
             return
 
@@ -137,13 +155,9 @@ def length_sorted(batches: Sequence[TokenBatch], batch_size: int, pad_id: int) -
     rows.sort(key=lambda r: len(r[0]))
     out = []
     for i in range(0, len(rows), batch_size):
-        group = rows[i : i + batch_size]
-        width = len(group[-1][0])
-        tokens = np.full((len(group), width), pad_id, dtype=np.int32)
-        mask = np.zeros((len(group), width), dtype=bool)
-        for r, (t, m) in enumerate(group):
-            tokens[r, : len(t)], mask[r, : len(m)] = t, m
-        out.append(TokenBatch(tokens, np.array([len(t) for t, _ in group]), mask))
+        token_rows, mask_rows = zip(*rows[i : i + batch_size], strict=True)
+        out.append(TokenBatch(tok.pad_right(token_rows, pad_id), tok.lengths(token_rows),
+                              tok.pad_right(mask_rows, False, dtype=bool)))
     return out
 
 
@@ -209,8 +223,7 @@ def evaluate_sae(
     if n_tokens < max_tokens:
         log.warning("eval texts give %d scored tokens, fewer than max_tokens=%d", n_tokens, max_tokens)
     if fast:
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        batches = length_sorted(batches, batch_size, pad_id)
+        batches = length_sorted(batches, batch_size, tok.pad_id(tokenizer))
     with reuse_freed_memory():  # the (batch, seq, vocab) logits are reused, not page-faulted in anew
         prefixes, mean = _prefixes(model, batches, site)
         recon, sparsity, spliced = _score(model, sae, site, batches, prefixes, mean, fast)
@@ -318,4 +331,5 @@ def health_checks(
     }
 
 
-__all__ = ["EvalResult", "TokenBatch", "evaluate_sae", "health_checks", "length_sorted", "token_batches"]
+__all__ = ["EvalResult", "EvaluateConfig", "TokenBatch", "evaluate_sae", "health_checks", "length_sorted",
+           "token_batches"]

@@ -48,7 +48,8 @@ import numpy as np
 
 from saepipe.lm import fastmath
 
-_EPS = 1e-12
+COSINE_NORM_FLOOR = 1e-12
+"""Floor of ||x|| ||x_hat|| in the cosine: a zero row or reconstruction gives cosine 0, not NaN."""
 
 
 def _f64(a: object) -> np.ndarray:
@@ -114,7 +115,7 @@ class ReconstructionStats:
         batch.mean = batch_mean
         batch.m2 = ((x - batch_mean) ** 2).sum(axis=0)
         batch.sse = float(np.einsum("nd,nd->", err, err))
-        batch.sum_cos = float((dot / np.maximum(norms, _EPS)).sum())
+        batch.sum_cos = float((dot / np.maximum(norms, COSINE_NORM_FLOOR)).sum())
         batch.sum_dot = float(dot.sum())
         batch.sum_hat2 = float(np.einsum("nd,nd->", x_hat, x_hat))
         self._absorb(batch)

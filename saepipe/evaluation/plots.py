@@ -62,10 +62,11 @@ def _read_tsv(path: Path) -> Series:
 
 
 def _pyplot() -> Any:
-    import matplotlib
+    """pyplot on the Agg backend (no display, no GUI toolkit)."""
+    import matplotlib  # lazy: the backend must be chosen before pyplot is first imported
 
-    matplotlib.use("Agg")  # no display, no GUI toolkit
-    import matplotlib.pyplot as plt
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # lazy: after the backend choice above
 
     return plt
 

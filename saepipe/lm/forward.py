@@ -28,10 +28,9 @@ from typing import Any, NamedTuple
 import mlx.core as mx
 from mlx_lm.models import llama
 
-import saepipe  # noqa: F401  (fast BLAS before mlx)
 from saepipe.lm.fastmath import exp as _exp
 from saepipe.lm.sites import Site, check_site
-from saepipe.runtime import blas_threads as _blas
+from saepipe.runtime import blas_threads
 
 Edit = Callable[[mx.array], mx.array]
 
@@ -197,7 +196,7 @@ def _run_split(module: Any, tokens: mx.array, stop_layer: int | None, capture_si
             outs.append(_run(module, tokens[a:b], stop_layer, capture_sites, part_edits, part_start))
     logits = None if stop_layer is not None else mx.concatenate([o.logits for o in outs])
     activations = {s: mx.concatenate([o.activations[s] for o in outs]) for s in capture_sites}
-    with _blas.single_threaded():  # two single-threaded GEMMs at once beat one 2-thread GEMM
+    with blas_threads.single_threaded():  # two single-threaded GEMMs at once beat one 2-thread GEMM
         mx.eval(logits, activations)
     return ForwardOutput(logits, activations)
 
@@ -219,7 +218,7 @@ def _parallel_parts(batch: int) -> int:
     per-core streams with single-threaded BLAS use every core for all of it (measured
     ~2.5x on a loaded 2-core machine, bit-identical rows).
     """
-    if mx.default_device() != mx.cpu or not _blas.can_set_threads():
+    if mx.default_device() != mx.cpu or not blas_threads.can_set_threads():
         return 1
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(1, min(batch, cores))

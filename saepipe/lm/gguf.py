@@ -14,7 +14,11 @@ import re
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import saepipe  # noqa: F401  (fast BLAS before mlx)
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models import llama
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+from transformers import PreTrainedTokenizerFast
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +63,6 @@ class GGUFFile(NamedTuple):
 
 def read_gguf(path: str | Path) -> GGUFFile:
     """Read a GGUF file's tensors and metadata (scalars as Python values)."""
-    import mlx.core as mx
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"GGUF file not found: {path}")
@@ -91,8 +93,6 @@ def check_llama(meta: dict[str, Any], path: str | Path = "") -> None:
 
 def llama_args(meta: dict[str, Any], tensors: dict[str, Any]) -> Any:
     """Build ``mlx_lm.models.llama.ModelArgs`` from GGUF metadata (tied embeddings iff no output)."""
-    from mlx_lm.models import llama
-
     d_model = int(_arch_key(meta, "embedding_length"))
     n_heads = int(_arch_key(meta, "attention.head_count"))
     head_dim = int(meta.get("llama.attention.key_length", d_model // n_heads))
@@ -171,8 +171,6 @@ def llama_weights(tensors: dict[str, Any], args: Any, *, dequantize: bool) -> Ll
     keeps norms in F32) take the scales' dtype, as in a quantized mlx-lm model; a GGUF without
     quantized tensors keeps its stored float dtypes.
     """
-    import mlx.core as mx
-
     renamed = {mlx_name(k): v for k, v in tensors.items()}
     scale_dtypes = {v.dtype for k, v in renamed.items() if k.endswith(".scales")}
     float_dtype = mx.float32 if dequantize else next(iter(scale_dtypes), None)
@@ -203,10 +201,6 @@ def llama_weights(tensors: dict[str, Any], args: Any, *, dequantize: bool) -> Ll
 
 def build_llama(args: Any, lw: LlamaWeights) -> Any:
     """Instantiate ``llama.Model(args)``, quantize the layers named in ``lw.bits``, load weights."""
-    import mlx.core as mx
-    import mlx.nn as nn
-    from mlx_lm.models import llama
-
     model = llama.Model(args)
     if lw.bits:
         def predicate(path: str, _module: Any) -> bool | dict:
@@ -222,8 +216,6 @@ def build_llama(args: Any, lw: LlamaWeights) -> Any:
 
 def _pre_tokenizer(pre: str) -> Any:
     """The Hugging Face pre-tokenizer matching llama.cpp's ``tokenizer.ggml.pre``."""
-    from tokenizers import Regex, pre_tokenizers
-
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     if pre == "smollm":  # StarCoder-style: each digit alone, then GPT-2 regex (as SmolLM2's tokenizer.json)
         return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
@@ -244,9 +236,6 @@ def gguf_tokenizer(meta: dict[str, Any]) -> Any:
     say so (SmolLM2: neither, matching its Hugging Face tokenizer). Control tokens become special
     tokens, so ``<|im_start|>`` in text maps to one id and ``skip_special_tokens`` drops them.
     """
-    from tokenizers import AddedToken, Tokenizer, decoders, models, processors
-    from transformers import PreTrainedTokenizerFast
-
     kind = meta.get("tokenizer.ggml.model")
     if kind != "gpt2":
         raise ValueError(f"unsupported GGUF tokenizer model {kind!r}: only byte-level BPE ('gpt2')")

@@ -18,7 +18,17 @@ import importlib.metadata
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import saepipe  # noqa: F401  (fast BLAS before mlx)
+import mlx.core as mx
+import mlx_lm
+from mlx.utils import tree_map
+from mlx_lm.models import llama
+from mlx_lm.utils import _download as mlx_lm_download  # mlx-lm's hub-or-folder resolution
+from mlx_lm.utils import dequantize_model
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+from transformers import PreTrainedTokenizerFast
+
+from saepipe.lm.gguf import load_gguf
+from saepipe.runtime.files import file_sha256
 
 
 class ModelInfo(NamedTuple):
@@ -41,9 +51,6 @@ class LoadedModel(NamedTuple):
 
 def byte_tokenizer() -> Any:
     """A byte-level tokenizer (256 byte tokens + <bos>, <eos>, <pad>) for tiny test models."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
     byte_vocab = pre_tokenizers.ByteLevel.alphabet()
     vocab = {ch: i for i, ch in enumerate(sorted(byte_vocab))}
     for name in ("<bos>", "<eos>", "<pad>"):
@@ -63,9 +70,6 @@ def tiny_random_model(
     num_layers: int = 4, d_model: int = 64, seed: int = 0, num_heads: int = 4, num_kv_heads: int = 2
 ) -> LoadedModel:
     """A small random mlx-lm Llama with a byte tokenizer (vocab 259): for tests and examples."""
-    import mlx.core as mx
-    from mlx_lm.models import llama
-
     tokenizer = byte_tokenizer()
     args = llama.ModelArgs(
         model_type="llama",
@@ -113,8 +117,6 @@ def default_gguf_path() -> Path:
 
 def gpu_is_default() -> bool:
     """True when MLX computes on a GPU (Metal or CUDA) by default."""
-    import mlx.core as mx
-
     return mx.default_device().type == mx.DeviceType.gpu
 
 
@@ -126,11 +128,7 @@ def file_hash(path: Path) -> str:
     st = path.stat()
     key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
     if key not in _HASHES:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            while block := f.read(1 << 22):
-                h.update(block)
-        _HASHES[key] = h.hexdigest()
+        _HASHES[key] = file_sha256(path)
     return _HASHES[key]
 
 
@@ -138,18 +136,14 @@ def weights_hash(paths: list[Path]) -> str:
     """16-hex content hash of one or more weight files (names and contents, in sorted order)."""
     if len(paths) == 1:
         return file_hash(paths[0])[:16]
-    h = hashlib.sha256()
+    digest = hashlib.sha256()
     for p in sorted(paths, key=lambda p: p.name):
-        h.update(f"{p.name}:{file_hash(p)}\n".encode())
-    return h.hexdigest()[:16]
+        digest.update(f"{p.name}:{file_hash(p)}\n".encode())
+    return digest.hexdigest()[:16]
 
 
 def dequantize_to_float32(model: Any) -> Any:
     """Replace quantized layers by float32 ones and cast every float parameter to float32."""
-    import mlx.core as mx
-    from mlx.utils import tree_map
-    from mlx_lm.utils import dequantize_model
-
     model = dequantize_model(model)
     model.update(tree_map(lambda a: a.astype(mx.float32) if mx.issubdtype(a.dtype, mx.floating)
                           else a, model.parameters()))
@@ -164,18 +158,13 @@ def _info(model_id: str, model_hash: str, model: Any, tokenizer: Any) -> ModelIn
 
 
 def _load_gguf(path: Path, model_id: str, dequantize: bool) -> LoadedModel:
-    from saepipe.lm.gguf import load_gguf
-
     model, tokenizer = load_gguf(path, dequantize=dequantize)
     return LoadedModel(model, tokenizer, _info(model_id, weights_hash([path]), model, tokenizer))
 
 
 def _load_mlx_lm(spec: str, dequantize: bool) -> LoadedModel:
-    import mlx_lm
-    from mlx_lm.utils import _download
-
     try:
-        folder = Path(_download(spec))
+        folder = Path(mlx_lm_download(spec))
     except Exception as exc:  # hub errors: offline, unknown repo, gated
         raise FileNotFoundError(
             f"model {spec!r} is neither a .gguf file, a local mlx-lm folder, nor a reachable "

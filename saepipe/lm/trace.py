@@ -17,9 +17,9 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-import saepipe  # noqa: F401  (fast BLAS before mlx)
 from saepipe.lm.forward import forward, unwrap_model
 from saepipe.lm.sites import COMPONENTS, Site, parse_site_name
+from saepipe.lm.tokens import tokenize_padded
 
 
 class Activations(Mapping[str, mx.array]):
@@ -62,17 +62,6 @@ class Trace:
     def __exit__(self, *exc: object) -> None:
         if exc[0] is None:
             mx.eval(list(self.activations.values()))  # materialize while the model is at hand
-
-
-def tokenize_padded(tokenizer: Any, texts: list[str], context_length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(tokens (B, T) int32 right padded, lengths (B,)) with the tokenizer's BOS handling."""
-    encoded = [tokenizer.encode(t)[:context_length] for t in texts]
-    lengths = np.array([len(e) for e in encoded], dtype=np.int64)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    tokens = np.full((len(encoded), max(1, int(lengths.max()))), pad_id, dtype=np.int32)
-    for i, e in enumerate(encoded):
-        tokens[i, : len(e)] = e
-    return tokens, lengths
 
 
 def trace(loaded: Any, texts: str | list[str], *, capture: Iterable[str] | None = None) -> Trace:

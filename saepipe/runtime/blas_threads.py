@@ -7,7 +7,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from saepipe.runtime import blas as _blas
+from saepipe.runtime import blas
 
 _lock = threading.RLock()  # re-entrant: a single-threaded caller may nest another
 _lib: ctypes.CDLL | None = None
@@ -15,8 +15,8 @@ _lib: ctypes.CDLL | None = None
 
 def _openblas() -> ctypes.CDLL | None:
     global _lib
-    if _lib is None and _blas.loaded_path:
-        lib = ctypes.CDLL(_blas.loaded_path)
+    if _lib is None and blas.loaded_path:
+        lib = ctypes.CDLL(blas.loaded_path)
         if hasattr(lib, "openblas_set_num_threads") and hasattr(lib, "openblas_get_num_threads"):
             _lib = lib
     return _lib

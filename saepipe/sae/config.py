@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
+
+from saepipe.runtime.params import ParamsSection
 
 
 @dataclass(frozen=True)
-class SAEConfig:
+class SAEConfig(ParamsSection):
+    SECTION: ClassVar[str] = "sae"  # its params.yaml section
+
     expansion_factor: int = 16
     """d_hidden = expansion_factor * d_model."""
     k: int = 100
@@ -81,18 +85,10 @@ class SAEConfig:
                f"normalization must be scalar or per_dim, not {self.normalization!r}")
 
     def to_dict(self) -> dict[str, Any]:
+        """The config as plain values; ``wandb_tags`` as a list, as YAML and JSON write it."""
         d = dataclasses.asdict(self)
         d["wandb_tags"] = list(self.wandb_tags)
         return d
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> SAEConfig:
-        """Build from a mapping (e.g. ``params.yaml``'s ``sae:``); unknown keys are an error."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown SAEConfig field(s): {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
-        return cls(**values)
 
     def replace(self, **changes: Any) -> SAEConfig:
         return dataclasses.replace(self, **changes)

@@ -2,7 +2,7 @@
 
 Forward pass (Gao et al. 2024, "Scaling and evaluating sparse autoencoders"):
 
-    x_n    = (x - mean) / std                      (only with normalization stats; see NORMALIZATIONS)
+    x_n    = (x - mean) / std                      (only with normalization stats; see saepipe.sae.normalization)
     pre    = ReLU((x_n - b_dec) @ W_enc.T + b_enc)  (d_hidden pre-activations)
     z      = TopK(pre, k)                          (exactly k kept per row, by index: ties never keep more)
     x_hat  = (z @ W_dec + b_dec) * std + mean
@@ -26,43 +26,22 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
-import saepipe
 from saepipe.activations.stats import NormStats
+from saepipe.runtime.files import atomic_write
+from saepipe.runtime.version import __version__
+from saepipe.sae.compatibility import Reason, site_reasons
+from saepipe.sae.dictionary import Dictionary
+from saepipe.sae.normalization import InputNormalizer
+from saepipe.sae.sparse import TopK, decode_rows, to_dense, topk
 
 FORMAT = "saepipe.sae"
 FORMAT_VERSION = 1
-_STD_FLOOR = 1e-6  # a constant input dimension gets std 1 instead of a division by ~0
 
 
-NORMALIZATIONS = ("scalar", "per_dim")
-"""How ``std`` is formed from the stats. "scalar": one value for every dimension, the root of the
-mean per-dimension variance, so normalization keeps the activations' geometry and the training loss
-is proportional to the error in the original space (what ``evaluate`` measures). "per_dim": each
-dimension standardised on its own (mlxterp's running mean/std); the loss then weights every
-dimension equally, which under-weights the few high-variance dimensions that dominate the
-original-space error of LLM activations."""
-
-
-class _Norm:
-    """Normalization arrays kept out of the module's parameter tree (not trainable)."""
-
-    def __init__(self, stats: NormStats, mode: str) -> None:
-        if mode not in NORMALIZATIONS:
-            raise ValueError(f"normalization must be one of {NORMALIZATIONS}, not {mode!r}")
-        self.stats = stats
-        self.mode = mode
-        per_dim = np.asarray(stats.std, dtype=np.float64)
-        if mode == "scalar":
-            scale = float(np.sqrt(np.mean(np.square(per_dim))))
-            std = np.full_like(per_dim, scale if scale > _STD_FLOOR else 1.0)
-        else:
-            std = np.where(per_dim > _STD_FLOOR, per_dim, 1.0)
-        self.mean = mx.array(np.asarray(stats.mean, dtype=np.float32))
-        self.std = mx.array(np.asarray(std, dtype=np.float32))
-
-
-class TopKSAE(nn.Module):
+class TopKSAE(nn.Module, Dictionary):
     """TopK SAE: ``encode``/``decode`` on dense codes, ``encode_topk``/``decode_topk`` on sparse ones.
 
     All methods accept any leading shape (``(..., d_model)`` activations, ``(..., d_hidden)`` codes).
@@ -91,7 +70,7 @@ class TopKSAE(nn.Module):
         self.k = int(k)
         self.tied_weights = bool(tied_weights)
         self._metadata: dict[str, Any] = dict(metadata or {})
-        self._norm: _Norm | None = None
+        self._norm: InputNormalizer | None = None
         self.normalization = normalization
         self.set_stats(stats)
         params = init_params(d_model, d_hidden, tied_weights, seed)
@@ -112,7 +91,7 @@ class TopKSAE(nn.Module):
         """Attach (or remove, with None) input normalization stats."""
         if stats is not None and np.asarray(stats.mean).shape != (self.d_model,):
             raise ValueError(f"stats have d_model {np.asarray(stats.mean).shape}, SAE has {self.d_model}")
-        self._norm = None if stats is None else _Norm(stats, self.normalization)
+        self._norm = None if stats is None else InputNormalizer(stats, self.normalization)
 
     @property
     def metadata(self) -> dict[str, Any]:
@@ -125,7 +104,7 @@ class TopKSAE(nn.Module):
             "tied_weights": self.tied_weights,
             "normalized": self._norm is not None,
             "stats_digest": None if self._norm is None else self._norm.stats.digest(),
-            "saepipe_version": saepipe.__version__,
+            "saepipe_version": __version__,
         }
         return {**self._metadata, **base}
 
@@ -140,10 +119,10 @@ class TopKSAE(nn.Module):
 
     # --- forward -----------------------------------------------------------------------------------
     def normalize(self, x: mx.array) -> mx.array:
-        return x if self._norm is None else (x - self._norm.mean) / self._norm.std
+        return x if self._norm is None else self._norm.normalize(x)
 
     def denormalize(self, x_n: mx.array) -> mx.array:
-        return x_n if self._norm is None else x_n * self._norm.std + self._norm.mean
+        return x_n if self._norm is None else self._norm.denormalize(x_n)
 
     def pre_activations(self, x: mx.array) -> mx.array:
         """ReLU(encoder(x)) for every latent, before TopK: (..., d_hidden)."""
@@ -151,14 +130,12 @@ class TopKSAE(nn.Module):
         x_n = self.normalize(x)
         return nn.relu((x_n - self.b_dec) @ self.W_encoder.T + self.b_enc)
 
-    def encode_topk(self, x: mx.array) -> tuple[mx.array, mx.array]:
+    def encode_topk(self, x: mx.array) -> TopK:
         """Sparse code: (values, indices), each (..., k); exactly k latents per row."""
         return topk(self.pre_activations(x), self.k)
 
     def decode_topk(self, values: mx.array, indices: mx.array) -> mx.array:
         """Reconstruction (..., d_model) from a sparse code."""
-        from saepipe.training.mlx_step import decode_rows
-
         values, indices = mx.array(values), mx.array(indices)
         if values.shape != indices.shape or values.ndim == 0:
             raise ValueError(f"values {values.shape} and indices {indices.shape} must have the same (..., k) shape")
@@ -188,32 +165,13 @@ class TopKSAE(nn.Module):
         return x.astype(mx.float32) if x.dtype != mx.float32 else x
 
     # --- compatibility -----------------------------------------------------------------------------
-    def compatibility(self, model: Any, layer: int, component: str) -> tuple[bool, list[str]]:
+    def compatibility(self, model: Any, layer: int, component: str) -> tuple[bool, list[Reason]]:
         """Whether this SAE reads activations of ``model`` at (layer, component); reasons if not.
 
-        ``model`` is a ``LoadedModel`` or anything with ``.info`` (a ``ModelInfo``), or a ModelInfo.
-        The model is identified by its weights' hash (``model_hash``), falling back to ``model_id``
-        when the SAE recorded no hash. An SAE that recorded no site cannot be proven compatible.
+        See ``saepipe.sae.compatibility.site_reasons``: each reason is a string that also tells
+        whether it is a mismatch or only something this SAE did not record (``unverified``).
         """
-        info = getattr(model, "info", model)
-        meta = self._metadata
-        reasons: list[str] = []
-        if getattr(info, "d_model", None) != self.d_model:
-            reasons.append(f"d_model differs: model has {getattr(info, 'd_model', None)}, SAE has {self.d_model}")
-        if meta.get("model_hash"):
-            if meta["model_hash"] != getattr(info, "model_hash", None):
-                reasons.append(f"model hash differs: model {getattr(info, 'model_hash', None)!r}, "
-                               f"SAE trained on {meta['model_hash']!r} ({meta.get('model_name')})")
-        elif meta.get("model_name"):
-            if meta["model_name"] != getattr(info, "model_id", None):
-                reasons.append(f"model differs: model {getattr(info, 'model_id', None)!r}, SAE trained on {meta['model_name']!r}")
-        else:
-            reasons.append("the SAE records no model identity (model_hash / model_name)")
-        for key, want in (("layer", layer), ("component", component)):
-            if key not in meta or meta[key] is None:
-                reasons.append(f"the SAE records no {key}")
-            elif meta[key] != want:
-                reasons.append(f"{key} differs: asked for {want!r}, SAE trained on {meta[key]!r}")
+        reasons = site_reasons(self._metadata, self.d_model, model, layer, component)
         return not reasons, reasons
 
     def is_compatible(self, model: Any, layer: int, component: str) -> bool:
@@ -223,8 +181,6 @@ class TopKSAE(nn.Module):
     # --- persistence -------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
         """Write the SAE as one self-describing safetensors file (any file name)."""
-        from safetensors.numpy import save_file
-
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {name: np.asarray(value) for name, value in self.parameters().items()}
@@ -243,16 +199,12 @@ class TopKSAE(nn.Module):
             tensors["norm_mean"] = np.asarray(s.mean, dtype=np.float64)
             tensors["norm_std"] = np.asarray(s.std, dtype=np.float64)
             header["stats"] = {"mean_norm": float(s.mean_norm), "n_rows": int(s.n_rows)}
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata={"format": FORMAT, "saepipe": json.dumps(header)})
-        tmp.replace(path)
-        return path
+        file_meta = {"format": FORMAT, "saepipe": json.dumps(header)}
+        return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=file_meta))
 
     @classmethod
     def load(cls, path: str | Path) -> TopKSAE:
         """Read a file written by ``save``; a missing, corrupt or foreign file is a clear error."""
-        from safetensors import safe_open
-
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"SAE file not found: {path}")
@@ -306,25 +258,6 @@ def init_params(d_model: int, d_hidden: int, tied_weights: bool, seed: int) -> d
     return params
 
 
-def topk(pre: mx.array, k: int) -> tuple[mx.array, mx.array]:
-    """The k largest entries of each row (by index, so ties never keep more): (values, indices).
-
-    Any leading shape; exact (``saepipe.training.mlx_step.topk_indices``' two-stage selection is only a
-    faster way to find the same k).
-    """
-    from saepipe.training.mlx_step import topk_indices
-
-    flat = mx.stop_gradient(pre).reshape(-1, pre.shape[-1])
-    indices = mx.stop_gradient(topk_indices(flat, k).reshape(*pre.shape[:-1], k))
-    return mx.take_along_axis(pre, indices, axis=-1), indices
-
-
-def to_dense(values: mx.array, indices: mx.array, d_hidden: int) -> mx.array:
-    """Scatter a sparse code into a dense (..., d_hidden) array of zeros."""
-    zeros = mx.zeros((*values.shape[:-1], d_hidden), dtype=values.dtype)
-    return mx.put_along_axis(zeros, indices, values, axis=-1)
-
-
 def _jsonable(value: Any) -> Any:
     """Metadata as plain JSON (numpy scalars/arrays, tuples, Paths, non-finite floats made safe)."""
     if isinstance(value, dict):
@@ -342,4 +275,4 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
-__all__ = ["FORMAT", "TopKSAE", "init_params", "load_sae", "to_dense", "topk"]
+__all__ = ["FORMAT", "TopKSAE", "init_params", "load_sae"]

@@ -25,7 +25,7 @@ import re
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-from saepipe.texts.sources import TextRecord
+from saepipe.texts.records import TextRecord
 
 log = logging.getLogger(__name__)
 

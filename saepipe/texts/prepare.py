@@ -23,14 +23,12 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import re
-import tempfile
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -38,7 +36,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from saepipe.texts.sources import TextRecord, load_texts
+from saepipe.runtime.files import atomic_write, atomic_write_text
+from saepipe.runtime.params import ParamsSection
+from saepipe.texts.records import TextRecord
+from saepipe.texts.sources import load_texts
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +54,15 @@ SCHEMA = pa.schema(
 )
 """Schema of ``texts.parquet``."""
 
-SPLITS = ("train", "eval")
+SPLITS: tuple[str, ...] = ("train", "eval")
+"""Values of the ``split`` column: texts to extract training activations from, and held-out texts."""
 
 
 @dataclass(frozen=True)
-class PrepareParams:
+class PrepareConfig(ParamsSection):
     """The ``prepare:`` section of params.yaml."""
+
+    SECTION: ClassVar[str] = "prepare"  # its params.yaml section
 
     source: str = "builtin"
     """"builtin" (offline corpus) | HF hub dataset name | local file or folder (see saepipe.texts.sources)."""
@@ -83,15 +87,6 @@ class PrepareParams:
         check_prepare_args(
             self.min_chars, self.max_chars, self.max_texts, self.eval_fraction, self.seed
         )
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> PrepareParams:
-        """Build from a params section; unknown keys are an error (they are usually typos)."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown prepare params {unknown}; known: {sorted(known)}")
-        return cls(**values)
 
     def prepare_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of ``prepare_texts``."""
@@ -258,20 +253,25 @@ def prepare_texts(
     counts.eval = splits.count("eval")
     counts.train = counts.kept - counts.eval
     counts.kept_by_source = dict(sorted(Counter(r.source for r in kept).items()))
-    table = pa.table(
-        {
-            "id": pa.array(np.arange(len(kept), dtype=np.int64)),
-            "text": pa.array(texts, pa.string()),
-            "source": pa.array([r.source for r in kept], pa.string()),
-            "split": pa.array(splits, pa.string()),
-        },
-        schema=SCHEMA,
-    )
+    table = prepared_table(texts, [r.source for r in kept], splits)
     log.info("prepare: %s", json.dumps(counts.to_dict()))
     return PrepareResult(table, counts)
 
 
-def run_prepare(params: PrepareParams) -> PrepareResult:
+def prepared_table(texts: list[str], sources: list[str], splits: list[str]) -> pa.Table:
+    """The ``texts.parquet`` table (``SCHEMA``): ids 0..n-1 in order, texts, source labels, splits."""
+    return pa.table(
+        {
+            "id": pa.array(np.arange(len(texts), dtype=np.int64)),
+            "text": pa.array(texts, pa.string()),
+            "source": pa.array(sources, pa.string()),
+            "split": pa.array(splits, pa.string()),
+        },
+        schema=SCHEMA,
+    )
+
+
+def run_prepare(params: PrepareConfig) -> PrepareResult:
     """Load the texts of ``params.source`` and prepare them."""
     records = load_texts(
         params.source,
@@ -282,27 +282,21 @@ def run_prepare(params: PrepareParams) -> PrepareResult:
     return prepare_texts(records, **params.prepare_kwargs())
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    """Call ``write(tmp_path)`` on a temp file next to ``path``, then rename it into place."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_prepared(result: PrepareResult, out_dir: str | Path) -> tuple[Path, Path]:
     """Write ``texts.parquet`` and ``counts.json`` into ``out_dir`` atomically; return their paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     texts_path, counts_path = out_dir / TEXTS_FILE, out_dir / COUNTS_FILE
-    _atomic_write(texts_path, lambda p: pq.write_table(result.table, p))
-    counts_json = json.dumps(result.counts.to_dict(), indent=2) + "\n"
-    _atomic_write(counts_path, lambda p: p.write_text(counts_json))
+    atomic_write(texts_path, lambda tmp: pq.write_table(result.table, tmp))
+    atomic_write_text(counts_path, json.dumps(result.counts.to_dict(), indent=2) + "\n")
     return texts_path, counts_path
+
+
+def check_split(split: str) -> str:
+    """``split`` itself when it is one of ``SPLITS``; otherwise a ValueError naming the valid ones."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose from {SPLITS}")
+    return split
 
 
 def read_prepared(path: str | Path, split: str | None = None) -> pa.Table:
@@ -312,8 +306,8 @@ def read_prepared(path: str | Path, split: str | None = None) -> pa.Table:
         path = path / TEXTS_FILE
     if not path.exists():
         raise FileNotFoundError(f"prepared texts not found: {path} (run the prepare stage)")
-    if split is not None and split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; choose from {SPLITS}")
+    if split is not None:
+        check_split(split)
     table = pq.read_table(path)
     missing = set(SCHEMA.names) - set(table.column_names)
     if missing:
@@ -321,3 +315,15 @@ def read_prepared(path: str | Path, split: str | None = None) -> pa.Table:
     if split is not None:
         table = table.filter(pc.equal(table["split"], split))
     return table
+
+
+def read_split(texts_path: str | Path, split: str) -> tuple[np.ndarray, list[str]]:
+    """The (ids, texts) of one split of ``texts.parquet``, in file order (the order extract reads)."""
+    check_split(split)
+    table = pq.read_table(texts_path, columns=["id", "text", "split"])
+    mask = np.asarray(table.column("split").to_numpy(zero_copy_only=False) == split)
+    ids = table.column("id").to_numpy()[mask].astype(np.int64)
+    texts = [t for t, m in zip(table.column("text").to_pylist(), mask, strict=True) if m]
+    if not texts:
+        raise ValueError(f"{texts_path} has no texts in split {split!r}")
+    return ids, texts

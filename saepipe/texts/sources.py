@@ -26,7 +26,14 @@ import logging
 import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.csv as pcsv
+import pyarrow.parquet as pq
+
+from saepipe.texts.corpus import builtin_corpus
+from saepipe.texts.records import TextRecord
 
 log = logging.getLogger(__name__)
 
@@ -34,13 +41,6 @@ FILE_SUFFIXES: tuple[str, ...] = (".txt", ".jsonl", ".json", ".parquet", ".csv")
 """Local file types ``load_texts`` reads directly."""
 
 _BATCH_ROWS = 4096
-
-
-class TextRecord(NamedTuple):
-    """One passage and the label of the source it came from."""
-
-    text: str
-    source: str
 
 
 def load_texts(
@@ -59,8 +59,6 @@ def load_texts(
     """
     source = str(source).strip()
     if source == "builtin" or source.startswith("builtin:"):
-        from saepipe.texts.corpus import builtin_corpus
-
         names = [s.strip() for s in source.partition(":")[2].split(",") if s.strip()] or None
         return iter(builtin_corpus(names))
     path = Path(source).expanduser()
@@ -144,8 +142,6 @@ def _json_texts(path: Path, column: str) -> Iterator[str]:
 
 
 def _check_arrow_column(schema: Any, column: str, where: Path | str) -> None:
-    import pyarrow as pa
-
     if column not in schema.names:
         raise KeyError(f"{where} has no text column {column!r}; available: {schema.names}")
     kind = schema.field(column).type
@@ -160,8 +156,6 @@ def _arrow_batches_texts(batches: Iterable[Any]) -> Iterator[str]:
 
 
 def _parquet_texts(path: Path, column: str) -> Iterator[str]:
-    import pyarrow.parquet as pq
-
     reader = pq.ParquetFile(path)
     _check_arrow_column(reader.schema_arrow, column, path)
     batches = (b.column(0) for b in reader.iter_batches(batch_size=_BATCH_ROWS, columns=[column]))
@@ -169,9 +163,6 @@ def _parquet_texts(path: Path, column: str) -> Iterator[str]:
 
 
 def _csv_texts(path: Path, column: str) -> Iterator[str]:
-    import pyarrow as pa
-    import pyarrow.csv as pcsv
-
     options = pcsv.ConvertOptions(column_types={column: pa.string()}, strings_can_be_null=False)
     table = pcsv.read_csv(
         path, parse_options=pcsv.ParseOptions(newlines_in_values=True), convert_options=options
@@ -192,7 +183,7 @@ def _dataset_texts(ds: Any, column: str, label: str, where: str) -> Iterator[Tex
 
 def _pick_split(data: Any, split: str, where: str) -> Any:
     """The ``split`` of a ``DatasetDict`` (a plain ``Dataset`` is returned as is)."""
-    import datasets
+    import datasets  # lazy: ~1 s to import, only Hugging Face sources need it
 
     if isinstance(data, datasets.DatasetDict):
         if split not in data:
@@ -204,7 +195,7 @@ def _pick_split(data: Any, split: str, where: str) -> Any:
 def _read_hf_folder(
     path: Path, config: str | None, split: str, column: str
 ) -> Iterator[TextRecord]:
-    import datasets
+    import datasets  # lazy: ~1 s to import, only Hugging Face sources need it
 
     saved = any((path / f).exists() for f in ("dataset_dict.json", "state.json"))
     if saved:
@@ -218,7 +209,7 @@ def _read_hf_folder(
 
 
 def _read_hf_hub(name: str, config: str | None, split: str, column: str) -> Iterator[TextRecord]:
-    import datasets
+    import datasets  # lazy: ~1 s to import, only Hugging Face sources need it
 
     where = f"dataset {name!r}" + (
         f" (config {config!r}, split {split!r})" if config else f" (split {split!r})"
@@ -229,3 +220,6 @@ def _read_hf_hub(name: str, config: str | None, split: str, column: str) -> Iter
         raise RuntimeError(f"could not load {where} with datasets.load_dataset: {e}") from e
     label = name if not config else f"{name}/{config}"
     return _dataset_texts(ds, column, label, where)
+
+
+__all__ = ["FILE_SUFFIXES", "TextRecord", "load_texts", "read_text_file"]

@@ -42,7 +42,23 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 _X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
-_LINE = 16  # float32s per 64-byte cache line
+
+CACHE_LINE = 64
+"""Bytes per cache line: the alignment streaming stores need and row gathers like."""
+
+_LINE = CACHE_LINE // 4  # float32s per cache line
+
+
+def aligned_empty(shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
+    """An uninitialised array whose data starts on a cache line (numpy and MLX align less).
+
+    With d_model * 4 a multiple of 64 every row then starts on a line too; vector loads of
+    misaligned rows straddle lines and make the kernels' row gathers slower, and the streaming
+    stores of ``_write_row`` need aligned rows (``streamable``)."""
+    size = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    raw = np.empty(size + CACHE_LINE, np.uint8)
+    start = -raw.ctypes.data % CACHE_LINE
+    return raw[start:start + size].view(dtype).reshape(shape)
 
 
 @intrinsic
@@ -109,8 +125,8 @@ def _store_fence(typingctx):
 def streamable(*arrays: np.ndarray) -> bool:
     """Whether every row of each (C-contiguous float32) array starts on a 64-byte line, as the
     streaming stores of ``_write_row`` require (a misaligned one faults)."""
-    return all(a.dtype == np.float32 and a.flags.c_contiguous and a.ctypes.data % 64 == 0
-               and (a.shape[-1] * 4) % 64 == 0 for a in arrays)
+    return all(a.dtype == np.float32 and a.flags.c_contiguous and a.ctypes.data % CACHE_LINE == 0
+               and (a.shape[-1] * 4) % CACHE_LINE == 0 for a in arrays)
 
 
 @nb.njit(inline="always")
@@ -219,6 +235,8 @@ def _group_maxima(row, bias, lanes, g, gm):
         for c in range(g):
             gm[c] = max(gm[c], r[c] + b[c])
 
+
+_TINY = np.float32(1e-38)  # "count >= _TINY": the positive entries (anything smaller counts as 0)
 
 _PARTS = 16  # row blocks of the kernels that also sum columns (one float64 partial row each)
 
@@ -513,9 +531,10 @@ def latent_grads(offsets, order, rows, pre_values, e, xc, gscale, l1_grad, W_dec
 
 
 @nb.njit(parallel=True, cache=True, fastmath=True, boundscheck=False)
-def adam_rows(p, m, v, g, lr, c1, c2, scale, beta1, beta2, eps, unit_rows):
+def adam_rows(p, m, v, g, lr, c1, c2, scale, beta1, beta2, eps, unit_rows, norm_floor):
     """Bias-corrected Adam on the rows of ``p`` in place with gradient ``scale * g``; with
-    ``unit_rows`` each updated row is renormalized to unit L2 norm."""
+    ``unit_rows`` each updated row is renormalized to unit L2 norm (divided by at least ``norm_floor``).
+    The constants are arguments (float32), not globals: numba freezes globals into its cache."""
     rows, d = p.shape
     one = np.float32(1.0)
     rest1, rest2 = one - beta1, one - beta2  # all float32, as the reference (a literal 1 would make float64)
@@ -532,7 +551,7 @@ def adam_rows(p, m, v, g, lr, c1, c2, scale, beta1, beta2, eps, unit_rows):
             pr[c] = pc
             nrm += pc * pc
         if unit_rows:
-            inv = one / max(np.sqrt(nrm), np.float32(1e-12))
+            inv = one / max(np.sqrt(nrm), norm_floor)
             for c in range(d):
                 pr[c] *= inv
 
@@ -546,7 +565,7 @@ def keep_top_k(a, k):
     n, w = a.shape
     for r in nb.prange(n):
         row = a[r]
-        if _count_ge(row, np.float32(1e-38)) <= k:
+        if _count_ge(row, _TINY) <= k:  # at most k positive entries
             continue
         lo, hi = _bisect_top_k(row, np.float32(0.0), row.max(), k)
         quota_hi = min(_count_ge(row, hi), k)  # the leftmost of the entries >= hi ...
@@ -594,6 +613,6 @@ def subtract_sum_sq_scale(r, e, scale):
     return total
 
 
-__all__ = ["adam_rows", "decode_residual", "group_by_latent",
+__all__ = ["CACHE_LINE", "adam_rows", "aligned_empty", "decode_residual", "group_by_latent",
            "keep_top_k", "latent_grads", "standardize", "streamable", "subtract_sum_sq_scale",
            "topk_rows", "zero_where_not_positive"]

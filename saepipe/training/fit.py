@@ -27,42 +27,45 @@ Recipe (Gao et al. 2024; EleutherAI sparsify):
   checkpoint and reaches the same weights as an uninterrupted run; a NaN/Inf stops training with
   ``TrainingDivergedError`` and leaves the last good checkpoint.
 
-Kernels (same math, see ``KERNELS``): on a CPU ``fit_sae`` runs ``saepipe.training.cpu_step.CpuStep`` (MLX
-matmul + multi-threaded numba kernels), elsewhere ``saepipe.training.mlx_step.make_train_step``; both are
-tested against the dense reference ``_make_step`` here (``kernels="reference"``), built on
-``_encode_select`` and ``_decode``.
+Kernels (same math, see ``saepipe.training.steps``): on a CPU ``fit_sae`` runs
+``saepipe.training.cpu_step.CpuStep`` (MLX matmul + multi-threaded numba kernels), elsewhere
+``saepipe.training.mlx_step.make_train_step``; both are tested against the dense reference step
+``saepipe.training.reference`` (``kernels="reference"``). What all steps share (state, update, dead
+counters, AuxK) is ``saepipe.training.state``.
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
 import math
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
+from tqdm.auto import tqdm
 
-import saepipe  # noqa: F401  (fast BLAS before mlx)
+from saepipe.activations.normalize import fit_stats
 from saepipe.activations.sources import ActivationSource, as_source
 from saepipe.activations.stats import NormStats
 from saepipe.runtime.memory import reuse_freed_memory
 from saepipe.sae.config import SAEConfig
-from saepipe.sae.topk import TopKSAE, _Norm, init_params, to_dense, topk
-from saepipe.training.mlx_step import constrained_adam, update_dead_counter
+from saepipe.sae.normalization import InputNormalizer
+from saepipe.sae.topk import TopKSAE
+from saepipe.training.checkpoint import all_finite, resume, save_checkpoint
+from saepipe.training.schedule import Split, epoch_batches, learning_rate_at, split_rows
+from saepipe.training.state import METRICS, AuxK, StepRunner, TrainState, count_dead, initial_state
+from saepipe.training.steps import make_runner, resolve_kernels
 from saepipe.training.tracking import DVCLiveLogger, MultiLogger, TrainLogger, WandbLogger
+from saepipe.training.validation import make_eval, validate
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_NAME = "checkpoint.safetensors"
-_METRICS = ("loss", "fvu", "recon_mse", "aux_loss", "l1_loss", "l0", "grad_norm", "dead_fraction")
-_GEOMED_ROWS = 16384
-_READ_ROWS = 65536
+_READ_ROWS = 65536  # rows read at a time when fitting normalization stats on the training rows
 
 
 class FitResult(NamedTuple):
@@ -78,296 +81,77 @@ class TrainingDivergedError(FloatingPointError):
     """A training metric became NaN or Inf."""
 
 
-class _Split(NamedTuple):
-    train: np.ndarray  # sorted row indices
-    val: np.ndarray  # sorted row indices
+class RunPlan(NamedTuple):
+    """What a run trains on and how: fixed before its first step."""
+
+    source: ActivationSource
+    split: Split
+    config: SAEConfig
+    mean: mx.array
+    """(d_model,) input normalization mean (zeros without normalization)."""
+    std: mx.array
+    """(d_model,) input normalization std (ones without normalization)."""
+    d_hidden: int
+    auxk: AuxK
+    batch_size: int
+    """Rows per step: the config's, or all training rows when there are fewer."""
+    steps_per_epoch: int
+    total_steps: int
+    run_info: dict[str, Any]
+    """What identifies the run (config, data, stats): a checkpoint resumes only the same run."""
+    checkpoint_dir: Path | None
+    max_steps: int | None
+    kernels: str
 
 
-# --------------------------------------------------------------------------------------------------
-# Swap points: straightforward MLX formulations (saepipe.training.mlx_step provides faster ones).
-# --------------------------------------------------------------------------------------------------
-def _encode_select(
-    xc: mx.array, W_enc: mx.array, b_enc: mx.array, k: int, dead: mx.array | None, k_aux: int
-) -> tuple[mx.array, mx.array, mx.array | None, mx.array | None]:
-    """Top-k code of centred inputs ``xc`` and, when ``dead`` (bool (d_hidden,)) is given, the
-    top-``k_aux`` ReLU pre-activations among dead latents (live ones count as 0 and get no gradient).
+@dataclass
+class Progress:
+    """Where a run is: checkpoints save it (as JSON) and a resumed run continues from it."""
 
-    Returns (values, indices, aux_values, aux_indices); values are differentiable w.r.t. W_enc, b_enc.
-    """
-    pre = nn.relu(xc @ W_enc.T + b_enc)
-    values, indices = topk(pre, k)
-    if dead is None:
-        return values, indices, None, None
-    aux_values, aux_indices = topk(mx.where(dead, pre, 0.0), k_aux)
-    return values, indices, aux_values, aux_indices
+    step: int = 0
+    """Optimisation steps done."""
+    epoch: int = 0
+    """Current epoch (0-based)."""
+    batch: int = 0
+    """Batches of the current epoch done."""
+    history: list[dict[str, float]] = field(default_factory=list)
+    """One entry per finished epoch (``FitResult.history``)."""
+    epoch_sums: list[float] = field(default_factory=lambda: [0.0] * len(METRICS))
+    """Sums of the ``METRICS`` over the current epoch's steps."""
+    epoch_steps: int = 0
+    seconds: float = 0.0
+    """Time spent in steps (reading included, validation and checkpoints not)."""
+    first_loss: float | None = None
+    last_loss: float | None = None
 
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
-def _decode(values: mx.array, indices: mx.array, W_dec: mx.array) -> mx.array:
-    """sum_j values[:, j] * W_dec[indices[:, j]]: (n, d_model), differentiable w.r.t. values and W_dec."""
-    return to_dense(values, indices, W_dec.shape[0]) @ W_dec
+    @classmethod
+    def from_json(cls, position: dict[str, Any]) -> Progress:
+        return cls(**position)
 
+    def after_step(self, values: list[float], started: float) -> None:
+        """Account for one step that began at ``time.perf_counter() == started``."""
+        self.step += 1
+        self.batch += 1
+        self.epoch_steps += 1
+        self.epoch_sums = [s + val for s, val in zip(self.epoch_sums, values, strict=True)]
+        self.seconds = self.seconds + time.perf_counter() - started
+        self.last_loss = values[METRICS.index("loss")]
+        if self.first_loss is None:
+            self.first_loss = self.last_loss
 
-# --------------------------------------------------------------------------------------------------
-# The compiled step
-# --------------------------------------------------------------------------------------------------
-def _loss_fn(params: dict, x: mx.array, dead: mx.array | None, aux_scale: mx.array, *,
-             k: int, k_aux: int, aux_coef: float, l1_coef: float, tied: bool) -> tuple[mx.array, ...]:
-    W_enc = params["W_dec"] if tied else params["W_enc"]
-    values, indices, aux_values, aux_indices = _encode_select(
-        x - params["b_dec"], W_enc, params["b_enc"], k, dead, k_aux)
-    x_hat = _decode(values, indices, params["W_dec"]) + params["b_dec"]
-    e = x - x_hat
-    sse = (e * e).sum()
-    total_var = mx.maximum(mx.square(x - x.mean(axis=0)).sum(), 1e-12)
-    fvu = sse / total_var
-    l1 = values.sum(axis=-1).mean()
-    loss = fvu + l1_coef * l1 if l1_coef else fvu
-    aux = mx.array(0.0)
-    if dead is not None:
-        e = mx.stop_gradient(e)
-        e_hat = _decode(aux_values, aux_indices, params["W_dec"])
-        e_var = mx.maximum(mx.square(e - e.mean(axis=0)).sum(), 1e-12)
-        aux = aux_scale * mx.square(e_hat - e).sum() / e_var
-        loss = loss + aux_coef * aux
-    mse = sse / e.size
-    l0 = (values > 0).sum(axis=-1).astype(mx.float32).mean()
-    return loss, fvu, mse, aux, l1, l0, values, indices
+    def epoch_means(self) -> dict[str, float]:
+        """``train/<metric>``: the mean of each metric over the current epoch's steps."""
+        return {f"train/{n}": s / max(1, self.epoch_steps) for n, s in zip(METRICS, self.epoch_sums, strict=True)}
 
-
-def _make_step(config: SAEConfig, d_hidden: int, k_aux: int, with_aux: bool) -> Callable:
-    """A compiled training step; ``with_aux`` adds the AuxK term (used while latents are dead)."""
-    tied = config.tied_weights
-    clip = float(config.gradient_clip)
-    threshold = int(config.dead_tokens_threshold)
-
-    def loss_only(params, x, dead, aux_scale):
-        out = _loss_fn(params, x, dead if with_aux else None, aux_scale, k=config.k, k_aux=k_aux,
-                       aux_coef=config.aux_coef, l1_coef=config.l1_coefficient, tied=tied)
-        return out
-
-    grad_fn = mx.value_and_grad(loss_only)
-
-    def step(params, m, v, t, lr, x, mean, std, counter, aux_scale):
-        x = (x - mean) / std
-        dead = counter >= threshold
-        (loss, fvu, mse, aux, l1, l0, values, indices), grads = grad_fn(params, x, dead, aux_scale)
-        new_params, new_m, new_v, t, gnorm = constrained_adam(params, grads, m, v, t, lr, clip)
-        counter, dead_fraction = update_dead_counter(counter, indices, values, threshold)
-        metrics = mx.stack([loss, fvu, mse, aux, l1, l0, gnorm, dead_fraction])
-        return new_params, new_m, new_v, t, counter, metrics
-
-    return mx.compile(step)
-
-
-def _make_eval(config: SAEConfig, d_hidden: int, kernels: str = "sparse") -> Callable:
-    """Compiled validation chunk: (sse, sum x, sum ||x||^2, sum L0, sum L1, fired counts)."""
-    tied = config.tied_weights
-    if kernels in ("sparse", "cpu"):
-        from saepipe.training import mlx_step as sparse_ops
-
-        def encode_decode(xc, W_enc, b_enc, W_dec):
-            values, indices = sparse_ops.topk(nn.relu(xc @ W_enc.T + b_enc), config.k)
-            return values, indices, sparse_ops.decode_rows(values, indices, W_dec)
-    else:
-        def encode_decode(xc, W_enc, b_enc, W_dec):
-            values, indices, _, _ = _encode_select(xc, W_enc, b_enc, config.k, None, 0)
-            return values, indices, _decode(values, indices, W_dec)
-
-    def evaluate(params, x, mean, std):
-        x = (x - mean) / std
-        W_enc = params["W_dec"] if tied else params["W_enc"]
-        values, indices, x_hat = encode_decode(x - params["b_dec"], W_enc, params["b_enc"], params["W_dec"])
-        e = x - (x_hat + params["b_dec"])
-        fired = mx.zeros((d_hidden,), dtype=mx.int32).at[indices.reshape(-1)].add(
-            (values > 0).reshape(-1).astype(mx.int32))
-        sums = mx.stack([mx.square(e).sum(), mx.square(x).sum(),
-                         (values > 0).sum().astype(mx.float32), values.sum()])
-        return sums, x.sum(axis=0), fired
-
-    return mx.compile(evaluate)
-
-
-KERNELS = ("auto", "cpu", "sparse", "reference")
-"""``auto``: ``cpu`` when MLX computes on the CPU, else ``sparse``.
-``cpu``: ``saepipe.training.cpu_step.CpuStep`` (MLX encoder matmul, multi-threaded numba kernels for top-k,
-sparse decode, gradients and Adam: the fast path on a CPU, where MLX runs those on one core);
-``sparse``: ``saepipe.training.mlx_step.make_train_step`` (sparse top-k, decode and gradients in MLX; AuxK
-over the dead columns only, one compiled variant per power-of-two bucket of dead latents);
-``reference``: ``_make_step`` (dense MLX ops, the definition the other kernels are tested against)."""
-
-
-def resolve_kernels(kernels: str) -> str:
-    """The kernels ``kernels`` stands for (``auto`` resolved for this machine); checks the name."""
-    if kernels not in KERNELS:
-        raise ValueError(f"kernels must be one of {', '.join(KERNELS)}, not {kernels!r}")
-    if kernels == "auto":
-        from saepipe.training import cpu_step
-
-        return "cpu" if cpu_step.available() else "sparse"
-    return kernels
-
-
-class _Steps:
-    """Compiled steps by variant: no AuxK, or AuxK (per dead-count bucket for the sparse kernels)."""
-
-    def __init__(self, config: SAEConfig, d_hidden: int, k_aux: int, kernels: str) -> None:
-        self.config, self.d_hidden, self.k_aux, self.kernels = config, d_hidden, k_aux, kernels
-        self.cache: dict[int, Callable] = {}
-
-    def __call__(self, n_dead: int) -> Callable:
-        aux = self.config.aux_coef > 0 and n_dead > 0
-        if self.kernels == "reference":
-            key = int(aux)
-            if key not in self.cache:
-                self.cache[key] = _make_step(self.config, self.d_hidden, self.k_aux, aux)
-            return self.cache[key]
-        from saepipe.training import mlx_step as sparse_ops
-
-        key = sparse_ops.aux_capacity(n_dead, self.d_hidden) if aux else 0
-        if key not in self.cache:
-            self.cache[key] = sparse_ops.make_train_step(self.config, self.d_hidden, self.k_aux, key)
-        return self.cache[key]
-
-
-class _MlxRunner:
-    """The compiled MLX steps behind the interface of ``saepipe.training.cpu_step.CpuStep``."""
-
-    def __init__(self, config: SAEConfig, d_hidden: int, k_aux: int, kernels: str, state: _State) -> None:
-        self.steps = _Steps(config, d_hidden, k_aux, kernels)
-        self.k_aux, self._state = k_aux, state
-
-    def step(self, lr: float, x: mx.array, mean: mx.array, std: mx.array, n_dead: int) -> np.ndarray:
-        st = self._state
-        aux_scale = mx.array(min(n_dead / self.k_aux, 1.0))
-        params, m, v, t, counter, metrics = self.steps(n_dead)(
-            st.params, st.m, st.v, st.t, mx.array(lr), x, mean, std, st.counter, aux_scale)
-        self._state = _State(params, m, v, t, counter)
-        return np.array(metrics, dtype=np.float64)  # syncs: one step at a time
-
-    def state(self) -> _State:
-        return self._state
-
-
-def _make_runner(config: SAEConfig, d_hidden: int, k_aux: int, kernels: str, state: _State):
-    if kernels == "cpu":
-        from saepipe.training.cpu_step import CpuStep
-
-        return CpuStep(config, d_hidden, k_aux, state)
-    return _MlxRunner(config, d_hidden, k_aux, kernels, state)
-
-
-# --------------------------------------------------------------------------------------------------
-# Schedule, split, data
-# --------------------------------------------------------------------------------------------------
-def learning_rate_at(step: int, total_steps: int, config: SAEConfig) -> float:
-    """Learning rate of optimisation step ``step`` (0-based): linear warmup, then ``lr_decay``."""
-    peak = config.learning_rate
-    if step < config.warmup_steps:
-        return peak * (step + 1) / config.warmup_steps
-    if config.lr_decay == "constant":
-        return peak
-    low = peak * config.min_lr_ratio
-    progress = min(1.0, (step - config.warmup_steps) / max(1, total_steps - config.warmup_steps))
-    if config.lr_decay == "linear":
-        return peak + (low - peak) * progress
-    return low + (peak - low) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def split_rows(n_rows: int, validation_split: float, seed: int) -> _Split:
-    """Seeded train/validation split of row indices (both sorted); at least one training row."""
-    n_val = int(n_rows * validation_split)
-    if validation_split > 0 and n_val == 0 and n_rows >= 2:
-        n_val = 1
-    n_val = min(n_val, n_rows - 1)
-    perm = np.random.default_rng([seed, 0]).permutation(n_rows)
-    return _Split(np.sort(perm[n_val:]), np.sort(perm[:n_val]))
-
-
-def epoch_order(train_rows: np.ndarray, seed: int, epoch: int) -> np.ndarray:
-    """The training rows in the order epoch ``epoch`` visits them (seeded, independent per epoch)."""
-    return train_rows[np.random.default_rng([seed, 1, epoch]).permutation(len(train_rows))]
-
-
-def _read(source: ActivationSource, rows: np.ndarray):
-    """Rows of ``rows`` (any order) in chunks of sorted indices, each (index chunk, float32 array)."""
-    rows = np.sort(rows)
-    for start in range(0, len(rows), _READ_ROWS):
-        chunk = rows[start : start + _READ_ROWS]
-        yield chunk, source.take(chunk)
-
-
-def fit_stats(source: ActivationSource, rows: np.ndarray) -> NormStats:
-    """Normalization stats of the given rows only (``saepipe.activations.normalize``'s float64 Chan merge, streamed)."""
-    from saepipe.activations.normalize import reduce_moments, to_stats
-
-    return to_stats(reduce_moments(x for _, x in _read(source, rows)))
-
-
-def geometric_median(x: np.ndarray, iters: int = 50, tol: float = 1e-6) -> np.ndarray:
-    """Weiszfeld's algorithm on the rows of ``x`` (float64)."""
-    x = x.astype(np.float64)
-    guess = x.mean(axis=0)
-    for _ in range(iters):
-        w = 1.0 / np.maximum(np.linalg.norm(x - guess, axis=1), 1e-8)
-        new = (w[:, None] * x).sum(axis=0) / w.sum()
-        if np.linalg.norm(new - guess) <= tol * max(1.0, np.linalg.norm(guess)):
-            return new
-        guess = new
-    return guess
-
-
-# --------------------------------------------------------------------------------------------------
-# Checkpoints
-# --------------------------------------------------------------------------------------------------
-class _State(NamedTuple):
-    params: dict
-    m: dict
-    v: dict
-    t: mx.array
-    counter: mx.array
-
-
-def _save_checkpoint(directory: Path, state: _State, info: dict[str, Any]) -> Path:
-    """One safetensors file (tensors + JSON position in the header), replaced atomically."""
-    from safetensors.numpy import save_file
-
-    directory.mkdir(parents=True, exist_ok=True)
-    tensors = {f"params.{n}": np.asarray(a) for n, a in state.params.items()}
-    tensors |= {f"adam_m.{n}": np.asarray(a) for n, a in state.m.items()}
-    tensors |= {f"adam_v.{n}": np.asarray(a) for n, a in state.v.items()}
-    tensors["adam_t"] = np.asarray(state.t).reshape(1)
-    tensors["dead_counter"] = np.asarray(state.counter)
-    path = directory / CHECKPOINT_NAME
-    tmp = directory / (CHECKPOINT_NAME + ".tmp")
-    save_file(tensors, str(tmp), metadata={"saepipe_checkpoint": json.dumps(info)})
-    tmp.replace(path)
-    return path
-
-
-def _load_checkpoint(directory: Path) -> tuple[_State, dict[str, Any]] | None:
-    from safetensors import safe_open
-
-    path = directory / CHECKPOINT_NAME
-    if not path.is_file():
-        return None
-    try:
-        with safe_open(str(path), framework="numpy") as f:
-            info = json.loads((f.metadata() or {})["saepipe_checkpoint"])
-            tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118
-    except Exception as err:
-        log.warning("ignoring unreadable checkpoint %s (%s)", path, err)
-        return None
-
-    def group(prefix: str) -> dict:
-        return {k[len(prefix):]: mx.array(a) for k, a in tensors.items() if k.startswith(prefix)}
-
-    state = _State(group("params."), group("adam_m."), group("adam_v."),
-                   mx.array(tensors["adam_t"].reshape(())), mx.array(tensors["dead_counter"]))
-    return state, info
-
-
-def _all_finite(params: dict) -> bool:
-    return all(bool(mx.all(mx.isfinite(p)).item()) for p in params.values())
+    def end_epoch(self, entry: dict[str, float]) -> None:
+        self.epoch += 1
+        self.batch = 0
+        self.history.append(entry)
+        self.epoch_sums = [0.0] * len(METRICS)
+        self.epoch_steps = 0
 
 
 # --------------------------------------------------------------------------------------------------
@@ -396,74 +180,95 @@ def fit_sae(
     ``log_every``: steps between logged step metrics. ``max_steps``: stop after this many steps in
     total (checkpointing when ``checkpoint_dir`` is set; the schedule still spans the full run).
     ``kernels``: "auto" (default: the fastest for this device), "cpu", "sparse" or "reference"
-    (dense MLX ops), see ``KERNELS``.
+    (dense MLX ops), see ``saepipe.training.steps``.
     """
     kernels = resolve_kernels(kernels)
     source = as_source(activations)
-    d_model, n_rows = source.d_model, source.n_rows
-    d_hidden = d_model * config.expansion_factor
-    if config.k > d_hidden:
-        raise ValueError(f"k={config.k} exceeds d_hidden={d_hidden} (d_model {d_model} x {config.expansion_factor})")
-    k_aux = min(config.k_aux if config.k_aux is not None else d_model // 2, d_hidden)
-    if k_aux < 1:
-        raise ValueError(f"k_aux must be >= 1, got {k_aux}")
-    split = split_rows(n_rows, config.validation_split, config.seed)
-    n_train = len(split.train)
-    batch_size = min(config.batch_size, n_train)
-    steps_per_epoch = n_train // batch_size
-    total_steps = steps_per_epoch * config.num_epochs
+    d_hidden, auxk = _sizes(source, config)
+    split = split_rows(source.n_rows, config.validation_split, config.seed)
+    stats = _stats_for(source, config, stats, split)
+    plan = _plan(source, config, split, stats, d_hidden, auxk, checkpoint_dir, max_steps, kernels)
+    resumed = resume(plan.checkpoint_dir, plan.run_info)
+    if resumed is not None:
+        state, position = resumed[0], Progress.from_json(resumed[1])
+        log.info("resuming from %s at step %d", plan.checkpoint_dir, position.step)
+    else:
+        state = initial_state(source, plan.split.train, config, source.d_model, plan.d_hidden, plan.mean, plan.std)
+        position = Progress()
+    meta = {**_source_metadata(source), **(metadata or {})}
+    sink = _loggers(plan, meta, logger, live_dir, log_every, resumed=resumed is not None)
+    try:
+        with reuse_freed_memory():  # the step's big buffers are reused, not page-faulted in anew
+            state, position, completed = _train_loop(plan, state, position, sink, progress)
+    finally:
+        sink.close()
+    summary = _summary(plan, position, state, completed)
+    sae = TopKSAE(source.d_model, config.expansion_factor, config.k, tied_weights=config.tied_weights,
+                  stats=stats, normalization=config.normalization)
+    sae.update(dict(state.params))
+    sae.update_metadata(**meta, config=config.to_dict(), summary=summary, n_train_rows=len(plan.split.train),
+                        n_val_rows=len(plan.split.val))
+    return FitResult(sae, list(position.history), summary)
 
-    if config.normalize_input and stats is None:
-        stats = fit_stats(source, split.train)
+
+def _stats_for(source: ActivationSource, config: SAEConfig, stats: NormStats | None,
+               split: Split) -> NormStats | None:
+    """The stats the run normalizes with: None without ``normalize_input``, else the given ones
+    (checked against the data) or ones fit on the training rows."""
     if not config.normalize_input:
-        stats = None
-    if stats is not None and np.asarray(stats.mean).shape != (d_model,):
-        raise ValueError(f"stats are for d_model {np.asarray(stats.mean).shape[0]}, activations have {d_model}")
-    norm = _Norm(stats, config.normalization) if stats is not None else None
-    mean = norm.mean if norm else mx.zeros((d_model,))
-    std = norm.std if norm else mx.ones((d_model,))
+        return None
+    if stats is None:
+        return fit_stats(source, _READ_ROWS, rows=split.train)
+    if np.asarray(stats.mean).shape != (source.d_model,):
+        raise ValueError(f"stats are for d_model {np.asarray(stats.mean).shape[0]}, activations have {source.d_model}")
+    return stats
 
+
+def _sizes(source: ActivationSource, config: SAEConfig) -> tuple[int, AuxK]:
+    """d_hidden and the AuxK settings; a k that does not fit is an error before any work."""
+    d_hidden = source.d_model * config.expansion_factor
+    if config.k > d_hidden:
+        raise ValueError(f"k={config.k} exceeds d_hidden={d_hidden} "
+                         f"(d_model {source.d_model} x {config.expansion_factor})")
+    return d_hidden, AuxK.from_config(config, source.d_model, d_hidden)
+
+
+def _plan(source: ActivationSource, config: SAEConfig, split: Split, stats: NormStats | None, d_hidden: int,
+          auxk: AuxK, checkpoint_dir: str | Path | None, max_steps: int | None, kernels: str) -> RunPlan:
+    d_model, n_rows = source.d_model, source.n_rows
+    batch_size = min(config.batch_size, len(split.train))
+    steps_per_epoch = len(split.train) // batch_size
+    norm = InputNormalizer(stats, config.normalization) if stats is not None else None
     run_info = {
-        "config": config.to_dict(), "d_model": d_model, "n_rows": n_rows, "n_train": n_train,
+        "config": config.to_dict(), "d_model": d_model, "n_rows": n_rows, "n_train": len(split.train),
         "n_val": len(split.val), "stats_digest": stats.digest() if stats is not None else None,
         "activations_digest": _source_metadata(source).get("activations_digest"),
     }
-    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    resumed = _resume(ckpt_dir, run_info)
-    if resumed is not None:
-        state, pos = resumed
-        log.info("resuming from %s at step %d", ckpt_dir, pos["step"])
-    else:
-        state = _initial_state(source, split.train, config, d_model, d_hidden, mean, std)
-        pos = {"step": 0, "epoch": 0, "batch": 0, "history": [], "epoch_sums": [0.0] * len(_METRICS),
-               "epoch_steps": 0, "seconds": 0.0, "first_loss": None, "last_loss": None}
+    return RunPlan(
+        source=source, split=split, config=config,
+        mean=norm.mean if norm else mx.zeros((d_model,)), std=norm.std if norm else mx.ones((d_model,)),
+        d_hidden=d_hidden, auxk=auxk, batch_size=batch_size, steps_per_epoch=steps_per_epoch,
+        total_steps=steps_per_epoch * config.num_epochs, run_info=run_info,
+        checkpoint_dir=Path(checkpoint_dir) if checkpoint_dir is not None else None,
+        max_steps=max_steps, kernels=kernels,
+    )
 
+
+def _loggers(plan: RunPlan, meta: dict[str, Any], logger: TrainLogger | None, live_dir: str | Path | None,
+             log_every: int, *, resumed: bool) -> MultiLogger:
+    """The loggers of the run (the caller's, dvclive, W&B), with the run's configuration logged."""
+    config = plan.config
     loggers: list[TrainLogger] = [logger] if logger is not None else []
     if live_dir is not None:
-        loggers.append(DVCLiveLogger(live_dir, log_every=log_every, resume=resumed is not None))
+        loggers.append(DVCLiveLogger(live_dir, log_every=log_every, resume=resumed))
     if config.use_wandb:
         loggers.append(WandbLogger(config.wandb_project, config.wandb_name, config.wandb_tags, log_every))
     sink = MultiLogger(loggers)
-    meta = {**_source_metadata(source), **(metadata or {})}
-    sink.log_config({**config.to_dict(), "d_model": d_model, "d_hidden": d_hidden,
+    sink.log_config({**config.to_dict(), "d_model": plan.source.d_model, "d_hidden": plan.d_hidden,
                      "layer": meta.get("layer"), "component": meta.get("component"),
-                     "n_rows": n_rows, "n_train": n_train, "n_val": len(split.val),
-                     "steps_per_epoch": steps_per_epoch, "total_steps": total_steps})
-    try:
-        with reuse_freed_memory():  # the step's big buffers are reused, not page-faulted in anew
-            state, pos, completed = _train_loop(
-                source, split, config, state, pos, mean, std, d_hidden, k_aux, batch_size,
-                steps_per_epoch, total_steps, run_info, ckpt_dir, sink, max_steps, progress, kernels)
-    finally:
-        sink.close()
-
-    summary = _summary(pos, state, config, batch_size, completed, n_train, len(split.val))
-    sae = TopKSAE(d_model, config.expansion_factor, config.k, tied_weights=config.tied_weights,
-                  stats=stats, normalization=config.normalization)
-    sae.update(dict(state.params))
-    sae.update_metadata(**meta, config=config.to_dict(), summary=summary, n_train_rows=n_train,
-                        n_val_rows=len(split.val))
-    return FitResult(sae, list(pos["history"]), summary)
+                     "n_rows": plan.source.n_rows, "n_train": len(plan.split.train), "n_val": len(plan.split.val),
+                     "steps_per_epoch": plan.steps_per_epoch, "total_steps": plan.total_steps})
+    return sink
 
 
 def _source_metadata(source: ActivationSource) -> dict[str, Any]:
@@ -476,142 +281,119 @@ def _source_metadata(source: ActivationSource) -> dict[str, Any]:
     return {ours: manifest[theirs] for theirs, ours in keys.items() if manifest.get(theirs) is not None}
 
 
-def _resume(ckpt_dir: Path | None, run_info: dict) -> tuple[_State, dict] | None:
-    if ckpt_dir is None:
-        return None
-    loaded = _load_checkpoint(ckpt_dir)
-    if loaded is None:
-        return None
-    state, info = loaded
-    if info.get("run") != json.loads(json.dumps(run_info)):
-        log.warning("checkpoint in %s is from another config or data; starting afresh", ckpt_dir)
-        return None
-    return state, info["position"]
+# --------------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------------
+class _Loop(NamedTuple):
+    """What the loop's pieces share besides the plan and the progress."""
+
+    runner: StepRunner
+    sink: MultiLogger
+    bar: Any
+    """The tqdm progress bar (tokens)."""
+    reader: ThreadPoolExecutor
+    """Reads the next batch while the current step runs."""
 
 
-def _initial_state(source: ActivationSource, train_rows: np.ndarray, config: SAEConfig, d_model: int,
-                   d_hidden: int, mean: mx.array, std: mx.array) -> _State:
-    params = init_params(d_model, d_hidden, config.tied_weights, config.seed)
-    rng = np.random.default_rng([config.seed, 2])
-    sample = np.sort(rng.choice(train_rows, size=min(len(train_rows), _GEOMED_ROWS), replace=False))
-    x = (source.take(sample) - np.asarray(mean)) / np.asarray(std)
-    params["b_dec"] = mx.array(geometric_median(x).astype(np.float32))
-    zeros = {n: mx.zeros_like(p) for n, p in params.items()}
-    return _State(params, zeros, dict(zeros), mx.array(0.0), mx.zeros((d_hidden,), dtype=mx.int32))
-
-
-def _train_loop(source, split, config, state, pos, mean, std, d_hidden, k_aux, batch_size,
-                steps_per_epoch, total_steps, run_info, ckpt_dir, sink, max_steps, progress, kernels):
-    """Epochs of steps from ``pos``; returns (state, pos, completed)."""
-    from tqdm.auto import tqdm
-
-    runner = _make_runner(config, d_hidden, k_aux, kernels, state)
-    evaluate = _make_eval(config, d_hidden, kernels)
-    threshold = config.dead_tokens_threshold
-    n_dead = int((np.asarray(state.counter) >= threshold).sum())
-    bar = tqdm(total=total_steps * batch_size, initial=pos["step"] * batch_size, unit="tok",
-               unit_scale=True, disable=not progress, desc="train", dynamic_ncols=True)
-    pool = ThreadPoolExecutor(max_workers=1)
-
-    def save(position: dict) -> None:
-        if ckpt_dir is None:
-            return
-        current = runner.state()
-        if not _all_finite(current.params):
-            raise TrainingDivergedError(f"non-finite weights after step {position['step']}; "
-                                        f"last good checkpoint kept in {ckpt_dir}")
-        _save_checkpoint(ckpt_dir, current, {"run": run_info, "position": position})
-
+def _train_loop(plan: RunPlan, state: TrainState, position: Progress, sink: MultiLogger,
+                show_progress: bool) -> tuple[TrainState, Progress, bool]:
+    """Epochs of steps from ``position``; returns (state, position, completed)."""
+    runner = make_runner(plan.config, plan.d_hidden, plan.auxk, plan.kernels, state)
+    evaluate = make_eval(plan.config, plan.d_hidden, plan.kernels)
+    n_dead = count_dead(state.counter, plan.config.dead_tokens_threshold)
+    bar = tqdm(total=plan.total_steps * plan.batch_size, initial=position.step * plan.batch_size, unit="tok",
+               unit_scale=True, disable=not show_progress, desc="train", dynamic_ncols=True)
+    loop = _Loop(runner, sink, bar, ThreadPoolExecutor(max_workers=1))
     try:
-        for epoch in range(pos["epoch"], config.num_epochs):
-            order = epoch_order(split.train, config.seed, epoch)
-            batches = [np.sort(order[b * batch_size : (b + 1) * batch_size]) for b in range(steps_per_epoch)]
-            start = pos["batch"]
-            pending = pool.submit(source.take, batches[start]) if start < steps_per_epoch else None
-            for b in range(start, steps_per_epoch):
-                if max_steps is not None and pos["step"] >= max_steps:
-                    save(pos)
-                    return runner.state(), pos, False
-                t0 = time.perf_counter()
-                x = mx.array(pending.result())
-                if b + 1 < steps_per_epoch:
-                    pending = pool.submit(source.take, batches[b + 1])
-                lr = learning_rate_at(pos["step"], total_steps, config)
-                values = runner.step(lr, x, mean, std, n_dead)
-                step = pos["step"] + 1
-                _check_finite(values, step, ckpt_dir)
-                n_dead = round(float(values[_METRICS.index("dead_fraction")]) * d_hidden)
-                record = dict(zip(_METRICS, values.tolist(), strict=True))
-                record["learning_rate"] = lr
-                pos = {**pos, "step": step, "batch": b + 1, "epoch_steps": pos["epoch_steps"] + 1,
-                       "epoch_sums": [s + val for s, val in zip(pos["epoch_sums"], values.tolist(), strict=True)],
-                       "seconds": pos["seconds"] + time.perf_counter() - t0, "last_loss": record["loss"],
-                       "first_loss": record["loss"] if pos["first_loss"] is None else pos["first_loss"]}
-                sink.log_step(step, record)
-                bar.update(batch_size)
-                bar.set_postfix(loss=f"{record['loss']:.4f}", L0=f"{record['l0']:.1f}",
-                                dead=f"{record['dead_fraction']:.3f}", refresh=False)
-                if config.checkpoint_every and step % config.checkpoint_every == 0 and b + 1 < steps_per_epoch:
-                    save(pos)
-            val = _validate(source, split.val, evaluate, runner.state().params, mean, std, d_hidden, config)
-            train_means = {f"train/{n}": s / max(1, pos["epoch_steps"])
-                           for n, s in zip(_METRICS, pos["epoch_sums"], strict=True)}
-            entry = {"epoch": epoch, "step": pos["step"], **train_means, **val}
-            sink.log_epoch(epoch, pos["step"], val)
-            pos = {**pos, "epoch": epoch + 1, "batch": 0, "history": [*pos["history"], entry],
-                   "epoch_sums": [0.0] * len(_METRICS), "epoch_steps": 0}
-            save(pos)
+        for epoch in range(position.epoch, plan.config.num_epochs):
+            n_dead, stopped = _run_epoch(plan, loop, position, epoch, n_dead)
+            if stopped:
+                _checkpoint(plan, runner, position)
+                return runner.state(), position, False
+            _end_epoch(plan, loop, evaluate, position, epoch)
     finally:
-        pool.shutdown(wait=True)
+        loop.reader.shutdown(wait=True)
         bar.close()
-    return runner.state(), pos, True
+    return runner.state(), position, True
+
+
+def _run_epoch(plan: RunPlan, loop: _Loop, position: Progress, epoch: int, n_dead: int) -> tuple[int, bool]:
+    """The steps of ``epoch`` from ``position.batch`` on; returns (dead latents, stopped at max_steps)."""
+    batches = epoch_batches(plan.split.train, plan.config.seed, epoch, plan.batch_size)
+    start = position.batch
+    pending: Future | None = loop.reader.submit(plan.source.take, batches[start]) if start < len(batches) else None
+    for b in range(start, len(batches)):
+        if plan.max_steps is not None and position.step >= plan.max_steps:
+            return n_dead, True
+        started = time.perf_counter()
+        x = mx.array(pending.result())
+        if b + 1 < len(batches):
+            pending = loop.reader.submit(plan.source.take, batches[b + 1])
+        n_dead = _step(plan, loop, position, x, n_dead, started)
+        every = plan.config.checkpoint_every
+        if every and position.step % every == 0 and b + 1 < len(batches):  # epoch ends checkpoint anyway
+            _checkpoint(plan, loop.runner, position)
+    return n_dead, False
+
+
+def _step(plan: RunPlan, loop: _Loop, position: Progress, x: mx.array, n_dead: int, started: float) -> int:
+    """One optimisation step, logged; returns the number of dead latents after it."""
+    lr = learning_rate_at(position.step, plan.total_steps, plan.config)
+    values = loop.runner.step(lr, x, plan.mean, plan.std, n_dead)
+    _check_finite(values, position.step + 1, plan.checkpoint_dir)
+    record = dict(zip(METRICS, values.tolist(), strict=True))
+    record["learning_rate"] = lr
+    position.after_step(values.tolist(), started)
+    loop.sink.log_step(position.step, record)
+    loop.bar.update(plan.batch_size)
+    loop.bar.set_postfix(loss=f"{record['loss']:.4f}", L0=f"{record['l0']:.1f}",
+                         dead=f"{record['dead_fraction']:.3f}", refresh=False)
+    return round(record["dead_fraction"] * plan.d_hidden)
+
+
+def _end_epoch(plan: RunPlan, loop: _Loop, evaluate: Any, position: Progress, epoch: int) -> None:
+    """Validate, log, record the epoch in the history and checkpoint."""
+    val = validate(plan.source, plan.split.val, evaluate, loop.runner.state().params, plan.mean, plan.std,
+                   plan.d_hidden, plan.config)
+    entry = {"epoch": epoch, "step": position.step, **position.epoch_means(), **val}
+    loop.sink.log_epoch(epoch, position.step, val)
+    position.end_epoch(entry)
+    _checkpoint(plan, loop.runner, position)
+
+
+def _checkpoint(plan: RunPlan, runner: StepRunner, position: Progress) -> None:
+    """Save the current state and position (when the run has a checkpoint folder); never a diverged one."""
+    if plan.checkpoint_dir is None:
+        return
+    current = runner.state()
+    if not all_finite(current.params):
+        raise TrainingDivergedError(f"non-finite weights after step {position.step}; "
+                                    f"last good checkpoint kept in {plan.checkpoint_dir}")
+    save_checkpoint(plan.checkpoint_dir, current, {"run": plan.run_info, "position": position.to_json()})
 
 
 def _check_finite(values: np.ndarray, step: int, ckpt_dir: Path | None) -> None:
-    bad = [name for name, val in zip(_METRICS, values, strict=True) if not math.isfinite(val)]
+    bad = [name for name, val in zip(METRICS, values, strict=True) if not math.isfinite(val)]
     if bad:
         kept = f"; last good checkpoint kept in {ckpt_dir}" if ckpt_dir is not None else ""
         raise TrainingDivergedError(
-            f"training diverged at step {step}: {', '.join(bad)} is {values[_METRICS.index(bad[0])]}"
+            f"training diverged at step {step}: {', '.join(bad)} is {values[METRICS.index(bad[0])]}"
             f" (try a lower learning_rate or gradient_clip){kept}")
 
 
-def _validate(source, rows, evaluate, params, mean, std, d_hidden, config) -> dict[str, float]:
-    """val/loss (= FVU + L1 term), val/mse, val/fvu, val/l0, val/dead_fraction (never fired on val)."""
-    if len(rows) == 0:
-        return {}
-    sse = sq = l0 = l1 = 0.0
-    total = np.zeros(source.d_model)
-    fired = np.zeros(d_hidden, dtype=np.int64)
-    chunk = max(1, min(config.batch_size, 8192))
-    for start in range(0, len(rows), chunk):
-        sums, xsum, f = evaluate(params, mx.array(source.take(rows[start : start + chunk])), mean, std)
-        s = np.array(sums, dtype=np.float64)
-        sse, sq, l0, l1 = sse + s[0], sq + s[1], l0 + s[2], l1 + s[3]
-        total += np.array(xsum, dtype=np.float64)
-        fired += np.array(f)
-    n = len(rows)
-    total_var = max(sq - float(total @ total) / n, 1e-12)
-    fvu = float(sse / total_var)
-    return {"val/loss": fvu + config.l1_coefficient * float(l1) / n, "val/mse": float(sse) / (n * source.d_model),
-            "val/fvu": fvu, "val/l0": float(l0) / n, "val/dead_fraction": float((fired == 0).mean())}
-
-
-def _summary(pos: dict, state: _State, config: SAEConfig, batch_size: int, completed: bool,
-             n_train: int, n_val: int) -> dict[str, Any]:
-    tokens = pos["step"] * batch_size
+def _summary(plan: RunPlan, position: Progress, state: TrainState, completed: bool) -> dict[str, Any]:
+    tokens = position.step * plan.batch_size
     summary: dict[str, Any] = {
-        "completed": completed, "steps": pos["step"], "epochs": pos["epoch"], "tokens": tokens,
-        "train_seconds": round(pos["seconds"], 3),
-        "tok_per_s": tokens / pos["seconds"] if pos["seconds"] > 0 else None,
-        "n_train": n_train, "n_val": n_val,
-        "initial_loss": pos["first_loss"], "final_loss": pos["last_loss"],
-        "dead_fraction": float((np.asarray(state.counter) >= config.dead_tokens_threshold).mean()),
+        "completed": completed, "steps": position.step, "epochs": position.epoch, "tokens": tokens,
+        "train_seconds": round(position.seconds, 3),
+        "tok_per_s": tokens / position.seconds if position.seconds > 0 else None,
+        "n_train": len(plan.split.train), "n_val": len(plan.split.val),
+        "initial_loss": position.first_loss, "final_loss": position.last_loss,
+        "dead_fraction": float((np.asarray(state.counter) >= plan.config.dead_tokens_threshold).mean()),
     }
-    if pos["history"]:
-        summary.update({k: v for k, v in pos["history"][-1].items() if k not in ("epoch", "step")})
+    if position.history:
+        summary.update({k: v for k, v in position.history[-1].items() if k not in ("epoch", "step")})
     return summary
 
 
-__all__ = ["FitResult", "TrainingDivergedError", "epoch_order", "fit_sae", "fit_stats",
-           "geometric_median", "learning_rate_at", "split_rows"]
+__all__ = ["FitResult", "Progress", "RunPlan", "TrainingDivergedError", "fit_sae"]

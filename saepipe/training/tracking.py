@@ -19,6 +19,8 @@ import math
 from pathlib import Path
 from typing import Any, Protocol
 
+from saepipe.runtime.files import atomic_write_text
+
 log = logging.getLogger(__name__)
 
 
@@ -42,7 +44,7 @@ class DVCLiveLogger:
     """Per-step metrics every ``log_every`` steps and per-epoch validation metrics to a dvclive dir."""
 
     def __init__(self, directory: str | Path, log_every: int = 10, resume: bool = False) -> None:
-        from dvclive import Live
+        from dvclive import Live  # lazy: seconds to import, and only runs with a live folder use it
 
         if log_every < 1:
             raise ValueError(f"log_every must be >= 1, got {log_every}")
@@ -88,7 +90,7 @@ class WandbLogger:
     def __init__(self, project: str | None, name: str | None, tags: tuple[str, ...] = (),
                  log_every: int = 10) -> None:
         try:
-            import wandb
+            import wandb  # lazy: an optional extra (saepipe[wandb])
         except ImportError as err:
             raise ImportError("use_wandb is true but wandb is not installed: "
                               "`uv sync --extra wandb` (or pip install 'saepipe[wandb]')") from err
@@ -166,8 +168,7 @@ def write_metrics_json(path: Path, metrics: dict[str, Any]) -> Path:
             return None
         return value
 
-    path.write_text(json.dumps(safe(metrics), indent=2) + "\n")
-    return path
+    return atomic_write_text(path, json.dumps(safe(metrics), indent=2) + "\n")
 
 
 __all__ = ["DVCLiveLogger", "MultiLogger", "TrainLogger", "WandbLogger", "write_metrics_json"]

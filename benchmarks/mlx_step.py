@@ -1,6 +1,7 @@
-"""The formulations behind saepipe.training.mlx_step, side by side, each as a multiple of the encoder matmul.
+"""The formulations behind saepipe.sae.sparse and saepipe.training.mlx_step, side by side, each as a
+multiple of the encoder matmul.
 
-    uv run python benchmarks/sparse_ops.py [--k 32] [--batch 4096] [--d-model 576] [--expansion 16]
+    uv run python benchmarks/mlx_step.py [--k 32] [--batch 4096] [--d-model 576] [--expansion 16]
 
 Rows (all on one (batch, d_hidden) problem; interleaved repeats, best time):
 - floor: ``x @ W_enc.T``; top-k: ``mx.argpartition`` over all columns vs ``topk_indices`` (two-stage,
@@ -26,6 +27,7 @@ def main(k: int, n: int, d_model: int, expansion: int, repeats: int) -> None:
     import mlx.core as mx
     import numpy as np
 
+    from saepipe.sae import sparse
     from saepipe.training import mlx_step as so
 
     h = d_model * expansion
@@ -33,21 +35,21 @@ def main(k: int, n: int, d_model: int, expansion: int, repeats: int) -> None:
     x = mx.array(rng.standard_normal((n, d_model), dtype=np.float32))
     W = mx.array(rng.standard_normal((h, d_model), dtype=np.float32) / np.sqrt(d_model))
     pre = x @ W.T
-    idx = so.topk_indices(pre, k)
+    idx = sparse.topk_indices(pre, k)
     v = mx.maximum(mx.take_along_axis(pre, idx, axis=-1), 0)
     g = x * 0.01
     mx.eval(pre, idx, v, g)
-    block = so.default_block(h, k)
+    block = sparse.default_block(h, k)
     fns = {
         "floor: x @ W_enc.T": lambda: x @ W.T,
         "topk: argpartition (all columns)": lambda: mx.argpartition(pre, kth=h - k, axis=-1)[:, h - k:],
-        f"topk: two-stage, block {block} (default)": lambda: so.topk_indices(pre, k),
-        "topk: two-stage, block 8": lambda: so.topk_indices(pre, k, 8),
-        "topk: two-stage, block 32": lambda: so.topk_indices(pre, k, 32),
-        "decode: dense code @ W_dec": lambda: so.to_dense(v, idx, h) @ W,
-        "decode: gather, default chunks": lambda: so.decode_rows(v, idx, W),
-        "decode: gather, 128-row chunks": lambda: so.decode_rows(v, idx, W, 128),
-        "decode: gather, unchunked": lambda: so.decode_rows(v, idx, W, n),
+        f"topk: two-stage, block {block} (default)": lambda: sparse.topk_indices(pre, k),
+        "topk: two-stage, block 8": lambda: sparse.topk_indices(pre, k, 8),
+        "topk: two-stage, block 32": lambda: sparse.topk_indices(pre, k, 32),
+        "decode: dense code @ W_dec": lambda: sparse.to_dense(v, idx, h) @ W,
+        "decode: gather, default chunks": lambda: sparse.decode_rows(v, idx, W),
+        "decode: gather, 128-row chunks": lambda: sparse.decode_rows(v, idx, W, 128),
+        "decode: gather, unchunked": lambda: sparse.decode_rows(v, idx, W, n),
         "values grad: gather, default chunks": lambda: so.decode_values_grad(g, idx, W),
         "values grad: dense g @ W_dec.T + take": lambda: mx.take_along_axis(g @ W.T, idx, axis=-1),
         "weight grad: dense code matmul": lambda: so.rows_grad(v, idx, g, h, "dense"),

@@ -1,4 +1,5 @@
-"""saepipe.training.mlx_step pinned against straightforward references (numpy, and mx.grad of dense code)."""
+"""saepipe.sae.sparse and saepipe.training.mlx_step pinned against straightforward references (numpy, and
+mx.grad of dense code)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import mlx.core as mx  # conftest imported saepipe first (fast BLAS before mlx)
 import numpy as np
 import pytest
 
+from saepipe.sae import sparse
 from saepipe.training import mlx_step as so
 
 
@@ -26,7 +28,7 @@ def _np_topk_values(a: np.ndarray, k: int) -> np.ndarray:
 def test_topk_matches_numpy(width, k, block):
     rng = np.random.default_rng(width + k)
     a = _rand(rng, 33, width)
-    idx = np.array(so.topk_indices(mx.array(a), k, block))
+    idx = np.array(sparse.topk_indices(mx.array(a), k, block))
     assert idx.shape == (33, k)
     assert all(len(set(row)) == k for row in idx.tolist())
     got = np.sort(np.take_along_axis(a, idx.astype(np.int64), axis=1), axis=1)[:, ::-1]
@@ -41,7 +43,7 @@ def test_topk_exactly_k_with_ties(block):
     a[1, :] = 0.0
     a[1, :10] = 5.0  # exactly 10 tied maxima, k below and above
     for k in (1, 5, 10, 17):
-        idx = np.array(so.topk_indices(mx.array(a), k, block)).astype(np.int64)
+        idx = np.array(sparse.topk_indices(mx.array(a), k, block)).astype(np.int64)
         assert idx.shape == (64, k)
         assert all(len(set(row)) == k for row in idx.tolist()), "duplicate index: more than k kept"
         assert (idx >= 0).all() and (idx < 256).all()
@@ -53,9 +55,9 @@ def test_topk_values_and_gradient():
     rng = np.random.default_rng(2)
     a = mx.array(_rand(rng, 16, 200))
     w = mx.array(_rand(rng, 16, 6))
-    values, indices = so.topk(a, 6)
+    values, indices = sparse.topk(a, 6)
     np.testing.assert_array_equal(np.array(values), np.take_along_axis(np.array(a), np.array(indices).astype(np.int64), 1))
-    grad = mx.grad(lambda p: (so.topk(p, 6).values * w).sum())(a)
+    grad = mx.grad(lambda p: (sparse.topk(p, 6).values * w).sum())(a)
     expected = np.zeros((16, 200), np.float32)
     np.put_along_axis(expected, np.array(indices).astype(np.int64), np.array(w), axis=1)
     np.testing.assert_allclose(np.array(grad), expected)
@@ -63,7 +65,7 @@ def test_topk_values_and_gradient():
 
 def test_topk_rejects_bad_k():
     with pytest.raises(ValueError, match="k must be in"):
-        so.topk_indices(mx.zeros((2, 5)), 6)
+        sparse.topk_indices(mx.zeros((2, 5)), 6)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -84,7 +86,7 @@ def _dense(values, idx, h):
 @pytest.mark.parametrize("chunk", [None, 16, 1000])
 def test_decode_rows_and_values_grad(chunk):
     _, v, idx, W, g = _sparse_case()
-    got = np.array(so.decode_rows(mx.array(v), mx.array(idx), mx.array(W), chunk))
+    got = np.array(sparse.decode_rows(mx.array(v), mx.array(idx), mx.array(W), chunk))
     np.testing.assert_allclose(got, _dense(v, idx, 64) @ W, rtol=1e-5, atol=1e-5)
     gv = np.array(so.decode_values_grad(mx.array(g), mx.array(idx), mx.array(W), chunk))
     np.testing.assert_allclose(gv, np.einsum("nd,nkd->nk", g, W[idx.astype(np.int64)]), rtol=1e-5, atol=1e-5)
@@ -219,10 +221,10 @@ def test_aux_capacity_buckets():
     assert so.aux_capacity(9000, 9216) == 9216
 
 
-def test_make_train_step_matches_saepipe_train():
-    """Same contract as saepipe.training.fit's compiled step: same new weights and metrics from a state."""
+def test_make_train_step_matches_the_reference_step():
+    """Same contract as the reference step: same new weights and metrics from a state."""
     from saepipe.sae.config import SAEConfig
-    from saepipe.training import fit as saepipe_train
+    from saepipe.training.reference import make_reference_step
 
     rng = np.random.default_rng(5)
     d, h, n = 16, 256, 64
@@ -234,39 +236,8 @@ def test_make_train_step_matches_saepipe_train():
     args = (params, zeros, dict(zeros), mx.array(0.0), mx.array(1e-3), mx.array(_rand(rng, n, d)),
             mx.zeros((d,)), mx.ones((d,)), counter, mx.array(min(n_dead / 8, 1.0)))
     fast = so.make_train_step(config, h, 8, so.aux_capacity(n_dead, h))(*args)
-    ref = saepipe_train._make_step(config, h, 8, True)(*args)
+    ref = make_reference_step(config, h, 8, True)(*args)
     np.testing.assert_allclose(np.array(fast[5]), np.array(ref[5]), rtol=1e-4, atol=1e-6)
     for name in params:
         np.testing.assert_allclose(np.array(fast[0][name]), np.array(ref[0][name]), rtol=1e-4, atol=1e-6)
     np.testing.assert_array_equal(np.array(fast[4]), np.array(ref[4]))
-
-
-@pytest.mark.parametrize(("tied", "l1", "with_aux", "compile"), [
-    (False, 0.0, True, True), (False, 0.001, True, False), (True, 0.001, True, True), (False, 0.0, False, True),
-])
-def test_split_step_matches_one_stream(tied, l1, with_aux, compile):
-    """The batch split over per-core streams: same metrics, weights, Adam state and counters."""
-    from saepipe.sae.config import SAEConfig
-
-    rng = np.random.default_rng(6)
-    d, h, n = 16, 256, 67  # odd batch: unequal parts
-    config = SAEConfig(k=6, batch_size=n, dead_tokens_threshold=100, l1_coefficient=l1, tied_weights=tied)
-    params = _params(rng, d, h, tied)
-    m = {name: mx.array(_rand(rng, *p.shape, scale=1e-3)) for name, p in params.items()}
-    v = {name: mx.array(np.abs(_rand(rng, *p.shape, scale=1e-5))) for name, p in params.items()}
-    counter = mx.array(np.where(np.arange(h) % 5 == 0, 100, rng.integers(0, 99, h)).astype(np.int32))
-    n_dead = int((np.array(counter) >= 100).sum())
-    capacity = so.aux_capacity(n_dead, h) if with_aux else 0
-    args = (params, m, v, mx.array(3.0), mx.array(1e-3), mx.array(_rand(rng, n, d, scale=2.0)),
-            mx.array(_rand(rng, d)), mx.array(1.0 + np.abs(_rand(rng, d))), counter,
-            mx.array(min(n_dead / 8, 1.0)))
-    one = so.make_train_step(config, h, 8, capacity, parts=1)(*args)
-    split = so.make_train_step(config, h, 8, capacity, parts=2, compile=compile)(*args)
-    metrics = np.array(split[5])
-    assert (metrics[3] > 0) == with_aux  # the AuxK term is really on/off
-    np.testing.assert_allclose(metrics, np.array(one[5]), rtol=1e-5, atol=1e-7)
-    for i in range(3):  # params, m, v
-        for name in params:
-            np.testing.assert_allclose(np.array(split[i][name]), np.array(one[i][name]), rtol=1e-5, atol=1e-7)
-    np.testing.assert_array_equal(np.array(split[4]), np.array(one[4]))
-    assert float(split[3]) == float(one[3]) == 4.0
