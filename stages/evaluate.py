@@ -25,10 +25,10 @@ from saepipe.evaluation.plots import (
     write_html_report,
 )
 from saepipe.lm import model as lm_model
+from saepipe.runtime.files import write_metrics_json
 from saepipe.runtime.params import model_spec, read_params, section
 from saepipe.sae.topk import load_sae
 from saepipe.texts.prepare import read_split
-from saepipe.training.tracking import write_metrics_json
 
 log = logging.getLogger("stages.evaluate")
 

@@ -18,14 +18,13 @@ from typing import Any
 
 import click
 
-from saepipe.activations.extract import ExtractConfig
 from saepipe.activations.sources import as_source
 from saepipe.activations.stats import NormStats
+from saepipe.runtime.files import write_metrics_json
 from saepipe.runtime.params import model_spec, read_params, section
 from saepipe.sae.config import SAEConfig
 from saepipe.training.checkpoint import CHECKPOINT_NAME
 from saepipe.training.fit import fit_sae
-from saepipe.training.tracking import write_metrics_json
 
 SAE_FILE = "sae.safetensors"
 METRICS_FILE = "metrics.json"
@@ -34,8 +33,8 @@ METRICS_FILE = "metrics.json"
 def run_metadata(source: Any, params: dict[str, Any]) -> dict[str, Any]:
     """SAE metadata from params; a shard folder's manifest must name the same site (fit_sae adds the
     manifest's model identity and digest itself)."""
-    extract = ExtractConfig.from_dict(section(params, "extract"))
-    layer, component = extract.layer, extract.component
+    extract = section(params, "extract")  # its site only: the stage does not depend on extraction's code
+    layer, component = int(extract["layer"]), str(extract["component"])
     meta: dict[str, Any] = {"layer": layer, "component": component, "model_name": model_spec(params)}
     manifest = getattr(source, "manifest", None)
     if manifest:

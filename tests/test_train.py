@@ -410,7 +410,7 @@ def test_stage_cli(tmp_path):
 def test_metrics_json_nulls_non_finite_and_unwraps_scalars(tmp_path):
     import json
 
-    from saepipe.training.tracking import write_metrics_json
+    from saepipe.runtime.files import write_metrics_json
 
     path = write_metrics_json(tmp_path / "m.json", {"a": float("nan"), "b": [np.float32(1.5), float("inf")],
                                                     "c": {"d": np.int64(3), "e": mx.array(2.0)}})

@@ -10,9 +10,12 @@ after the rename, for files that a resumed run trusts by name alone (extract's s
 from __future__ import annotations
 
 import hashlib
+import json
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 _HASH_BLOCK = 1 << 22  # bytes read at a time when hashing: large enough to be I/O bound
 
@@ -62,6 +65,24 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def write_metrics_json(path: Path, metrics: dict[str, Any]) -> Path:
+    """Write a metrics dict for ``dvc metrics``: NaN/inf become null (DVC and strict JSON readers
+    reject them), numpy/MLX scalars become floats."""
+
+    def safe(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: safe(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [safe(v) for v in value]
+        if hasattr(value, "dtype"):
+            value = value.item()
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        return value
+
+    return atomic_write_text(path, json.dumps(safe(metrics), indent=2) + "\n")
+
+
 def _fsync_file(path: Path) -> None:
     with open(path, "rb") as f:
         os.fsync(f.fileno())
@@ -76,4 +97,5 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "file_sha256", "temporary_path"]
+__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "file_sha256", "temporary_path",
+           "write_metrics_json"]

@@ -13,13 +13,9 @@ names: ``train/loss``, ``train/recon_loss`` (= fvu), ``train/l0``, ``train/dead_
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 from pathlib import Path
 from typing import Any, Protocol
-
-from saepipe.runtime.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -153,23 +149,5 @@ def _flat(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def write_metrics_json(path: Path, metrics: dict[str, Any]) -> Path:
-    """Write a metrics dict for ``dvc metrics``: NaN/inf become null (DVC and strict JSON readers
-    reject them), numpy/MLX scalars become floats."""
-
-    def safe(value: Any) -> Any:
-        if isinstance(value, dict):
-            return {k: safe(v) for k, v in value.items()}
-        if isinstance(value, list | tuple):
-            return [safe(v) for v in value]
-        if hasattr(value, "dtype"):
-            value = value.item()
-        if isinstance(value, float) and not math.isfinite(value):
-            return None
-        return value
-
-    return atomic_write_text(path, json.dumps(safe(metrics), indent=2) + "\n")
-
-
-__all__ = ["DVCLiveLogger", "MultiLogger", "TrainLogger", "WandbLogger", "write_metrics_json"]
+__all__ = ["DVCLiveLogger", "MultiLogger", "TrainLogger", "WandbLogger"]
 
