@@ -100,7 +100,8 @@ def _end_to_end(loaded, layer: int, seq: int, batch: int, n_texts: int) -> tuple
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from saepipe.activations.extract import ExtractConfig, extract_split
+    from saepipe.activations.config import ExtractConfig
+    from saepipe.activations.extract import extract_split
 
     words = ["the", "model", "reads", "long", "texts", "about", "rivers,", "cities", "and", "the", "history", "of", "science"]
     rng = np.random.default_rng(0)
