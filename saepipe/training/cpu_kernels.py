@@ -1,7 +1,7 @@
 """Multi-threaded CPU kernels (numba) for the sparse parts of a TopK-SAE training step.
 
 MLX on CPU runs argpartition, gather, scatter, elementwise ops and Adam on one core, so there a
-TopK step costs ~6x its one dense encoder matmul. These kernels do the sparse work in the shape it
+TopK step costs several times its one dense encoder matmul. These kernels do the sparse work in the shape it
 really has, on every core, reading each big array about once:
 
 - ``topk_rows``: per row, maxima of strided column groups, a threshold from them, then a
@@ -15,12 +15,13 @@ really has, on every core, reading each big array about once:
   sort), so each latent's gradient row is summed in cache and written once, with streaming stores
   (no scatter races, no dense (n, d_hidden) code); two passes, one (n, d) table gathered in each;
   the decoder's parallel component is removed and squared norms are taken on the way. Four pairs
-  per sweep of the accumulator row, as in the decode (k=64: 21 -> 16 ms).
+  per sweep of the accumulator row, as in the decode.
 - ``adam_rows``: bias-corrected Adam over rows in place, decoder rows renormalized in the same pass.
 
 All kernels work on float32 C-contiguous numpy arrays (some are zero-copy views of MLX arrays) and
 write into arrays they are given; hot loops sum in float32, as the reference's MLX matmuls do.
-``saepipe.training.cpu_step`` assembles them into a training step.
+``saepipe.training.cpu_step`` assembles them into a training step. What each choice gained is in
+docs/performance.md.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import platform
 from typing import NamedTuple
 
 # numba's OpenMP workers spin after each parallel region by default, stealing the cores from the
-# OpenBLAS matmul that follows (AuxK's matmuls ran ~1.7x slower). Read when libgomp loads, i.e. at
+# OpenBLAS matmul that follows (AuxK's matmuls ran markedly slower). Read when libgomp loads, i.e. at
 # the first parallel kernel call, so setting it here (before numba) is early enough.
 os.environ.setdefault("OMP_WAIT_POLICY", "passive")
 
@@ -66,7 +67,7 @@ def aligned_empty(shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
 def _prefetch(typingctx, arr, index):
     """Hint the CPU to fetch the cache line holding ``arr[index]`` (1-D array): LLVM's prefetch
     (read, keep in all cache levels). Numba has no such function; random row gathers need it, as
-    the hardware prefetcher cannot guess the next row (a 20 MB table: 21 -> 13 ms per 262k rows)."""
+    the hardware prefetcher cannot guess the next row."""
     if not (isinstance(arr, types.Array) and arr.ndim == 1 and isinstance(index, types.Integer)):
         return None
 
@@ -134,7 +135,7 @@ def streamable(*arrays: np.ndarray) -> bool:
 def _write_row(dst, src, stream):
     """``dst[:] = src``; with ``stream`` (dst 64-byte aligned, a multiple of 16 long) as streaming
     stores, for output rows nothing reads soon: no read-for-ownership, no eviction of the tables
-    being gathered (the weight-gradient passes ran ~7 % faster)."""
+    being gathered."""
     if stream:
         for c in range(0, dst.size, 16):
             _stream16(dst, src, c)
@@ -188,7 +189,7 @@ def _take_top(vals, cols, m, k, out_v, out_c):
     """The k largest of ``vals[:m]`` (with ``cols``) into ``out_v[:k]``/``out_c[:k]`` (m >= k,
     no NaNs; the outputs hold >= m + 1 entries): thresholds from ``_bisect_top_k``, then
     branch-free compaction of the entries >= hi, then of ties in [lo, hi) up to k. Unlike a
-    quickselect this has no data-dependent branches to mispredict (top-k ~8 % faster at k = 64)."""
+    quickselect this has no data-dependent branches to mispredict."""
     cand = vals[:m]
     lo, hi = cand.min(), cand.max()
     if _count_ge(cand, hi) >= k:  # >= k ties at the maximum
@@ -228,7 +229,7 @@ def _group_threshold(gm, k):
 def _group_maxima(row, bias, lanes, g, gm):
     """``gm[c] = max_i row[i*g + c] + bias[i*g + c]`` for c < g: an elementwise max of slices.
     Written over slice views so LLVM sees contiguous, non-overlapping loops and vectorizes the
-    max (compare + blend on whole registers): ~4x faster than per-element scalar maxima."""
+    max (compare + blend on whole registers) instead of computing scalar maxima element by element."""
     for c in range(g):
         gm[c] = row[c] + bias[c]
     for i in range(1, lanes):
@@ -398,7 +399,7 @@ def group_by_latent(indices, width):
 @nb.njit(inline="always")
 def _remove_parallel(g, w):
     """``g -= (g . w) w`` in place (w a unit row); returns ``|g|^2`` after."""
-    par = np.float32(0.0)  # float32 sums in the hot loops: float64 ones cost ~2x the instructions
+    par = np.float32(0.0)  # float32 sums in the hot loops: float64 ones halve the vector width
     for c in range(g.size):
         par += g[c] * w[c]
     sq = np.float32(0.0)

@@ -3,7 +3,7 @@
 ``fit_sae``'s ``kernels="sparse"`` (what ``auto`` picks when MLX computes on a GPU). On a CPU,
 ``saepipe.training.cpu_step`` is faster (numba kernels on every core), so this step is the GPU path
 and the pure-MLX formulation its tests pin against the reference. Why these formulations (compare
-them with ``benchmarks/sparse_ops.py`` on a new machine):
+them with ``benchmarks/mlx_step.py`` on a new machine):
 
 - Top-k and decoding use ``saepipe.sae.sparse``: a two-stage exact top-k that reads the
   pre-activations once, and a decoder that gathers the k active rows of ``W_dec`` in small chunks.
