@@ -102,7 +102,7 @@ def test_no_import_cycles():
             visit(module, [module])
 
 
-@pytest.mark.parametrize("module", [m for m in MODULES if m.startswith("saepipe")])
+@pytest.mark.parametrize("module", MODULES)
 def test_function_level_imports_say_why(module):
     """An import inside a function is lazy on purpose (a heavy or optional dependency, an order that
     matters): a comment on its line, or the line above, says which."""
