@@ -12,7 +12,7 @@ import time
 import click
 
 import saepipe  # noqa: F401  (loads the fast BLAS before mlx)
-from saepipe import _blas
+from saepipe.runtime import blas as _blas
 
 
 def _best_seconds(fn, repeats: int) -> float:

@@ -38,7 +38,7 @@ def _forward_tok_s(model, batch: int, seq: int, repeats: int) -> float:
 def main(batch: int, seq: int, quant_seq: int, repeats: int) -> None:
     """Print load seconds and forward tokens/s for both dtype policies."""
     t0 = time.perf_counter()
-    from saepipe.model import load_model
+    from saepipe.lm.model import load_model
 
     flat = load_model("default", keep_quantized=False)
     load_s = time.perf_counter() - t0

@@ -24,9 +24,11 @@ ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "saepipe.md"
 
 TABLES = {  # params.yaml section -> "module:Class"
-    "prepare": "saepipe.prepare:PrepareParams",
-    "extract": "saepipe.extract:ExtractConfig",
-    "sae": "saepipe.config:SAEConfig",
+    "prepare": "saepipe.texts.config:PrepareConfig",
+    "extract": "saepipe.activations.config:ExtractConfig",
+    "normalize": "saepipe.activations.config:NormalizeConfig",
+    "sae": "saepipe.sae.config:SAEConfig",
+    "evaluate": "saepipe.evaluation.config:EvaluateConfig",
 }
 BLOCK = re.compile(r"(<!-- generated:(?P<name>[\w:.]+) -->\n)(?P<body>.*?)(<!-- end generated:(?P=name) -->)", re.S)
 
@@ -57,7 +59,7 @@ def yaml_value(value: Any) -> str:
 
 def config_table(section: str) -> str:
     """Markdown table of a config dataclass and its params.yaml section."""
-    from saepipe.params import read_params
+    from saepipe.runtime.params import read_params
 
     module, name = TABLES[section].split(":")
     cls = getattr(importlib.import_module(module), name)

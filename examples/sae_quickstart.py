@@ -15,8 +15,8 @@ import os
 from pathlib import Path
 
 from saepipe import InterpretableModel, SAEConfig
-from saepipe.corpus import builtin_corpus
-from saepipe.sites import Site
+from saepipe.lm.sites import Site
+from saepipe.texts.corpus import builtin_corpus
 
 
 def env_default(name: str, default: object) -> object:

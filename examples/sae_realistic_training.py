@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from saepipe import InterpretableModel, SAEConfig
-from saepipe.metrics import reconstruction_metrics
-from saepipe.sites import Site
+from saepipe.evaluation.metrics import reconstruction_metrics
+from saepipe.lm.sites import Site
 
 log = logging.getLogger("sae_realistic_training")
 
@@ -75,7 +75,7 @@ def hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
 
 
 def builtin_texts() -> list[str]:
-    from saepipe.corpus import builtin_corpus
+    from saepipe.texts.corpus import builtin_corpus
 
     corpus = builtin_corpus()
     order = np.random.default_rng(0).permutation(len(corpus))  # mix the four sources

@@ -56,7 +56,7 @@ def main() -> int:
         log.info("no WANDB_API_KEY: logging offline (set WANDB_MODE=online after `wandb login` to upload)")
     os.environ.setdefault("WANDB_DIR", str(args.out))
 
-    from saepipe.corpus import builtin_corpus
+    from saepipe.texts.corpus import builtin_corpus
 
     texts = [r.text for r in builtin_corpus()[::7][: args.num_texts]]
     args.out.mkdir(parents=True, exist_ok=True)

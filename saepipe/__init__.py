@@ -1,10 +1,16 @@
-"""saepipe: TopK sparse autoencoders on language-model activations with MLX."""
+"""saepipe: TopK sparse autoencoders on language-model activations with MLX.
 
-from saepipe import _blas
+The package is layered (see docs/architecture.md): ``runtime`` (0), ``lm`` and ``texts`` (1),
+``activations`` (2), ``sae`` (3), ``training`` (4), ``evaluation`` (5), then ``api`` and ``cli``;
+a module imports only from its own layer or lower ones (tests/test_layout.py).
+"""
 
-_blas.ensure_fast_blas()  # must precede the first `import mlx`
+import importlib
 
-__version__ = "0.1.0"
+from saepipe.runtime import blas as _blas
+from saepipe.runtime.version import __version__
+
+_blas.ensure_fast_blas()  # must precede the first `import mlx` (nothing above imports it)
 
 # Public API, imported lazily (PEP 562): a .pth hook imports saepipe in every interpreter of the
 # environment, so `import saepipe` must stay light (no mlx, no transformers until asked for).
@@ -12,10 +18,11 @@ _LAZY = {
     "InterpretableModel": "saepipe.api",
     "IncompatibleSAEError": "saepipe.api",
     "load_sae": "saepipe.api",
-    "SAEConfig": "saepipe.config",
-    "TopKSAE": "saepipe.sae",
-    "load_model": "saepipe.model",
-    "tiny_random_model": "saepipe.model",
+    "SAEConfig": "saepipe.sae.config",
+    "TopKSAE": "saepipe.sae.topk",
+    "Dictionary": "saepipe.sae.dictionary",
+    "load_model": "saepipe.lm.model",
+    "tiny_random_model": "saepipe.lm.model",
 }
 
 __all__ = ["__version__", *_LAZY]
@@ -25,8 +32,6 @@ def __getattr__(name: str):
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'saepipe' has no attribute {name!r}")
-    import importlib
-
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value  # later lookups skip this function
     return value

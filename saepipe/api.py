@@ -9,8 +9,9 @@
 
 ``train_sae`` runs the library code of the DVC stages: the texts are written as a prepared
 ``texts.parquet`` (all in the train split; the SAE holds out ``validation_split`` of the rows),
-``extract.extract_split`` stores the site's activations as shards in a cache folder,
-``normalize.fit_stats`` fits the normalization statistics and ``train.fit_sae`` trains.
+``activations.extract.extract_split`` stores the site's activations as shards in a cache folder,
+``activations.normalize.fit_stats`` fits the normalization statistics and ``training.fit.fit_sae``
+trains.
 The prepared texts and their token-row count are cached per dataset (by content), so training
 several layers or configs on one dataset prepares it once; the shards of the last site trained are
 kept, so retraining that site with another config skips the forward passes.
@@ -28,10 +29,22 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import saepipe  # noqa: F401  (fast BLAS before mlx)
-from saepipe.config import SAEConfig
-from saepipe.model import LoadedModel, ModelInfo, load_model
-from saepipe.sites import COMPONENTS, Site, check_site
+import numpy as np
+import pyarrow.parquet as pq
+
+from saepipe.activations.config import ExtractConfig
+from saepipe.activations.extract import extract_split
+from saepipe.activations.normalize import fit_stats
+from saepipe.lm.model import LoadedModel, ModelInfo, load_model
+from saepipe.lm.sites import COMPONENTS, Site, check_site
+from saepipe.lm.tokens import excluded_token_ids
+from saepipe.lm.trace import Trace, trace
+from saepipe.runtime.files import atomic_write
+from saepipe.sae.config import SAEConfig
+from saepipe.sae.topk import TopKSAE
+from saepipe.sae.topk import load_sae as _load_sae_file
+from saepipe.texts.prepare import prepared_table, read_split
+from saepipe.training.fit import fit_sae
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +58,7 @@ class FitRecord(NamedTuple):
 
     site: Site
     history: list[dict[str, float]]
-    """Per-epoch training means and validation metrics (see ``saepipe.train.FitResult``)."""
+    """Per-epoch training means and validation metrics (see ``saepipe.training.fit.FitResult``)."""
     summary: dict[str, Any]
     """Final figures: steps, tokens, seconds, last train/* and val/* metrics."""
     activations: Path
@@ -65,7 +78,7 @@ def dataset_texts(dataset: Any, text_column: str = "text") -> list[str]:
     if isinstance(dataset, (str, bytes, Path)):
         raise TypeError("dataset must be a list of strings or a datasets.Dataset, not a single "
                         f"{type(dataset).__name__}; wrap one text in a list, or read a file with "
-                        "saepipe.text.load_texts")
+                        "saepipe.texts.sources.load_texts")
     columns = getattr(dataset, "column_names", None)
     if isinstance(columns, dict):  # a datasets.DatasetDict
         raise TypeError(f"dataset is a DatasetDict with splits {sorted(columns)}; pick one, "
@@ -104,10 +117,6 @@ def texts_digest(texts: list[str]) -> str:
 
 def count_rows(tokenizer: Any, texts: list[str], context_length: int, skip_special_tokens: bool) -> int:
     """Activation rows extraction stores for ``texts``: kept token positions (same rules as extract)."""
-    import numpy as np
-
-    from saepipe.extract import excluded_token_ids
-
     excluded = excluded_token_ids(tokenizer, skip_special_tokens)
     total = 0
     for start in range(0, len(texts), 4096):  # batched tokenization (same ids as tokenizer.encode)
@@ -178,14 +187,12 @@ class InterpretableModel:
         return f"InterpretableModel({self.info.model_id!r}, layers={self.num_layers}, d_model={self.d_model})"
 
     # --- tracing ----------------------------------------------------------------------------------
-    def trace(self, texts: str | list[str], *, capture: Iterable[str] | None = None) -> Any:
+    def trace(self, texts: str | list[str], *, capture: Iterable[str] | None = None) -> Trace:
         """Run ``texts`` through the model once; ``.activations[name]`` is (batch, seq, d_model).
 
-        Names like ``model.model.layers.10.mlp`` (see ``saepipe.sites``); every site is captured
+        Names like ``model.model.layers.10.mlp`` (see ``saepipe.lm.sites``); every site is captured
         unless ``capture`` lists some. Use as ``with model.trace(...) as trace: ...``.
         """
-        from saepipe.trace import trace
-
         return trace(self.loaded, texts, capture=capture)
 
     # --- SAEs -------------------------------------------------------------------------------------
@@ -204,7 +211,7 @@ class InterpretableModel:
         progress: bool = True,
         checkpoint_dir: str | Path | None = None,
         live_dir: str | Path | None = None,
-    ) -> Any:
+    ) -> TopKSAE:
         """Train a TopK SAE on the ``component`` output of block ``layer`` over ``dataset``'s texts.
 
         ``dataset``: list of strings or a ``datasets.Dataset`` (column ``text_column``).
@@ -214,10 +221,6 @@ class InterpretableModel:
         ``checkpoint_dir``/``live_dir``: resumable checkpoints / dvclive metrics, as in the train stage.
         Returns the trained ``TopKSAE``; ``self.last_fit`` holds its history and summary.
         """
-        from saepipe.extract import ExtractConfig, extract_split
-        from saepipe.normalize import fit_stats
-        from saepipe.train import fit_sae
-
         site = self._site(layer, component)
         config = SAEConfig() if config is None else config
         if not isinstance(config, SAEConfig):
@@ -256,12 +259,10 @@ class InterpretableModel:
         return result.sae
 
     def load_sae(self, path: str | Path, *, layer: int | None = None, component: str | None = None,
-                 check: bool = True) -> Any:
+                 check: bool = True) -> TopKSAE:
         """Load an SAE file; with ``check`` raise ``IncompatibleSAEError`` if it was trained on another
         model (d_model, weights hash) or, when given, another ``layer``/``component``."""
-        from saepipe.sae import load_sae
-
-        sae = load_sae(path)
+        sae = _load_sae_file(path)
         if check:
             self.check_sae(sae, layer, component)
         return sae
@@ -281,8 +282,7 @@ class InterpretableModel:
             check_site(layer, "output", self.num_layers)
         reasons = sae.compatibility(self, want_layer, want_component)[1]
         if layer is None and component is None:  # nothing asked about the site: check the model only
-            reasons = [r for r in reasons if not r.startswith("the SAE records no ")
-                       or "model identity" in r]
+            reasons = [r for r in reasons if not (r.unverified and r.key in ("layer", "component"))]
         if reasons:
             name = f"SAE ({meta['site']})" if meta.get("site") else "SAE"
             raise IncompatibleSAEError(f"{name} is incompatible with model {self.info.model_id!r}: "
@@ -310,12 +310,6 @@ class InterpretableModel:
 
     def _prepare(self, texts: list[str]) -> _Prepared:
         """Write the texts as a prepared ``texts.parquet`` (all train), once per dataset content."""
-        import numpy as np
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        from saepipe.prepare import SCHEMA
-
         digest = texts_digest(texts)
         if digest in self._prepared and self._prepared[digest].texts_path.exists():
             return self._prepared[digest]
@@ -323,24 +317,19 @@ class InterpretableModel:
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / "texts.parquet"
         if not path.exists():
-            table = pa.table({"id": np.arange(len(texts), dtype=np.int64), "text": texts,
-                              "source": ["api"] * len(texts), "split": ["train"] * len(texts)}, schema=SCHEMA)
-            tmp = folder / "texts.parquet.tmp"
-            pq.write_table(table, tmp)
-            tmp.replace(path)
+            table = prepared_table(texts, ["api"] * len(texts), ["train"] * len(texts))
+            atomic_write(path, lambda tmp: pq.write_table(table, tmp))
         self._prepared[digest] = _Prepared(path, digest, len(texts))
         return self._prepared[digest]
 
-    def _row_count(self, prepared: _Prepared, ecfg: Any) -> int:
+    def _row_count(self, prepared: _Prepared, ecfg: ExtractConfig) -> int:
         key = (prepared.digest, ecfg.context_length, ecfg.skip_special_tokens)
         if key not in self._rows:
-            import pyarrow.parquet as pq
-
-            texts = pq.read_table(prepared.texts_path, columns=["text"]).column("text").to_pylist()
+            texts = read_split(prepared.texts_path, "train")[1]
             self._rows[key] = count_rows(self.tokenizer, texts, ecfg.context_length, ecfg.skip_special_tokens)
         return self._rows[key]
 
-    def _shard_dir(self, prepared: _Prepared, ecfg: Any, site: Site) -> Path:
+    def _shard_dir(self, prepared: _Prepared, ecfg: ExtractConfig, site: Site) -> Path:
         """The shard folder of (dataset, site, settings); older temporary ones are removed."""
         tag = hashlib.sha256(repr((self.info.model_hash, dataclasses.astuple(ecfg))).encode()).hexdigest()[:8]
         folder = self._cache / "activations" / f"{prepared.digest}-L{site.layer}-{site.component}-{tag}"
@@ -352,11 +341,9 @@ class InterpretableModel:
         return folder
 
 
-def load_sae(path: str | Path) -> Any:
+def load_sae(path: str | Path) -> TopKSAE:
     """Load an SAE file written by ``TopKSAE.save`` / ``train_sae(save_path=...)``."""
-    from saepipe.sae import load_sae as _load
-
-    return _load(path)
+    return _load_sae_file(path)
 
 
 __all__ = ["FitRecord", "IncompatibleSAEError", "InterpretableModel", "count_rows", "dataset_texts",

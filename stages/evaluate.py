@@ -14,25 +14,28 @@ from typing import Any
 
 import click
 
-import saepipe  # noqa: F401  (fast BLAS before mlx)
-from saepipe.evaluate import evaluate_sae, health_checks
-from saepipe.metrics import density_histogram
-from saepipe.params import read_params, section
-from saepipe.plots import (
+from saepipe.activations.config import ExtractConfig
+from saepipe.evaluation.config import EvaluateConfig
+from saepipe.evaluation.evaluate import EvalResult, evaluate_sae, health_checks
+from saepipe.evaluation.metrics import density_histogram
+from saepipe.evaluation.plots import (
     plot_density_histogram,
     plot_training_curves,
     read_live_metrics,
     write_density_csv,
     write_html_report,
 )
-from saepipe.tracking import write_metrics_json
+from saepipe.lm import model as lm_model
+from saepipe.runtime.files import write_metrics_json
+from saepipe.runtime.params import model_spec, read_params, section
+from saepipe.sae.topk import load_sae
+from saepipe.texts.prepare import read_split
 
 log = logging.getLogger("stages.evaluate")
 
+
 def read_eval_texts(path: Path) -> list[str]:
     """The held-out (``split == "eval"``) texts of prepare's parquet, in file order, as extract reads them."""
-    from saepipe.extract import read_split
-
     if not path.exists():
         raise click.ClickException(f"texts file not found: {path} (run the prepare stage)")
     try:
@@ -44,12 +47,27 @@ def read_eval_texts(path: Path) -> list[str]:
 def _check_site(sae: Any, loaded: Any, layer: int, component: str) -> None:
     """Refuse an SAE trained elsewhere; an SAE that records no identity only warns."""
     _, reasons = sae.compatibility(loaded, layer, component)
-    fatal = [r for r in reasons if "records no" not in r]
     for r in reasons:
-        if r not in fatal:
+        if r.unverified:
             log.warning("cannot verify the SAE: %s", r)
+    fatal = [r for r in reasons if not r.unverified]
     if fatal:
         raise click.ClickException("the SAE does not fit this model/site: " + "; ".join(fatal))
+
+
+def _write_outputs(out_dir: Path, result: EvalResult, metrics: dict[str, Any], health: dict[str, Any],
+                   curves: dict[str, Any]) -> None:
+    """metrics.json, density.csv, the PNGs and the HTML report."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_metrics_json(out_dir / "metrics.json", {**metrics, "health": health})
+    hist = density_histogram(result.sparsity.density, low=-math.ceil(math.log10(result.sparsity.n_tokens)))
+    write_density_csv(hist, out_dir / "density.csv")
+    images = {"Feature density": plot_density_histogram(hist, out_dir / "plots" / "feature_density.png")}
+    curves_png = plot_training_curves(curves, out_dir / "plots" / "training_curves.png")
+    if curves_png is not None:
+        images = {"Training curves": curves_png, **images}
+    write_html_report(out_dir / "report.html", title=f"SAE evaluation: {result.site.name}",
+                      metrics=metrics, health=health, images=images)
 
 
 @click.command()
@@ -61,22 +79,20 @@ def _check_site(sae: Any, loaded: Any, layer: int, component: str) -> None:
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path))
 def main(params_path: Path, sae_path: Path, texts_path: Path, train_metrics: Path | None,
          train_live: Path | None, out_dir: Path) -> None:
+    """Score the SAE at the site of params.yaml's `extract:` on the eval split."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from saepipe.model import load_model
-    from saepipe.sae import load_sae
-
     params = read_params(params_path)
-    extract, ev = section(params, "extract"), section(params, "evaluate")
-    layer, component = int(extract["layer"]), str(extract["component"])
+    extract = ExtractConfig.from_dict(section(params, "extract"))
+    config = EvaluateConfig.from_dict(section(params, "evaluate"))
     sae = load_sae(sae_path)
-    loaded = load_model(str(params["model"]))
-    _check_site(sae, loaded, layer, component)
+    loaded = lm_model.load_model(model_spec(params))
+    _check_site(sae, loaded, extract.layer, extract.component)
     texts = read_eval_texts(texts_path)
 
     result = evaluate_sae(
-        loaded, sae, texts, layer=layer, component=component, max_tokens=int(ev["max_tokens"]),
-        batch_size=int(ev["batch_size"]), context_length=int(extract["context_length"]),
-        skip_special_tokens=bool(extract["skip_special_tokens"]),
+        loaded, sae, texts, layer=extract.layer, component=extract.component, max_tokens=config.max_tokens,
+        batch_size=config.batch_size, context_length=extract.context_length,
+        skip_special_tokens=extract.skip_special_tokens,
     )
     metrics: dict[str, Any] = result.to_dict()
     train_summary = json.loads(train_metrics.read_text()) if train_metrics and train_metrics.exists() else {}
@@ -84,17 +100,7 @@ def main(params_path: Path, sae_path: Path, texts_path: Path, train_metrics: Pat
     health = health_checks(metrics, train_summary, sae.k, curves.get("loss", curves.get("train/loss")))
     metrics["k"] = sae.k
     metrics["d_hidden"] = sae.d_hidden
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_metrics_json(out_dir / "metrics.json", {**metrics, "health": health})
-    hist = density_histogram(result.sparsity.density, low=-math.ceil(math.log10(result.sparsity.n_tokens)))
-    write_density_csv(hist, out_dir / "density.csv")
-    images = {"Feature density": plot_density_histogram(hist, out_dir / "plots" / "feature_density.png")}
-    curves_png = plot_training_curves(curves, out_dir / "plots" / "training_curves.png")
-    if curves_png is not None:
-        images = {"Training curves": curves_png, **images}
-    write_html_report(out_dir / "report.html", title=f"SAE evaluation: {result.site.name}",
-                      metrics=metrics, health=health, images=images)
+    _write_outputs(out_dir, result, metrics, health, curves)
 
     failed = [name for name, c in health.items() if not c["ok"]]
     click.echo(f"evaluate {result.site.name} on {result.reconstruction.n_rows} held-out tokens:")

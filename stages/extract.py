@@ -13,10 +13,10 @@ from pathlib import Path
 
 import click
 
-import saepipe  # noqa: F401  (fast BLAS before any mlx import)
-from saepipe.extract import ExtractConfig, extract
-from saepipe.model import load_model
-from saepipe.params import read_params, section
+from saepipe.activations.config import ExtractConfig
+from saepipe.activations.extract import extract
+from saepipe.lm.model import load_model
+from saepipe.runtime.params import model_spec, read_params, section
 
 
 @click.command()
@@ -31,11 +31,11 @@ def main(params_path: Path, texts_path: Path, out_dir: Path) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         params = read_params(params_path)
-        cfg = ExtractConfig.from_params(section(params, "extract"))
+        config = ExtractConfig.from_dict(section(params, "extract"))
         if not texts_path.exists():
             raise FileNotFoundError(f"texts file not found: {texts_path} (run the prepare stage first)")
-        loaded = load_model(params.get("model", "default"))
-        manifests = extract(loaded, texts_path, out_dir, cfg)
+        loaded = load_model(model_spec(params))
+        manifests = extract(loaded, texts_path, out_dir, config)
     except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from e
     for split, m in manifests.items():

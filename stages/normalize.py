@@ -12,9 +12,9 @@ from pathlib import Path
 
 import click
 
-import saepipe  # noqa: F401  (fast BLAS before any mlx import)
-from saepipe.normalize import STATS_FILE, normalize
-from saepipe.params import read_params, section
+from saepipe.activations.config import NormalizeConfig
+from saepipe.activations.normalize import STATS_FILE, normalize
+from saepipe.runtime.params import read_params, section
 
 
 @click.command()
@@ -28,11 +28,8 @@ def main(params_path: Path, acts_dir: Path, out_dir: Path) -> None:
     """Fit normalization statistics on extracted activations."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        cfg = section(read_params(params_path), "normalize")
-        unknown = sorted(set(cfg) - {"chunk_rows"})
-        if unknown:
-            raise ValueError(f"unknown key(s) in normalize params: {', '.join(unknown)}; valid: chunk_rows")
-        stats = normalize(acts_dir, out_dir, int(cfg.get("chunk_rows", 65536)))
+        config = NormalizeConfig.from_dict(section(read_params(params_path), "normalize"))
+        stats = normalize(acts_dir, out_dir, config.chunk_rows)
     except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from e
     click.echo(f"{out_dir / STATS_FILE}: {stats.n_rows} rows, mean norm {stats.mean_norm:.4g}, "

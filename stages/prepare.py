@@ -12,34 +12,22 @@ from pathlib import Path
 
 import click
 
-import saepipe  # noqa: F401  (fast BLAS before any mlx import)
-from saepipe.params import read_params, section
-from saepipe.prepare import PrepareParams, run_prepare, write_prepared
+from saepipe.runtime.params import read_params, section
+from saepipe.texts.config import PrepareConfig
+from saepipe.texts.prepare import run_prepare, write_prepared
 
 
 @click.command()
-@click.option(
-    "--params",
-    "params_path",
-    default="params.yaml",
-    show_default=True,
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="params file with a `prepare:` section",
-)
-@click.option(
-    "--out",
-    "out_dir",
-    default="data/prepare",
-    show_default=True,
-    type=click.Path(file_okay=False, path_type=Path),
-    help="output folder",
-)
+@click.option("--params", "params_path", default="params.yaml", show_default=True,
+              type=click.Path(dir_okay=False, path_type=Path), help="params file with a `prepare:` section")
+@click.option("--out", "out_dir", default="data/prepare", show_default=True,
+              type=click.Path(file_okay=False, path_type=Path), help="output folder")
 def main(params_path: Path, out_dir: Path) -> None:
     """Prepare the texts the later stages read."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        params = PrepareParams.from_dict(section(read_params(params_path), "prepare"))
-        result = run_prepare(params)
+        config = PrepareConfig.from_dict(section(read_params(params_path), "prepare"))
+        result = run_prepare(config)
     except (ValueError, KeyError, TypeError, FileNotFoundError, RuntimeError) as e:
         raise click.ClickException(str(e)) from e
     texts_path, counts_path = write_prepared(result, out_dir)

@@ -18,13 +18,13 @@ from typing import Any
 
 import click
 
-import saepipe  # noqa: F401  (fast BLAS before any mlx import)
-from saepipe.config import SAEConfig
-from saepipe.data import as_source
-from saepipe.params import read_params, section
-from saepipe.stats import NormStats
-from saepipe.tracking import write_metrics_json
-from saepipe.train import CHECKPOINT_NAME, fit_sae
+from saepipe.activations.sources import as_source
+from saepipe.activations.stats import NormStats
+from saepipe.runtime.files import write_metrics_json
+from saepipe.runtime.params import model_spec, read_params, section
+from saepipe.sae.config import SAEConfig
+from saepipe.training.checkpoint import CHECKPOINT_NAME
+from saepipe.training.fit import fit_sae
 
 SAE_FILE = "sae.safetensors"
 METRICS_FILE = "metrics.json"
@@ -33,9 +33,9 @@ METRICS_FILE = "metrics.json"
 def run_metadata(source: Any, params: dict[str, Any]) -> dict[str, Any]:
     """SAE metadata from params; a shard folder's manifest must name the same site (fit_sae adds the
     manifest's model identity and digest itself)."""
-    extract = section(params, "extract")
+    extract = section(params, "extract")  # its site only: the stage does not depend on extraction's code
     layer, component = int(extract["layer"]), str(extract["component"])
-    meta: dict[str, Any] = {"layer": layer, "component": component, "model_name": str(params.get("model"))}
+    meta: dict[str, Any] = {"layer": layer, "component": component, "model_name": model_spec(params)}
     manifest = getattr(source, "manifest", None)
     if manifest:
         if (manifest.get("layer"), manifest.get("component")) != (layer, component):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 import saepipe  # noqa: F401  (fast BLAS before mlx)
-from saepipe.model import LoadedModel, load_model, tiny_random_model
+from saepipe.lm.model import LoadedModel, load_model, tiny_random_model
 
 
 @pytest.fixture(scope="session")

@@ -12,9 +12,9 @@ import pytest
 
 import saepipe
 from saepipe import IncompatibleSAEError, InterpretableModel, SAEConfig, load_sae
+from saepipe.activations.shards import ShardSource
 from saepipe.api import count_rows, dataset_texts, texts_digest
-from saepipe.model import tiny_random_model
-from saepipe.shards import ShardSource
+from saepipe.lm.model import tiny_random_model
 
 TEXTS = [f"Sample text number {i}: the quick brown fox jumps over the lazy dog {i * 7}." for i in range(24)]
 CONFIG = SAEConfig(expansion_factor=2, k=4, batch_size=64, num_epochs=1, warmup_steps=2, seed=1)
@@ -146,14 +146,14 @@ def test_several_layers_reuse_prepared_texts(tiny_model, caplog):
     ds = __import__("datasets").Dataset.from_dict({"text": TEXTS[:8]})
     model.train_sae(layer=0, dataset=ds, config=cfg, context_length=16, progress=False)
     first = model.last_fit.activations
-    with caplog.at_level(logging.INFO, logger="saepipe.extract"):
+    with caplog.at_level(logging.INFO, logger="saepipe.activations.extract"):
         sae = model.train_sae(layer=1, dataset=TEXTS[:8], config=cfg, component="attn", context_length=16,
                               progress=False)
     assert sae.metadata["layer"] == 1 and sae.metadata["component"] == "attn"
     assert len(list((model.cache_dir / "texts").iterdir())) == 1  # one prepared copy for both runs
     assert not first.exists()  # the temporary shards of the previous site are dropped
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="saepipe.extract"):
+    with caplog.at_level(logging.INFO, logger="saepipe.activations.extract"):
         model.train_sae(layer=1, dataset=TEXTS[:8], config=cfg.replace(k=2), component="attn",
                         context_length=16, progress=False)
     assert any("already complete" in r.getMessage() for r in caplog.records)  # no second forward

@@ -1,12 +1,12 @@
-"""saepipe.cpu_kernels against straightforward numpy, on random and tie-heavy inputs."""
+"""saepipe.training.cpu_kernels against straightforward numpy, on random and tie-heavy inputs."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from saepipe import cpu_kernels as ck
-from saepipe.cpu_step import _aligned_empty
+from saepipe.training import cpu_kernels as ck
+from saepipe.training.cpu_kernels import aligned_empty
 
 
 def _topk(pre, bias, k, lanes=None, columns=None):
@@ -117,16 +117,15 @@ def test_latent_grads_match_dense_math(tied, stream):
     slot[aux_cols] = np.arange(3)
     aux_dec, aux_enc = rng.standard_normal((3, d), dtype=np.float32), rng.standard_normal((3, d), dtype=np.float32)
     aux_b = rng.standard_normal(3, dtype=np.float32)
-    offsets, order, rows = ck.group_by_latent(idx, h)
-    dW_dec, db_enc = _aligned_empty((h, d)), np.empty(h, np.float32)  # streaming: rows on cache lines
-    dW_enc = dW_dec if tied else _aligned_empty((h, d))
+    dW_dec, db_enc = aligned_empty((h, d)), np.empty(h, np.float32)  # streaming: rows on cache lines
+    dW_enc = dW_dec if tied else aligned_empty((h, d))
     assert ck.streamable(dW_dec, dW_enc) == stream
-    shifted = _aligned_empty((h * d + 1,))[1:].reshape(h, d)
+    shifted = aligned_empty((h * d + 1,))[1:].reshape(h, d)
     assert not ck.streamable(shifted)  # rows off the cache lines: never streamed (it would fault)
     fired, sq_dec, sq_enc = np.empty(h, np.int64), np.empty(h, np.float32), np.empty(h, np.float32)
     gpre = np.full(pv.shape, np.nan, np.float32)
-    ck.latent_grads(offsets, order, rows, pv, e, xc, gscale, l1, W, tied, stream, gpre, slot,
-                    aux_dec, aux_enc, aux_b, dW_dec, dW_enc, db_enc, fired, sq_dec, sq_enc)
+    out = ck.LatentGrads(dW_dec, dW_enc, db_enc, fired, sq_dec, sq_enc, gpre)
+    ck.latent_grads(ck.group_by_latent(idx, h), pv, e, xc, gscale, l1, W, tied, (slot, aux_dec, aux_enc, aux_b), out)
 
     gv = gscale * np.einsum("rd,rjd->rj", e, W[idx]) + l1
     np.testing.assert_allclose(gpre, np.where(pv > 0, gv, 0), rtol=1e-4, atol=1e-6)
@@ -170,7 +169,7 @@ def test_adam_rows_matches_the_formula(unit_rows):
     if unit_rows:
         p_ref /= np.linalg.norm(p_ref, axis=1, keepdims=True)
     f = np.float32
-    ck.adam_rows(p, m, v, g, f(lr), f(c1), f(c2), f(scale), f(b1), f(b2), f(eps), unit_rows)
+    ck.adam_rows(p, m, v, g, f(lr), f(c1), f(c2), f(scale), f(b1), f(b2), f(eps), unit_rows, f(1e-12))
     np.testing.assert_allclose(m, m_ref, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(v, v_ref, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(p, p_ref, rtol=1e-4, atol=1e-6)
@@ -211,12 +210,12 @@ def test_standardize_equals_numpy_float32():
 def test_cpu_step_state_is_a_private_aligned_copy_shared_with_mlx():
     import mlx.core as mx
 
-    from saepipe.cpu_step import _owned
+    from saepipe.training.cpu_step import aligned_mlx_copy
 
     source = mx.arange(40, dtype=mx.float32).reshape(8, 5)
-    owned, view = _owned(source)
+    owned, view = aligned_mlx_copy(source)
     assert view.ctypes.data % 64 == 0 and view.shape == (8, 5)
     np.testing.assert_array_equal(view, np.asarray(source))
     view[0, 0] = 99.0  # the kernels write the numpy view; MLX's matmul reads the array
     assert float(owned[0, 0]) == 99.0 and float(source[0, 0]) == 0.0
-    assert _aligned_empty((3, 7)).ctypes.data % 64 == 0
+    assert aligned_empty((3, 7)).ctypes.data % 64 == 0

@@ -7,8 +7,8 @@ import importlib.util
 import re
 from pathlib import Path
 
-from saepipe.config import SAEConfig
-from saepipe.params import read_params
+from saepipe.runtime.params import read_params
+from saepipe.sae.config import SAEConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "saepipe.md"

@@ -9,9 +9,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from saepipe.evaluate import evaluate_sae, health_checks, token_batches
-from saepipe.sae import TopKSAE
-from saepipe.stats import NormStats
+from saepipe.activations.stats import NormStats
+from saepipe.evaluation.evaluate import evaluate_sae, health_checks, token_batches
+from saepipe.sae.topk import TopKSAE
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -80,7 +80,7 @@ def _run_blocks(module, ids: list[int], replace=None) -> tuple[np.ndarray, np.nd
 
 def test_matches_independent_computation(tiny_model):
     """FVU and CE-loss score of the residual-stream SAE, recomputed text by text without padding,
-    without saepipe.forward and without saepipe.metrics."""
+    without saepipe.lm.forward and without saepipe.evaluation.metrics."""
     module, tok = tiny_model.model, tiny_model.tokenizer
     sae = _random_sae(tiny_model.info.d_model)
     xs, xhats, ce = [], [], {"clean": [], "spliced": [], "zero": []}
@@ -167,7 +167,9 @@ def test_scored_positions_are_extractions_rows(tiny_model, tmp_path, skip_specia
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from saepipe.extract import ExtractConfig, make_batches, read_split
+    from saepipe.activations.config import ExtractConfig
+    from saepipe.activations.extract import make_batches
+    from saepipe.texts.prepare import read_split
 
     pq.write_table(pa.table({"id": np.arange(len(TEXTS)), "text": TEXTS, "source": ["t"] * len(TEXTS),
                              "split": ["eval"] * len(TEXTS)}), tmp_path / "texts.parquet")
@@ -213,10 +215,10 @@ def test_stage_end_to_end(tiny_model, tmp_path, monkeypatch):
     import yaml
     from click.testing import CliRunner
 
-    import saepipe.model
+    import saepipe.lm.model
     from stages.evaluate import main
 
-    monkeypatch.setattr(saepipe.model, "load_model", lambda spec, **kw: tiny_model)
+    monkeypatch.setattr(saepipe.lm.model, "load_model", lambda spec, **kw: tiny_model)
     params = {"model": "tiny", "extract": {"layer": LAYER, "component": "mlp", "context_length": 32,
                                            "skip_special_tokens": True},
               "evaluate": {"max_tokens": 120, "batch_size": 4}}
@@ -282,7 +284,7 @@ def test_fast_path_equals_straightforward_path(tiny_model, component, layer):
 
 
 def test_length_sorted_keeps_scored_positions(tiny_model):
-    from saepipe.evaluate import length_sorted
+    from saepipe.evaluation.evaluate import length_sorted
 
     batches = list(token_batches(tiny_model.tokenizer, TEXTS, context_length=48, batch_size=2,
                                  max_tokens=200, skip_special_tokens=True))

@@ -11,11 +11,18 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from saepipe.data import ActivationSource, as_source
-from saepipe.extract import PROGRESS, ExtractConfig, check_storable, extract, extract_split
-from saepipe.forward import forward
-from saepipe.shards import MANIFEST, ShardSource, file_sha256
-from saepipe.sites import Site
+from saepipe.activations.config import ExtractConfig
+from saepipe.activations.extract import (
+    PROGRESS,
+    check_storable,
+    extract,
+    extract_split,
+)
+from saepipe.activations.shards import MANIFEST, ShardSource
+from saepipe.activations.sources import ActivationSource, as_source
+from saepipe.lm.forward import forward
+from saepipe.lm.sites import Site
+from saepipe.runtime.files import file_sha256
 
 WORDS = ["the", "cat", "sat", "on", "a", "mat", "while", "seven", "quick", "foxes", "jumped", "over", "lazy", "dogs", "near", "rivers"]
 
@@ -89,7 +96,8 @@ def test_rows_equal_direct_forward(tiny_model, texts_path, tmp_path, dtype, tol)
 
 
 def test_batches_sort_by_length_and_cover_every_text(tiny_model, texts_path):
-    from saepipe.extract import make_batches, read_split
+    from saepipe.activations.extract import make_batches
+    from saepipe.texts.prepare import read_split
 
     ids, texts = read_split(texts_path, "train")
     batches = list(make_batches(tiny_model.tokenizer, ids, texts, _cfg(), sort_window=32))
@@ -136,9 +144,9 @@ def test_both_splits_kept_apart(tiny_model, texts_path, tmp_path):
 
 @pytest.mark.parametrize("window", [1, 2, 32])
 def test_resume_equals_uninterrupted_run(tiny_model, texts_path, tmp_path, monkeypatch, window):
-    import saepipe.extract
+    import saepipe.activations.extract
 
-    monkeypatch.setattr(saepipe.extract, "SORT_WINDOW_BATCHES", window)
+    monkeypatch.setattr(saepipe.activations.extract, "SORT_WINDOW_BATCHES", window)
     cfg = _cfg(shard_rows=16, max_tokens=100, batch_size=3)
     full = extract_split(tiny_model, texts_path, tmp_path / "full", cfg, "train", progress=False)
     part = tmp_path / "part"
@@ -214,7 +222,7 @@ def test_empty_split_and_bad_config(tiny_model, tmp_path):
     with pytest.raises(ValueError, match="no texts in split 'eval'"):
         extract_split(tiny_model, path, tmp_path / "e", _cfg(), "eval", progress=False)
     with pytest.raises(ValueError, match="unknown key"):
-        ExtractConfig.from_params({"layer": 1, "lyaer": 2})
+        ExtractConfig.from_dict({"layer": 1, "lyaer": 2})
     with pytest.raises(ValueError, match="dtype"):
         _cfg(dtype="bfloat16")
 

@@ -6,8 +6,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from saepipe.forward import forward
-from saepipe.sites import COMPONENTS, Site
+from saepipe.lm.forward import forward
+from saepipe.lm.sites import COMPONENTS, Site
 
 
 def _tokens(b: int = 3, t: int = 17, vocab: int = 256, seed: int = 0) -> mx.array:
@@ -136,7 +136,7 @@ def test_default_model_logits_equal_mlx_lm(real_model):
 
 
 def test_fast_kernels_match_float64_truth():
-    from saepipe.forward import _causal_softmax, _swiglu
+    from saepipe.lm.forward import _causal_softmax, _swiglu
 
     g = mx.concatenate([mx.linspace(-86, 86, 20001), mx.array([0.0, 1e-30, -1e-3])])
     u = mx.linspace(-3, 3, g.shape[0])
@@ -160,16 +160,16 @@ def test_single_threaded_blas_scope_nests_and_restores():
     """A caller already inside the scope (a test fixture, a split train step) may enter it again."""
     import threading
 
-    from saepipe import _blas_threads
+    from saepipe.runtime import blas_threads
 
     done = threading.Event()
 
     def nested() -> None:
-        with _blas_threads.single_threaded(), _blas_threads.single_threaded():
+        with blas_threads.single_threaded(), blas_threads.single_threaded():
             pass
         done.set()
 
-    lib = _blas_threads._openblas()
+    lib = blas_threads._openblas()
     before = lib.openblas_get_num_threads() if lib else None
     worker = threading.Thread(target=nested, daemon=True)
     worker.start()

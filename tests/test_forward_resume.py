@@ -6,8 +6,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from saepipe.forward import Replace, forward
-from saepipe.sites import Site
+from saepipe.lm.forward import Replace, forward
+from saepipe.lm.sites import Site
 
 
 def _tokens(batch=3, seq=9, seed=0):

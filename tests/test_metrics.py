@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from saepipe.metrics import (
+from saepipe.evaluation.metrics import (
     ReconstructionStats,
     SparsityStats,
     SplicedLossStats,
@@ -239,7 +239,7 @@ def test_density_histogram_keeps_every_live_latent():
 
 
 def test_fast_logsumexp_and_softmax_match_float64():
-    from saepipe import fastmath
+    from saepipe.lm import fastmath
 
     rng = np.random.default_rng(0)
     z = (rng.normal(size=(7, 5000)) * rng.uniform(0.1, 30, size=(7, 1))).astype(np.float32)

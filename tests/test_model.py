@@ -11,8 +11,8 @@ import mlx.nn as nn
 import pytest
 from mlx.utils import tree_flatten
 
-from saepipe import gguf, model
-from saepipe.model import LoadedModel, load_model, tiny_random_model
+from saepipe.lm import gguf, model
+from saepipe.lm.model import LoadedModel, load_model, tiny_random_model
 
 PARAGRAPH = (
     "The history of science is the study of the development of science and scientific knowledge, "

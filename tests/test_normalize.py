@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from saepipe.normalize import (
+from saepipe.activations.normalize import (
     STATS_FILE,
     chunk_moments,
     fit_stats,
@@ -16,8 +16,8 @@ from saepipe.normalize import (
     normalize,
     reduce_moments,
 )
-from saepipe.shards import SHARD_PATTERN, ShardSource, write_manifest, write_shard
-from saepipe.stats import NormStats
+from saepipe.activations.shards import SHARD_PATTERN, ShardSource, write_manifest, write_shard
+from saepipe.activations.stats import NormStats
 
 
 def _data(n: int = 1000, d: int = 16, seed: int = 0) -> np.ndarray:
@@ -54,7 +54,7 @@ def test_streamed_equals_numpy():
 
 
 def test_large_chunk_is_split_into_blocks(monkeypatch):
-    import saepipe.normalize as norm
+    import saepipe.activations.normalize as norm
 
     x = _data(n=100)
     whole = norm.chunk_moments(x)

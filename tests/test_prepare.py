@@ -9,16 +9,16 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from saepipe.prepare import (
+from saepipe.texts.config import PrepareConfig
+from saepipe.texts.prepare import (
     SCHEMA,
-    PrepareParams,
     assign_splits,
     prepare_texts,
     read_prepared,
     truncate_text,
     write_prepared,
 )
-from saepipe.text import TextRecord
+from saepipe.texts.sources import TextRecord
 from stages.prepare import main as prepare_stage
 
 ARGS = dict(min_chars=10, max_chars=60, max_texts=None, eval_fraction=0.25, seed=0)
@@ -124,8 +124,8 @@ def test_bad_args(override, message):
 
 
 def test_params_reject_unknown_keys():
-    with pytest.raises(ValueError, match=r"unknown prepare params \['min_char'\]"):
-        PrepareParams.from_dict({"min_char": 3})
+    with pytest.raises(ValueError, match=r"unknown key\(s\) in prepare params: \['min_char'\]"):
+        PrepareConfig.from_dict({"min_char": 3})
 
 
 def test_write_outputs_open_in_hf_datasets(tmp_path):

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 import saepipe  # noqa: F401  (fast BLAS before mlx)
-from saepipe.sae import TopKSAE, load_sae
-from saepipe.stats import NormStats
+from saepipe.activations.stats import NormStats
+from saepipe.sae.topk import TopKSAE, load_sae
 
 
 def _stats(d: int, seed: int = 0) -> NormStats:

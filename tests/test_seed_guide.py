@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from saepipe import InterpretableModel, SAEConfig
-from saepipe.corpus import builtin_corpus
+from saepipe.texts.corpus import builtin_corpus
 
 pytestmark = pytest.mark.slow
 

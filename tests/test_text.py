@@ -10,8 +10,8 @@ import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 import pytest
 
-from saepipe.corpus import SOURCES, builtin_corpus, split_passages
-from saepipe.text import TextRecord, load_texts
+from saepipe.texts.corpus import SOURCES, builtin_corpus, split_passages
+from saepipe.texts.sources import TextRecord, load_texts
 
 ROWS = [
     {"id": 1, "body": "The first passage, with a comma.", "lang": "en"},

@@ -6,10 +6,10 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from saepipe.forward import forward
-from saepipe.model import tiny_random_model
-from saepipe.sites import Site
-from saepipe.trace import trace
+from saepipe.lm.forward import forward
+from saepipe.lm.model import tiny_random_model
+from saepipe.lm.sites import Site
+from saepipe.lm.trace import trace
 
 
 @pytest.fixture(scope="module")

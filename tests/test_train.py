@@ -11,18 +11,16 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-import saepipe.train as train_mod
-from saepipe.config import SAEConfig
-from saepipe.data import ArraySource
-from saepipe.sae import TopKSAE, load_sae
-from saepipe.train import (
-    CHECKPOINT_NAME,
-    TrainingDivergedError,
-    epoch_order,
-    fit_sae,
-    learning_rate_at,
-    split_rows,
-)
+import saepipe.training.fit as fit_mod
+import saepipe.training.state as state_mod
+from saepipe.activations.sources import ArraySource
+from saepipe.sae.config import SAEConfig
+from saepipe.sae.topk import TopKSAE, load_sae
+from saepipe.training.checkpoint import CHECKPOINT_NAME
+from saepipe.training.fit import TrainingDivergedError, fit_sae
+from saepipe.training.reference import make_reference_step
+from saepipe.training.schedule import epoch_order, learning_rate_at, split_rows
+from saepipe.training.state import METRICS
 
 SMALL = dict(expansion_factor=4, k=4, batch_size=64, num_epochs=2, warmup_steps=3, learning_rate=3e-3,
              validation_split=0.1, checkpoint_every=0)
@@ -110,7 +108,7 @@ def test_fit_basic_invariants():
 
 def test_given_stats_are_used_and_normalize_off():
     x = _data(300)
-    from saepipe.stats import NormStats
+    from saepipe.activations.stats import NormStats
 
     stats = NormStats(np.zeros(16), np.full(16, 2.0), 1.0, 7)
     cfg = SAEConfig(**{**SMALL, "num_epochs": 1})
@@ -162,7 +160,7 @@ def test_dead_counter_counts_tokens_since_last_fire():
     """A latent is dead after `dead_tokens_threshold` tokens without firing, not 'in this batch'."""
     d, h, bs = 8, 32, 16
     cfg = SAEConfig(expansion_factor=4, k=4, batch_size=bs, dead_tokens_threshold=int(2.5 * bs))
-    step = train_mod._make_step(cfg, h, 4, with_aux=False)
+    step = make_reference_step(cfg, h, 4, with_aux=False)
     params = {k: mx.array(v) for k, v in TopKSAE(d, 4, 4, seed=0).parameters().items()}
     params["b_enc"] = mx.concatenate([mx.full((h - 4,), 5.0), mx.full((4,), -1e6)])  # last 4 never fire
     zeros = {k: mx.zeros_like(v) for k, v in params.items()}
@@ -189,11 +187,11 @@ def test_auxk_trains_dead_latents_only_when_dead():
     x = mx.array(_data(bs, d))
     moved = {}
     for with_aux in (False, True):
-        step = train_mod._make_step(cfg, h, 2, with_aux=with_aux)
+        step = make_reference_step(cfg, h, 2, with_aux=with_aux)
         new, *_, metrics = step(params, zeros, dict(zeros), mx.array(0.0), mx.array(1e-2), x, mx.zeros((d,)),
                                 mx.ones((d,)), counter, mx.array(0.5))
         delta = np.abs(np.asarray(new["W_enc"]) - np.asarray(params["W_enc"]))[-4:].max()
-        moved[with_aux] = (delta, float(np.asarray(metrics)[train_mod._METRICS.index("aux_loss")]))
+        moved[with_aux] = (delta, float(np.asarray(metrics)[METRICS.index("aux_loss")]))
     assert moved[False] == (0.0, 0.0)
     assert moved[True][0] > 1e-3 and moved[True][1] > 0
 
@@ -269,8 +267,8 @@ class CountingSource(ArraySource):
 
 
 def test_rows_are_read_in_bounded_sorted_batches(monkeypatch):
-    monkeypatch.setattr(train_mod, "_READ_ROWS", 100)
-    monkeypatch.setattr(train_mod, "_GEOMED_ROWS", 100)
+    monkeypatch.setattr(fit_mod, "_READ_ROWS", 100)
+    monkeypatch.setattr(state_mod, "GEOMETRIC_MEDIAN_ROWS", 100)
     src = CountingSource(_data(1000))
     fit_sae(src, SAEConfig(**{**SMALL, "num_epochs": 1}), progress=False)
     assert max(src.sizes) <= 100 and sum(src.sizes) >= 1000
@@ -340,7 +338,7 @@ PLANTED = dict(k=6, batch_size=256, num_epochs=10, warmup_steps=20, learning_rat
 @pytest.fixture
 def single_thread_blas():
     """Small matmuls: one OpenBLAS thread is as fast, and far faster when the cores are shared."""
-    from saepipe._blas_threads import single_threaded
+    from saepipe.runtime.blas_threads import single_threaded
 
     with single_threaded():
         yield
@@ -367,7 +365,7 @@ def test_planted_dictionary_exact_width_keeps_latents_alive(single_thread_blas):
 
 # --- stage ----------------------------------------------------------------------------------------
 def _shard_folder(path, data: np.ndarray, layer: int, component: str) -> None:
-    from saepipe.shards import SHARD_PATTERN, write_manifest, write_shard
+    from saepipe.activations.shards import SHARD_PATTERN, write_manifest, write_shard
 
     path.mkdir(parents=True)
     shards = []
@@ -412,7 +410,7 @@ def test_stage_cli(tmp_path):
 def test_metrics_json_nulls_non_finite_and_unwraps_scalars(tmp_path):
     import json
 
-    from saepipe.tracking import write_metrics_json
+    from saepipe.runtime.files import write_metrics_json
 
     path = write_metrics_json(tmp_path / "m.json", {"a": float("nan"), "b": [np.float32(1.5), float("inf")],
                                                     "c": {"d": np.int64(3), "e": mx.array(2.0)}})

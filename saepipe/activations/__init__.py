@@ -1,0 +1,1 @@
+"""Layer 2, activations: extraction into shard folders, reading them, normalization statistics."""

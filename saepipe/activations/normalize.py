@@ -1,0 +1,111 @@
+"""Fit normalization statistics (per-dimension mean/std, mean row norm) by streaming activations.
+
+Each chunk is reduced in float64 to ``Moments`` (count, mean, M2 = sum of squared deviations, sum
+of row L2 norms); chunks merge with Chan et al.'s parallel formula, which is exact up to rounding
+and independent of the order chunks arrive in.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from saepipe.activations.config import check_chunk_rows
+from saepipe.activations.shards import ShardSource
+from saepipe.activations.sources import as_source, take_in_chunks
+from saepipe.activations.stats import NormStats
+
+STATS_FILE = "stats.safetensors"
+
+MIN_STD = 1e-8
+"""Floor of a fitted std: a constant dimension must not make normalization divide by 0."""
+
+
+class Moments(NamedTuple):
+    count: int
+    mean: np.ndarray
+    """(d,) float64 mean."""
+    m2: np.ndarray
+    """(d,) float64 sum of squared deviations from the mean."""
+    norm_sum: float
+    """Sum over rows of the row's L2 norm."""
+
+
+BLOCK_ROWS = 8192
+"""Rows converted to float64 at a time (bounds memory to ~2 x 8192 x d_model x 8 bytes)."""
+
+
+def chunk_moments(x: np.ndarray) -> Moments:
+    """Moments of one (n, d) chunk, computed in float64 block by block."""
+    if np.ndim(x) != 2:
+        raise ValueError(f"a chunk must be a 2-D (n, d) array, got shape {np.shape(x)}")
+    total = Moments(0, np.zeros(x.shape[1]), np.zeros(x.shape[1]), 0.0)
+    for start in range(0, len(x), BLOCK_ROWS):
+        block = np.asarray(x[start : start + BLOCK_ROWS], dtype=np.float64)
+        mean = block.mean(axis=0)
+        dev = block - mean
+        norms = np.sqrt(np.einsum("ij,ij->i", block, block))
+        total = merge_moments(total, Moments(len(block), mean, np.einsum("ij,ij->j", dev, dev), float(norms.sum())))
+    return total
+
+
+def merge_moments(a: Moments, b: Moments) -> Moments:
+    """Chan et al.'s pairwise merge of two sets of moments."""
+    if a.count == 0:
+        return b
+    if b.count == 0:
+        return a
+    n = a.count + b.count
+    delta = b.mean - a.mean
+    mean = a.mean + delta * (b.count / n)
+    m2 = a.m2 + b.m2 + delta * delta * (a.count * b.count / n)
+    return Moments(n, mean, m2, a.norm_sum + b.norm_sum)
+
+
+def reduce_moments(chunks: Iterable[np.ndarray]) -> Moments:
+    """Merge the moments of every chunk."""
+    total: Moments | None = None
+    for chunk in chunks:
+        m = chunk_moments(chunk)
+        total = m if total is None else merge_moments(total, m)
+    if total is None or total.count == 0:
+        raise ValueError("no activation rows to fit normalization statistics on")
+    return total
+
+
+def to_stats(m: Moments, min_std: float = MIN_STD) -> NormStats:
+    """Population std (ddof=0), floored at ``min_std`` so constant dimensions do not divide by 0."""
+    std = np.maximum(np.sqrt(m.m2 / m.count), min_std)
+    return NormStats(m.mean, std, m.norm_sum / m.count, m.count)
+
+
+def fit_stats(activations: Any, chunk_rows: int = 65536, rows: np.ndarray | None = None) -> NormStats:
+    """Normalization statistics of an ``ActivationSource`` / shard folder / (n, d) array; of the
+    rows with indices ``rows`` only when given (e.g. the training rows of a split)."""
+    check_chunk_rows(chunk_rows)
+    source = as_source(activations)
+    chunks = source.chunks(chunk_rows) if rows is None else take_in_chunks(source, rows, chunk_rows)
+    return to_stats(reduce_moments(chunks))
+
+
+def normalize(acts_dir: Path, out: Path, chunk_rows: int = 65536) -> NormStats:
+    """Fit on a shard folder; write ``out/stats.safetensors`` + ``stats.json`` naming the manifest."""
+    source = ShardSource(Path(acts_dir))
+    stats = fit_stats(source, chunk_rows)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    m = source.manifest
+    stats.save(out / STATS_FILE, extra={
+        "manifest_digest": m["digest"], "site": m.get("site"), "model_hash": m.get("model_hash"),
+        "split": m.get("split"), "d_model": source.d_model,
+    })
+    return stats
+
+
+def read_stats_meta(out: Path) -> dict[str, Any]:
+    """The JSON sidecar of a stats file (digest, manifest digest, ...)."""
+    return json.loads((Path(out) / STATS_FILE).with_suffix(".json").read_text())
