@@ -9,7 +9,7 @@
 #   SAEPIPE_EXTRAS="wandb" ./saepipe.sh    add extras for this call only
 # Set-up (idempotent, quick when already done, no root needed): uv (from PyPI if missing), then
 # `uv sync --frozen`. On Linux the first `import saepipe` then proves the bundled OpenBLAS builds on
-# this CPU in a child process and loads the fastest that passes (saepipe/_blas.py).
+# this CPU in a child process and loads the fastest that passes (saepipe/runtime/blas.py).
 set -euo pipefail
 cd "$(dirname "$0")"
 

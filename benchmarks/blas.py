@@ -12,7 +12,7 @@ import time
 import click
 
 import saepipe  # noqa: F401  (loads the fast BLAS before mlx)
-from saepipe.runtime import blas as _blas
+from saepipe.runtime import blas
 
 
 def _best_seconds(fn, repeats: int) -> float:
@@ -40,8 +40,8 @@ def main(n: int, repeats: int) -> None:
     t_mlx = _best_seconds(lambda: mx.eval(ma @ mb), repeats)
     t_np = _best_seconds(lambda: a @ b, repeats)
     g_mlx, g_np = flops / t_mlx / 1e9, flops / t_np / 1e9
-    print(f"BLAS loaded for MLX: {_blas.loaded_path or 'none (bundled reference BLAS)'}")
-    selection = _blas.selection
+    print(f"BLAS loaded for MLX: {blas.loaded_path or 'none (bundled reference BLAS)'}")
+    selection = blas.selection
     for candidate, verdict in (selection.report if selection else []):
         speed = selection.gflops.get(candidate.path)
         state = "passed the probe" if verdict.ok else f"rejected: {verdict.reason}"

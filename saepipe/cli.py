@@ -143,14 +143,22 @@ def _version(dist: str) -> str:
 
 
 def _blas_line() -> str:
-    """Which BLAS MLX's matmuls use, and how to change it."""
+    """Which BLAS MLX's matmuls use, each candidate's verdict on this CPU, and how to change it."""
     if not sys.platform.startswith("linux"):
         return "the platform's (Accelerate / Metal on macOS)"
-    if blas.loaded_path:
-        return f"{blas.loaded_path} (set {blas.ENV_VAR}=/path/to/libopenblas.so to pick another)"
     if os.environ.get(blas.ENV_VAR) == "0":
         return f"MLX's bundled reference BLAS ({blas.ENV_VAR}=0)"
-    return "MLX's bundled reference BLAS (slow: see the README, \"Fast MLX on Linux\")"
+    if blas.loaded_path:
+        line = f"{blas.loaded_path} (set {blas.ENV_VAR}=/path/to/libopenblas.so to pick another)"
+    else:
+        line = "MLX's bundled reference BLAS (slow: see the README, \"Fast MLX on Linux\")"
+    selection = blas.selection
+    for candidate, verdict in (selection.report if selection else []):
+        state = "passed the probe" if verdict.ok else f"rejected: {verdict.reason}"
+        if candidate.path in selection.gflops:
+            state += f", sgemm {selection.gflops[candidate.path]:.1f} GFLOP/s in the race"
+        line += f"\n  candidate {candidate.name}: {state}"
+    return line + f"\n  verdicts cached in {blas.cache_dir() / blas.VERDICTS_FILE}"
 
 
 @main.command(short_help="Print the params the stages see (params.yaml + defaults).")

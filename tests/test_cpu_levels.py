@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from saepipe import _blas
+from saepipe.runtime import blas
 
 QEMU = shutil.which("qemu-x86_64")
 CPU_MODELS = ("Nehalem", "EPYC-Rome")  # x86-64-v2; AVX2 + FMA without AVX-512 (AMD Zen 2)
@@ -92,14 +92,14 @@ def _require_qemu() -> str:
 
 
 def _run(command: list[str], **kwargs) -> subprocess.CompletedProcess:
-    env = {**os.environ, _blas.ENV_VAR: "0"}  # no BLAS loaded by the interpreter's saepipe hook
+    env = {**os.environ, blas.ENV_VAR: "0"}  # no BLAS loaded by the interpreter's saepipe hook
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, **kwargs)
 
 
 def _probe(library: str, cpu: str | None) -> dict | str:
     """The probe's verdict on ``library`` (library checks only), or the signal it died of."""
     wrapper = [_require_qemu(), "-cpu", cpu] if cpu else []
-    done = _run([*wrapper, sys.executable, str(_blas._PROBE_SCRIPT), "--without-mlx", library])
+    done = _run([*wrapper, sys.executable, str(blas._PROBE_SCRIPT), "--without-mlx", library])
     if done.returncode < 0:
         return signal.Signals(-done.returncode).name
     assert done.returncode == 0, done.stderr[-2000:]
@@ -119,8 +119,8 @@ def avx512_library(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
-def shipped_libraries(tmp_path_factory) -> list[_blas.Candidate]:
-    found = [c for c in _blas.candidates(tmp_path_factory.mktemp("blas-cache"))
+def shipped_libraries(tmp_path_factory) -> list[blas.Candidate]:
+    found = [c for c in blas.candidates(tmp_path_factory.mktemp("blas-cache"))
              if c.name in ("scipy-openblas32", "ngsolve-openblas") and not c.problem]
     assert any(c.name == "scipy-openblas32" for c in found), found
     return found

@@ -7,7 +7,7 @@ MLX resolves ``cblas_sgemm`` & co. through the dynamic linker, so a BLAS loaded 
 installed with the package imports saepipe at interpreter start-up.
 
 A native library built for another CPU kills the process that loads it (SIGILL), so no candidate
-is loaded unproven: ``_blas_probe.py`` checks it in a child process first (threaded sgemm with beta
+is loaded unproven: ``blas_probe.py`` checks it in a child process first (threaded sgemm with beta
 0 and 1 against a float64 reference, then MLX's matmul, addmm and an LAPACK inverse through it).
 Verdicts are cached per (library path, size, mtime, CPU model and flags, MLX
 build, Python version) in the user cache dir, so later imports cost a file read. Among the
@@ -62,7 +62,7 @@ WRAPPER_ENV = "SAEPIPE_BLAS_PROBE_WRAPPER"
 PROBE_VERSION = 3  # bump when the probe's checks change: every cached verdict is then redone
 VERDICTS_FILE = "blas-verdicts.json"
 CLEARLY_FASTER = 1.1  # a later candidate must beat an earlier one by this factor in the race
-_PROBE_SCRIPT = Path(__file__).with_name("_blas_probe.py")
+_PROBE_SCRIPT = Path(__file__).with_name("blas_probe.py")
 
 _SYSTEM_LIBRARIES = (
     "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0",
@@ -297,7 +297,7 @@ def _write_verdicts(folder: Path, data: dict) -> None:
 
 
 def _run_child(*args: str) -> tuple[dict | None, str]:
-    """Run ``_blas_probe.py args`` in a child process: (its JSON result, or None with why not)."""
+    """Run ``blas_probe.py args`` in a child process: (its JSON result, or None with why not)."""
     env = {**os.environ, ENV_VAR: "0"}  # the child's own saepipe hook must not load a BLAS
     if (os.cpu_count() or 1) < 2:
         env.setdefault("OPENBLAS_NUM_THREADS", "2")  # still take OpenBLAS's threaded path
@@ -317,7 +317,7 @@ def _run_child(*args: str) -> tuple[dict | None, str]:
 
 
 def run_probe(library: str) -> Verdict:
-    """Run ``_blas_probe.py`` on ``library`` in a child process and read its verdict."""
+    """Run ``blas_probe.py`` on ``library`` in a child process and read its verdict."""
     result, why = _run_child(library)
     if result is None:
         return Verdict(False, why, fresh=True)

@@ -1,8 +1,8 @@
-"""Prove a BLAS library on this host, in a child process: ``python _blas_probe.py LIBRARY``.
+"""Prove a BLAS library on this host, in a child process: ``python blas_probe.py LIBRARY``.
 
 (``--without-mlx`` stops after the library's own checks: cheap enough to run under a CPU emulator.)
 
-``saepipe._blas`` runs this file as a script (never imports it) before it loads a candidate
+``saepipe.runtime.blas`` runs this file as a script (never imports it) before it loads a candidate
 library into its own process: a library built for another CPU dies here with SIGILL instead of
 killing the user's run. The checks follow what MLX does with the library:
 
@@ -77,7 +77,7 @@ def check_cblas(lib: ctypes.CDLL, rng: np.random.Generator) -> list[str]:
 
 def check_mlx(rng: np.random.Generator) -> list[str]:
     """MLX's CPU matmul, addmm and inverse on the loaded library; returns the failed checks."""
-    import mlx.core as mx
+    import mlx.core as mx  # only after the library under test was loaded (MLX resolves it then)
 
     failed = []
     cpu = mx.cpu
@@ -152,7 +152,7 @@ def probe(library: str, *, with_mlx: bool = True) -> dict[str, object]:
     return {"ok": True}
 
 
-USAGE = "usage: python _blas_probe.py [--without-mlx] LIBRARY | python _blas_probe.py --race LIBRARY..."
+USAGE = "usage: python blas_probe.py [--without-mlx] LIBRARY | python blas_probe.py --race LIBRARY..."
 
 if __name__ == "__main__":
     args = sys.argv[1:]
