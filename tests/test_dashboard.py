@@ -33,7 +33,9 @@ from saepipe.dashboard.render import esc, fmt, visible
 from saepipe.dashboard.site import iter_blocks
 from saepipe.dashboard.synthetic import HOSTILE_TOKENS, write_synthetic_analysis
 
-SMALL = dict(n_features=300, top_n=5, n_quantiles=3, per_quantile=2, window=12, vocab_size=900, seed=1)
+SMALL = dict(
+    n_features=300, top_n=5, n_quantiles=3, per_quantile=2, window=12, vocab_size=900, seed=1
+)
 
 
 @pytest.fixture(scope="module")
@@ -104,15 +106,41 @@ def test_esc_escapes_markup_and_quotes():
 
 
 def test_fmt_matches_site_format():
-    assert [fmt(v) for v in (0, 2.3512, 123.0, 1234.5, 0.00012, 2e6, None)] == [
-        "0", "2.35", "123", "1,234", "1.20e-4", "2.00e6", "\u2013",
-    ]
+    assert [fmt(v) for v in (0, 2.3512, 123.0, 1234.5, 0.00012, 2e6, 2.125, None)] == [
+        "0",
+        "2.35",
+        "123",
+        "1,235",
+        "1.20e-4",
+        "2.00e6",
+        "2.13",
+        "\u2013",
+    ]  # JavaScript rounds ties up (Math.round, toPrecision); the browser test checks many more
+
+
+def test_js_number_formatting():
+    from saepipe.dashboard.render import js_to_exponential, js_to_precision
+
+    cases = {
+        (2.125, 3): "2.13",
+        (123456, 3): "1.23e+5",
+        (0.5, 1): "0.5",
+        (9.5, 1): "1e+1",
+        (0.000001, 2): "0.0000010",
+        (1e-7, 2): "1.0e-7",
+        (1000, 3): "1.00e+3",
+        (-0.0123, 2): "-0.012",
+        (99.96, 3): "100",
+        (0, 3): "0.00",
+    }
+    assert {k: js_to_precision(*k) for k in cases} == cases
+    assert js_to_exponential(1.5, 0) == "2e+0" and js_to_exponential(1234.5678, 2) == "1.23e+3"
 
 
 class _Collect(HTMLParser):
     """Elements, with classes and attributes, of an HTML snippet; fails on unbalanced tags."""
 
-    VOID = {"br", "img", "input", "meta", "link", "hr", "line", "rect"}
+    VOID = frozenset({"br", "img", "input", "meta", "link", "hr", "line", "rect"})
 
     def __init__(self):
         super().__init__(convert_charrefs=True)
@@ -145,7 +173,20 @@ class _Collect(HTMLParser):
 
 
 def hostile_record() -> dict:
-    tokens = [" The", " capital", " of", "<script>", "&", '"', "'", "\n", " Paris", " <b>", "\t", ""]
+    tokens = [
+        " The",
+        " capital",
+        " of",
+        "<script>",
+        "&",
+        '"',
+        "'",
+        "\n",
+        " Paris",
+        " <b>",
+        "\t",
+        "",
+    ]
     acts = [0.0, 0.0, 0.5, 0.0, 1.0, 0.0, 0.0, 0.25, 3.0, 0.0, 0.0, 0.1]
     return {
         "feature": 7,
@@ -162,10 +203,28 @@ def hostile_record() -> dict:
         "neighbors": [3, 12],
         "neighbor_cos": [0.8, 0.4],
         "examples": [
-            {"feature": 7, "kind": "q0", "rank": 0, "tokens": tokens[:4], "acts": [0.0, 0.2, 0.0, 0.0], "center": 1,
-             "max_act": 0.2, "split": "train", "doc_id": 3},
-            {"feature": 7, "kind": "top", "rank": 0, "tokens": tokens, "acts": acts, "center": 8, "max_act": 3.0,
-             "split": "eval", "doc_id": 42},
+            {
+                "feature": 7,
+                "kind": "q0",
+                "rank": 0,
+                "tokens": tokens[:4],
+                "acts": [0.0, 0.2, 0.0, 0.0],
+                "center": 1,
+                "max_act": 0.2,
+                "split": "train",
+                "doc_id": 3,
+            },
+            {
+                "feature": 7,
+                "kind": "top",
+                "rank": 0,
+                "tokens": tokens,
+                "acts": acts,
+                "center": 8,
+                "max_act": 3.0,
+                "split": "eval",
+                "doc_id": 42,
+            },
         ],
         "summary": {"model": "m<odel>", "site": {"layer": 6, "component": "mlp"}, "quantiles": 1},
     }
@@ -187,7 +246,9 @@ def test_render_feature_html_escapes_everything():
     assert len(on) == 5 + 1  # positive activations of both windows
     mx = [a for _, a in tk if "mx" in a["class"].split()]
     assert len(mx) == 2
-    assert mx[0]["title"] == '" Paris" · 3' and mx[0]["style"] == "--a:0.9"  # top group renders first
+    assert (
+        mx[0]["title"] == '" Paris" · 3' and mx[0]["style"] == "--a:0.9"
+    )  # top group renders first
     texts = [d for cls, ds in p.text_by_class.items() if cls.startswith("tk") for d in ds]
     assert "<script>" in texts and "\u21b5" in texts and "\u21e5" in texts and "\u2205" in texts
     assert '<a href="feature.html#3">#3</a>' in html_text
@@ -197,10 +258,12 @@ def test_render_feature_html_escapes_everything():
 def test_feature_view_repr_and_save(tmp_path):
     view = FeatureView(hostile_record())
     assert view._repr_html_() == view.html == str(view)
-    assert "FeatureView(feature=7)" == repr(view)
+    assert repr(view) == "FeatureView(feature=7)"
     path = view.save(tmp_path / "sub" / "f7.html")
     doc = path.read_text(encoding="utf-8")
-    assert doc.startswith("<!doctype html>") and view.html in doc and '<meta charset="utf-8">' in doc
+    assert (
+        doc.startswith("<!doctype html>") and view.html in doc and '<meta charset="utf-8">' in doc
+    )
 
 
 def test_render_handles_sparse_records():
@@ -209,7 +272,10 @@ def test_render_handles_sparse_records():
     dead = render_feature_html({"feature": 6, "density": 0.0, "n_fired": 0, "examples": []})
     assert "dead latent" in dead
     # no center / max_act given: the window's argmax is used
-    rec = {"feature": 1, "examples": [{"tokens": ["a", "b", "c"], "acts": np.array([0.1, 2.0, 0.3], np.float32)}]}
+    rec = {
+        "feature": 1,
+        "examples": [{"tokens": ["a", "b", "c"], "acts": np.array([0.1, 2.0, 0.3], np.float32)}],
+    }
     assert 'class="tk on mx"' in render_feature_html(rec)
 
 
@@ -232,7 +298,7 @@ def test_load_analysis_sorts_and_reads(small_analysis):
 
 
 def test_contract_errors(tmp_path, small_analysis):
-    with pytest.raises(ContractError, match="features.parquet"):
+    with pytest.raises(ContractError, match=r"features\.parquet"):
         load_analysis(tmp_path)
     bad = tmp_path / "bad"
     bad.mkdir()
@@ -241,11 +307,13 @@ def test_contract_errors(tmp_path, small_analysis):
         load_analysis(bad)
     # acts and tokens of different lengths
     pq.write_table(pq.read_table(small_analysis / "features.parquet"), bad / "features.parquet")
-    ex = pa.table({
-        "feature": pa.array([0], pa.int32()),
-        "tokens": pa.array([["a", "b"]]),
-        "acts": pa.array([[1.0]], pa.list_(pa.float32())),
-    })
+    ex = pa.table(
+        {
+            "feature": pa.array([0], pa.int32()),
+            "tokens": pa.array([["a", "b"]]),
+            "acts": pa.array([[1.0]], pa.list_(pa.float32())),
+        }
+    )
     pq.write_table(ex, bad / "examples.parquet")
     with pytest.raises(ContractError, match="2 tokens but 1 acts"):
         build_site(bad, tmp_path / "site")
@@ -255,8 +323,10 @@ def test_minimal_analysis_builds(tmp_path):
     """Only features.parquet with ids: the site still builds (empty sections, no token search)."""
     src = tmp_path / "a"
     src.mkdir()
-    pq.write_table(pa.table({"feature": pa.array([0, 1, 5], pa.int64()), "weird_extra": [1, 2, 3]}),
-                   src / "features.parquet")
+    pq.write_table(
+        pa.table({"feature": pa.array([0, 1, 5], pa.int64()), "weird_extra": [1, 2, 3]}),
+        src / "features.parquet",
+    )
     info = build_site(src, tmp_path / "site")
     assert info.n_features == 3 and info.n_blocks == 1 and info.n_token_rows == 0
     (meta,) = read_js_call(tmp_path / "site" / "data" / "meta.js")
@@ -277,7 +347,7 @@ def decode_examples(block: dict, f: dict) -> list[tuple[list[str], np.ndarray]]:
     acts[ai] = np.frombuffer(base64.b64decode(ex["av"]), "<f4")
     out, off = [], 0
     for n in ex["len"]:
-        out.append(([block["strings"][i] for i in tok[off:off + n]], acts[off:off + n]))
+        out.append(([block["strings"][i] for i in tok[off : off + n]], acts[off : off + n]))
         off += n
     return out
 
@@ -301,7 +371,9 @@ def test_blocks_split_by_id_and_round_trip(small_analysis):
         for (toks, acts), e in zip(got, rec["examples"], strict=True):
             assert toks == e["tokens"]
             np.testing.assert_array_equal(acts, np.asarray(e["acts"], np.float32))
-        assert [blocks[fid // 64]["kinds"][k] for k in f["ex"]["k"]] == [e["kind"] for e in rec["examples"]]
+        assert [blocks[fid // 64]["kinds"][k] for k in f["ex"]["k"]] == [
+            e["kind"] for e in rec["examples"]
+        ]
         assert f["ex"]["c"] == [e["center"] for e in rec["examples"]]
 
 
@@ -323,9 +395,20 @@ def test_blocks_skip_missing_ids(tmp_path, small_analysis):
 
 def test_site_layout(small_site):
     names = {str(p.relative_to(small_site)) for p in small_site.rglob("*") if p.is_file()}
-    for need in ("index.html", "feature.html", "assets/dashboard.css", "assets/common.js", "assets/index.js",
-                 "assets/feature.js", "data/meta.js", "data/index.js", "data/tokens.js",
-                 "data/features-0000.js", "data/features-0004.js", "data/tokfeat-0000.js"):
+    for need in (
+        "index.html",
+        "feature.html",
+        "assets/dashboard.css",
+        "assets/common.js",
+        "assets/index.js",
+        "assets/feature.js",
+        "data/meta.js",
+        "data/index.js",
+        "data/tokens.js",
+        "data/features-0000.js",
+        "data/features-0004.js",
+        "data/tokfeat-0000.js",
+    ):
         assert need in names
     (meta,) = read_js_call(small_site / "data" / "meta.js")
     assert meta["site"]["blocks"] == [0, 1, 2, 3, 4] and meta["site"]["blockSize"] == 64
@@ -344,7 +427,11 @@ def test_site_layout(small_site):
 
 def test_site_has_no_network_references(small_site):
     """Works offline from file://: no CDN, no fetch/XHR, no absolute URLs."""
-    for p in [small_site / "index.html", small_site / "feature.html", *(small_site / "assets").iterdir()]:
+    for p in [
+        small_site / "index.html",
+        small_site / "feature.html",
+        *(small_site / "assets").iterdir(),
+    ]:
         text = p.read_text(encoding="utf-8").replace("http://www.w3.org/2000/svg", "")
         text = re.sub(r"/\*.*?\*/", "", text, flags=re.S)  # comments may name what the code avoids
         assert "http://" not in text and "https://" not in text and "//cdn" not in text, p

@@ -19,6 +19,7 @@ says how to get one.
 from __future__ import annotations
 
 import base64
+import contextlib
 import fcntl
 import json
 import os
@@ -33,7 +34,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome", "headless_shell")
+_NAMES = (
+    "chromium",
+    "chromium-browser",
+    "google-chrome",
+    "google-chrome-stable",
+    "chrome",
+    "headless_shell",
+)
 _MAC_APPS = (
     "/Applications/Chromium.app/Contents/MacOS/Chromium",
     "/Applications/Google Chrome.app/Contents/MacOS/Google Chrome",
@@ -92,7 +100,10 @@ def _can_install() -> list[str] | None:
         return None
     if os.geteuid() == 0:
         return []
-    if shutil.which("sudo") and subprocess.run(["sudo", "-n", "true"], capture_output=True).returncode == 0:
+    if (
+        shutil.which("sudo")
+        and subprocess.run(["sudo", "-n", "true"], capture_output=True).returncode == 0
+    ):
         return ["sudo", "-n"]
     return None
 
@@ -104,14 +115,18 @@ def install_chromium(timeout: float = 900) -> str:
         raise ChromiumUnavailable(_unavailable_message("this user cannot run apt-get as root"))
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "chromium"]):
-        proc = subprocess.run([*prefix, *cmd], capture_output=True, text=True, env=env, timeout=timeout)
+        proc = subprocess.run(
+            [*prefix, *cmd], capture_output=True, text=True, env=env, timeout=timeout
+        )
         if proc.returncode != 0 and cmd[1] == "install":
             raise ChromiumUnavailable(
                 _unavailable_message(f"`{' '.join(cmd)}` failed: {proc.stderr.strip()[-500:]}")
             )
     path = find_chromium()
     if path is None:
-        raise ChromiumUnavailable(_unavailable_message("apt-get installed chromium but it is not on PATH"))
+        raise ChromiumUnavailable(
+            _unavailable_message("apt-get installed chromium but it is not on PATH")
+        )
     return path
 
 
@@ -174,8 +189,17 @@ class Browser:
         # The browser reads commands on fd 3 and writes replies on fd 4: a tiny Python trampoline
         # (no site, so it starts in milliseconds) moves the pipe ends there, then execs the browser.
         self._proc = subprocess.Popen(
-            [sys.executable, "-S", "-E", "-c", _TRAMPOLINE, str(to_child_r), str(from_child_w),
-             self.executable, *args],
+            [
+                sys.executable,
+                "-S",
+                "-E",
+                "-c",
+                _TRAMPOLINE,
+                str(to_child_r),
+                str(from_child_w),
+                self.executable,
+                *args,
+            ],
             pass_fds=(to_child_r, from_child_w),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
@@ -231,8 +255,14 @@ class Browser:
         for line in self._proc.stderr:
             self._stderr_tail = [*self._stderr_tail[-30:], line.decode("utf-8", "replace").rstrip()]
 
-    def send(self, method: str, params: dict[str, Any] | None = None, *, session: bool = True,
-             timeout: float | None = None) -> dict[str, Any]:
+    def send(
+        self,
+        method: str,
+        params: dict[str, Any] | None = None,
+        *,
+        session: bool = True,
+        timeout: float | None = None,
+    ) -> dict[str, Any]:
         """Run one DevTools command (on the page's session unless ``session=False``); its result."""
         with self._cond:
             self._next_id += 1
@@ -264,14 +294,18 @@ class Browser:
     def _on_event(self, msg: dict[str, Any]) -> None:
         method, p = msg.get("method"), msg.get("params", {})
         if method == "Runtime.consoleAPICalled":
-            text = " ".join(str(a.get("value", a.get("description", ""))) for a in p.get("args", []))
+            text = " ".join(
+                str(a.get("value", a.get("description", ""))) for a in p.get("args", [])
+            )
             self.console.append(f"{p.get('type')}: {text}")
             if p.get("type") in ("error", "assert"):
                 self.errors.append(f"console.{p.get('type')}: {text}")
         elif method == "Runtime.exceptionThrown":
             d = p.get("exceptionDetails", {})
             desc = d.get("exception", {}).get("description") or d.get("text")
-            self.errors.append(f"uncaught exception: {desc} ({d.get('url', '')}:{d.get('lineNumber')})")
+            self.errors.append(
+                f"uncaught exception: {desc} ({d.get('url', '')}:{d.get('lineNumber')})"
+            )
         elif method == "Log.entryAdded":
             e = p.get("entry", {})
             if e.get("level") == "error":
@@ -283,26 +317,36 @@ class Browser:
         if pages:
             target = pages[0]["targetId"]
         else:
-            target = self.send("Target.createTarget", {"url": "about:blank"}, session=False)["targetId"]
-        self.session = self.send("Target.attachToTarget", {"targetId": target, "flatten": True}, session=False)[
-            "sessionId"
-        ]
+            target = self.send("Target.createTarget", {"url": "about:blank"}, session=False)[
+                "targetId"
+            ]
+        self.session = self.send(
+            "Target.attachToTarget", {"targetId": target, "flatten": True}, session=False
+        )["sessionId"]
         for domain in ("Page", "Runtime", "Log", "Network"):
             self.send(f"{domain}.enable")
-        self.send("Emulation.setDeviceMetricsOverride",
-                  {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False})
+        self.send(
+            "Emulation.setDeviceMetricsOverride",
+            {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False},
+        )
 
     # --- page ------------------------------------------------------------------------------
     def evaluate(self, expression: str, *, await_promise: bool = False) -> Any:
         """Evaluate JavaScript in the page; its value (JSON-serialisable results only)."""
-        r = self.send("Runtime.evaluate", {"expression": expression, "returnByValue": True,
-                                           "awaitPromise": await_promise})
+        r = self.send(
+            "Runtime.evaluate",
+            {"expression": expression, "returnByValue": True, "awaitPromise": await_promise},
+        )
         if "exceptionDetails" in r:
             d = r["exceptionDetails"]
-            raise BrowserError(f"JS error: {d.get('exception', {}).get('description') or d.get('text')}")
+            raise BrowserError(
+                f"JS error: {d.get('exception', {}).get('description') or d.get('text')}"
+            )
         return r.get("result", {}).get("value")
 
-    def wait_for(self, expression: str, timeout: float | None = None, interval: float = 0.02) -> Any:
+    def wait_for(
+        self, expression: str, timeout: float | None = None, interval: float = 0.02
+    ) -> Any:
         """Poll a JS expression until it is truthy; its value."""
         deadline = time.monotonic() + (timeout or self.timeout)
         while True:
@@ -314,32 +358,52 @@ class Browser:
             time.sleep(interval)
 
     def goto(self, url: str, *, ready: str | None = None, timeout: float | None = None) -> float:
-        """Navigate; wait for the load event, and for ``<html data-ready=ready>`` when given.
-        Returns the seconds from navigation start to ready, as the page measured it."""
-        self.send("Page.navigate", {"url": url})
-        if ready is None:
-            self.wait_for("document.readyState === 'complete'", timeout)
-        else:
+        """Load ``url`` as a new document; wait for the load event, and for ``<html data-ready=ready>``
+        when given. Returns seconds from navigation start to ready (``SAE.readyAt`` when the page
+        records it, else now), as the page measured them."""
+        current = self.evaluate("location.href") or ""
+        if current.split("#")[0] == url.split("#")[0] and current != "about:blank":
+            # Only the fragment differs: that would be a same-document navigation; start afresh.
+            self.send("Page.navigate", {"url": "about:blank"})
             self.wait_for(
-                f"document.readyState === 'complete' && document.documentElement.dataset.ready === {json.dumps(ready)}",
-                timeout,
+                "location.href === 'about:blank' && document.readyState === 'complete'", timeout
             )
-        return float(self.evaluate("performance.now()")) / 1000.0
+        self.send("Page.navigate", {"url": url})
+        cond = "document.readyState === 'complete'"
+        if ready is not None:
+            cond += f" && document.documentElement.dataset.ready === {json.dumps(ready)}"
+        self.wait_for(cond, timeout)
+        ms = self.evaluate("(window.SAE && window.SAE.readyAt) || performance.now()")
+        return float(ms) / 1000.0
 
-    def set_hash(self, fragment: str, *, ready: str | None = None, timeout: float | None = None) -> None:
+    def set_hash(
+        self, fragment: str, *, ready: str | None = None, timeout: float | None = None
+    ) -> None:
         self.evaluate(f"location.hash = {json.dumps(fragment)}")
         if ready is not None:
-            self.wait_for(f"document.documentElement.dataset.ready === {json.dumps(ready)}", timeout)
+            self.wait_for(
+                f"document.documentElement.dataset.ready === {json.dumps(ready)}", timeout
+            )
 
     def type_text(self, selector: str, text: str) -> None:
         """Focus an input and type into it as a user would (input events fire)."""
-        self.evaluate(f"(function(){{var e=document.querySelector({json.dumps(selector)}); e.focus(); e.select && e.select();}})()")
+        self.evaluate(
+            f"(function(){{var e=document.querySelector({json.dumps(selector)}); e.focus(); e.select && e.select();}})()"
+        )
         self.send("Input.insertText", {"text": text})
 
     def press_enter(self) -> None:
         for kind in ("keyDown", "keyUp"):
-            self.send("Input.dispatchKeyEvent", {"type": kind, "key": "Enter", "code": "Enter",
-                                                 "windowsVirtualKeyCode": 13, "text": "\r" if kind == "keyDown" else ""})
+            self.send(
+                "Input.dispatchKeyEvent",
+                {
+                    "type": kind,
+                    "key": "Enter",
+                    "code": "Enter",
+                    "windowsVirtualKeyCode": 13,
+                    "text": "\r" if kind == "keyDown" else "",
+                },
+            )
 
     def click(self, selector: str) -> None:
         """A real mouse click at the centre of the first element matching ``selector``."""
@@ -351,15 +415,26 @@ class Browser:
         if not box:
             raise BrowserError(f"no element matches {selector!r}")
         for kind in ("mousePressed", "mouseReleased"):
-            self.send("Input.dispatchMouseEvent", {"type": kind, "x": box[0], "y": box[1], "button": "left", "clickCount": 1})
+            self.send(
+                "Input.dispatchMouseEvent",
+                {"type": kind, "x": box[0], "y": box[1], "button": "left", "clickCount": 1},
+            )
 
-    def screenshot(self, path: str | Path, *, full_page: bool = False, max_height: int = 6000) -> Path:
+    def screenshot(
+        self, path: str | Path, *, full_page: bool = False, max_height: int = 6000
+    ) -> Path:
         """Save a PNG of the viewport (or the whole page, up to ``max_height`` CSS pixels)."""
         params: dict[str, Any] = {"format": "png"}
         if full_page:
             m = self.send("Page.getLayoutMetrics")
             size = m.get("cssContentSize") or m["contentSize"]
-            params["clip"] = {"x": 0, "y": 0, "width": size["width"], "height": min(size["height"], max_height), "scale": 1}
+            params["clip"] = {
+                "x": 0,
+                "y": 0,
+                "width": size["width"],
+                "height": min(size["height"], max_height),
+                "scale": 1,
+            }
             params["captureBeyondViewport"] = True
         data = self.send("Page.captureScreenshot", params)["data"]
         out = Path(path)
@@ -370,24 +445,18 @@ class Browser:
     # --- lifetime ----------------------------------------------------------------------------
     def close(self) -> None:
         if self._proc.poll() is None:
-            try:
+            with contextlib.suppress(BrowserError):
                 self.send("Browser.close", session=False, timeout=5)
-            except BrowserError:
-                pass
             try:
                 self._proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 self._proc.kill()
                 self._proc.wait(timeout=5)
-        try:
+        with contextlib.suppress(OSError):
             self._w.close()
-        except OSError:
-            pass
         self._reader.join(timeout=5)  # it ends at the pipe's EOF, when the browser has exited
-        try:
+        with contextlib.suppress(OSError):
             os.close(self._r)
-        except OSError:
-            pass
         shutil.rmtree(self._profile, ignore_errors=True)
 
     def __enter__(self) -> Browser:

@@ -104,7 +104,9 @@ def _cast_table(table: pa.Table, spec: dict[str, pa.DataType], name: str) -> pa.
             try:
                 arr = arr.cast(typ)
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
-                raise ContractError(f"{name}: column {col!r} is {arr.type}, expected {typ}: {e}") from e
+                raise ContractError(
+                    f"{name}: column {col!r} is {arr.type}, expected {typ}: {e}"
+                ) from e
         cols.append(arr)
         fields.append(pa.field(col, typ))
     return pa.Table.from_arrays(cols, schema=pa.schema(fields))

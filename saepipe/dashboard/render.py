@@ -18,11 +18,19 @@ import json
 import math
 import re
 from collections.abc import Mapping, Sequence
+from decimal import ROUND_HALF_UP, Decimal
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-_CTRL = {"\n": "\u21b5", "\r": "\u240d", "\t": "\u21e5", "\u2028": "\u21b5", "\u2029": "\u00b6", "\x7f": "\u2421"}
+_CTRL = {
+    "\n": "\u21b5",
+    "\r": "\u240d",
+    "\t": "\u21e5",
+    "\u2028": "\u21b5",
+    "\u2029": "\u00b6",
+    "\x7f": "\u2421",
+}
 _CTRL_RE = re.compile("[\x00-\x1f\x7f\u2028\u2029]")
 _BLANK_RE = re.compile("^[\\s\x00-\x1f\x7f\u2028\u2029]*$")
 
@@ -45,8 +53,54 @@ def quoted(token: str) -> str:
     return json.dumps(token, ensure_ascii=False)
 
 
+def _js_digits(x: float, p: int) -> tuple[str, str, int]:
+    """(sign, p significant digits, decimal exponent) of ``x`` rounded as JavaScript's toPrecision
+    does: from the exact binary value, ties away from zero (Python's format rounds ties to even)."""
+    d = Decimal(x)
+    sign = "-" if d < 0 else ""
+    d = abs(d)
+    if d == 0:
+        return sign, "0" * p, 0
+    e = d.adjusted()
+    n = int(d.scaleb(p - 1 - e).to_integral_value(rounding=ROUND_HALF_UP))
+    if n >= 10**p:  # 9.995 -> 10.0
+        n //= 10
+        e += 1
+    return sign, str(n), e
+
+
+def js_to_precision(x: float, p: int) -> str:
+    """``Number.prototype.toPrecision(p)``."""
+    sign, digits, e = _js_digits(x, p)
+    if e < -6 or e >= p:
+        return (
+            f"{sign}{digits[0]}{'.' + digits[1:] if p > 1 else ''}e{'+' if e >= 0 else '-'}{abs(e)}"
+        )
+    if e >= 0:
+        whole, frac = digits[: e + 1], digits[e + 1 :]
+        return f"{sign}{whole}{'.' + frac if frac else ''}"
+    return f"{sign}0.{'0' * (-e - 1)}{digits}"
+
+
+def js_to_exponential(x: float, f: int) -> str:
+    """``Number.prototype.toExponential(f)``."""
+    sign, digits, e = _js_digits(x, f + 1)
+    return f"{sign}{digits[0]}{'.' + digits[1:] if f else ''}e{'+' if e >= 0 else '-'}{abs(e)}"
+
+
+def _js_number(s: str) -> str:
+    """``String(Number(s))`` for values in [1e-6, 1e21) (shortest round-trip decimal, no '.0')."""
+    r = repr(float(s))
+    return r[:-2] if r.endswith(".0") else r
+
+
+def _js_round(v: float) -> int:
+    return math.floor(v + 0.5)  # Math.round: ties toward +infinity
+
+
 def fmt(v: Any) -> str:
-    """A number as the site's ``SAE.fmt`` writes it (3 significant digits, exponent when tiny/huge)."""
+    """A number exactly as the site's ``SAE.fmt`` writes it (3 significant digits, exponent when
+    tiny or huge)."""
     if v is None:
         return "\u2013"
     v = float(v)
@@ -56,39 +110,41 @@ def fmt(v: Any) -> str:
         return "0"
     a = abs(v)
     if a >= 1e5 or a < 1e-3:
-        mant, exp = f"{v:.2e}".split("e")
-        return f"{mant}e{int(exp)}"
+        return js_to_exponential(v, 2).replace("e+", "e")
     if a >= 1000:
-        return f"{round(v):,}"
-    s = repr(float(f"{v:.3g}"))
-    return s[:-2] if s.endswith(".0") else s
+        return f"{_js_round(v):,}"
+    return _js_number(js_to_precision(v, 3))
 
 
 def fmt_int(v: Any) -> str:
-    return "\u2013" if v is None else f"{round(float(v)):,}"
+    return "\u2013" if v is None else f"{_js_round(float(v)):,}"
 
 
 def fmt_density(d: Any) -> str:
-    if d is None or (isinstance(d, float) and math.isnan(d)):
+    """As ``SAE.fmtDensity``: a percentage, or an exponent below 1e-4."""
+    if d is None:
         return "\u2013"
     d = float(d)
+    if math.isnan(d):
+        return "\u2013"
     if d == 0:
         return "0"
     if d >= 1e-4:
-        s = repr(float(f"{d * 100:.3g}"))
-        return (s[:-2] if s.endswith(".0") else s) + "%"
-    mant, exp = f"{d:.1e}".split("e")
-    return f"{mant}e{int(exp)}"
+        return _js_number(js_to_precision(d * 100, 3)) + "%"
+    return js_to_exponential(d, 1)
 
 
 def fmt_count(n: Any) -> str:
+    """As ``SAE.fmtCount``: 12.3k, 4.56M."""
     if n is None:
         return "\u2013"
     n = float(n)
-    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e4, "k")):
-        if n >= scale:
-            div = 1e3 if suffix == "k" else scale
-            return f"{n / div:.3g}{suffix}"
+    if n >= 1e9:
+        return js_to_precision(n / 1e9, 3) + "B"
+    if n >= 1e6:
+        return js_to_precision(n / 1e6, 3) + "M"
+    if n >= 1e4:
+        return js_to_precision(n / 1e3, 3) + "k"
     return fmt_int(n)
 
 
@@ -102,24 +158,34 @@ def alpha(act: float, scale: float) -> float:
 
 def component_css() -> str:
     """The component stylesheet shared with the site (every rule under ``.saed``)."""
-    return resources.files("saepipe.dashboard").joinpath("static", "components.css").read_text("utf-8")
+    return (
+        resources.files("saepipe.dashboard").joinpath("static", "components.css").read_text("utf-8")
+    )
 
 
 def _pill(token: str, cls: str = "", extra_title: str = "") -> str:
     text = visible(token)
     parts = re.split("( +)", text)
     inner = "".join(
-        f'<span class="sp">{chr(0x2423) * len(p)}</span>' if p.startswith(" ") else esc(p) for p in parts if p
+        f'<span class="sp">{chr(0x2423) * len(p)}</span>' if p.startswith(" ") else esc(p)
+        for p in parts
+        if p
     )
     title = quoted(token) + (f" \u00b7 {extra_title}" if extra_title else "")
     return f'<span class="pill{(" " + cls) if cls else ""}" title="{esc(title)}">{inner}</span>'
 
 
-def _context_row(tokens: Sequence[str], acts: Sequence[float], center: int, max_act: float, scale: float,
-                 meta: str) -> str:
+def _context_row(
+    tokens: Sequence[str],
+    acts: Sequence[float],
+    center: int,
+    max_act: float,
+    scale: float,
+    meta: str,
+) -> str:
     out = [
         f'<div class="ctx"><span class="ctx-v" title="{esc("max activation " + fmt(max_act) + (" · " + meta if meta else ""))}">'
-        f"{esc(fmt(max_act))}</span><span class=\"ctx-t\">"
+        f'{esc(fmt(max_act))}</span><span class="ctx-t">'
     ]
     for i, tok in enumerate(tokens):
         act = float(acts[i]) if i < len(acts) else 0.0
@@ -164,8 +230,14 @@ def _num(v: float) -> str:
     return f"{v:.2f}".rstrip("0").rstrip(".")
 
 
-def histogram_svg(edges: Sequence[float], counts: Sequence[int], *, width: int = 320, height: int = 150,
-                  label: str = "Activation histogram") -> str:
+def histogram_svg(
+    edges: Sequence[float],
+    counts: Sequence[int],
+    *,
+    width: int = 320,
+    height: int = 150,
+    label: str = "Activation histogram",
+) -> str:
     """The site's activation histogram (``SAE.actHistogram``) as an SVG string."""
     W, H, ml, mr, mt, mb = width, height, 34, 8, 8, 22
     x0, x1 = float(edges[0]), float(edges[-1])
@@ -178,12 +250,18 @@ def histogram_svg(edges: Sequence[float], counts: Sequence[int], *, width: int =
     def Y(v: float) -> float:
         return mt + ph - (v / ymax) * ph
 
-    parts = [f'<svg class="hist" viewBox="0 0 {W} {H}" role="img" aria-label="{esc(label)}" xmlns="http://www.w3.org/2000/svg">']
+    parts = [
+        f'<svg class="hist" viewBox="0 0 {W} {H}" role="img" aria-label="{esc(label)}" xmlns="http://www.w3.org/2000/svg">'
+    ]
     for t in _ticks(0, ymax, 3):
         if t == 0:
             continue
-        parts.append(f'<line class="grid" x1="{ml}" x2="{W - mr}" y1="{_num(Y(t))}" y2="{_num(Y(t))}"/>')
-        parts.append(f'<text x="{ml - 5}" y="{_num(Y(t) + 3.5)}" text-anchor="end">{esc(fmt_count(t))}</text>')
+        parts.append(
+            f'<line class="grid" x1="{ml}" x2="{W - mr}" y1="{_num(Y(t))}" y2="{_num(Y(t))}"/>'
+        )
+        parts.append(
+            f'<text x="{ml - 5}" y="{_num(Y(t) + 3.5)}" text-anchor="end">{esc(fmt_count(t))}</text>'
+        )
     for i, n in enumerate(counts):
         xa, xb = X(float(edges[i])), X(float(edges[i + 1]))
         w = max(0.8, xb - xa - (1 if xb - xa > 3 else 0))
@@ -193,10 +271,14 @@ def histogram_svg(edges: Sequence[float], counts: Sequence[int], *, width: int =
             f'<g><title>{esc(title)}</title><rect class="bh" x="{_num(xa)}" y="{mt}" width="{_num(max(w, 1))}" height="{ph}"/>'
             f'<rect class="b" x="{_num(xa)}" y="{_num(mt + ph - hgt)}" width="{_num(w)}" height="{_num(hgt)}"/></g>'
         )
-    parts.append(f'<line class="ax" x1="{ml}" x2="{W - mr}" y1="{_num(mt + ph + 0.5)}" y2="{_num(mt + ph + 0.5)}"/>')
+    parts.append(
+        f'<line class="ax" x1="{ml}" x2="{W - mr}" y1="{_num(mt + ph + 0.5)}" y2="{_num(mt + ph + 0.5)}"/>'
+    )
     for t in _ticks(x0, x1, 4):
         x = X(t)
-        parts.append(f'<line class="ax" x1="{_num(x)}" x2="{_num(x)}" y1="{mt + ph}" y2="{mt + ph + 4}"/>')
+        parts.append(
+            f'<line class="ax" x1="{_num(x)}" x2="{_num(x)}" y1="{mt + ph}" y2="{mt + ph + 4}"/>'
+        )
         parts.append(f'<text x="{_num(x)}" y="{H - 6}" text-anchor="middle">{esc(fmt(t))}</text>')
     parts.append("</svg>")
     return "".join(parts)
@@ -224,7 +306,11 @@ def _neighbours(ids: Sequence[int], cos: Sequence[float], href: str | None) -> s
     for i, fid in enumerate(ids):
         c = float(cos[i]) if i < len(cos) and cos[i] is not None else None
         label = f"#{int(fid)}"
-        link = f'<a href="{esc(href.format(id=int(fid)))}">{label}</a>' if href else f"<span>{label}</span>"
+        link = (
+            f'<a href="{esc(href.format(id=int(fid)))}">{label}</a>'
+            if href
+            else f"<span>{label}</span>"
+        )
         width = round(max(0.0, min(1.0, c or 0.0)) * 100)
         rows.append(
             f'<tr><td>{link}</td><td class="bar"><div class="bar-track"><div class="bar-fill cos" style="width:{width}%">'
@@ -280,10 +366,19 @@ def _examples(record: Mapping[str, Any]) -> list[dict[str, Any]]:
         mx = _float(e.get("max_act"))
         if mx is None:
             mx = acts[int(center)] if tokens else 0.0
-        out.append({
-            "kind": str(e.get("kind") or "top"), "rank": int(e.get("rank") or 0), "i": i, "tokens": tokens,
-            "acts": acts, "center": int(center), "max": mx, "split": e.get("split"), "doc": e.get("doc_id"),
-        })
+        out.append(
+            {
+                "kind": str(e.get("kind") or "top"),
+                "rank": int(e.get("rank") or 0),
+                "i": i,
+                "tokens": tokens,
+                "acts": acts,
+                "center": int(center),
+                "max": mx,
+                "split": e.get("split"),
+                "doc": e.get("doc_id"),
+            }
+        )
     out.sort(key=lambda e: (kind_order_key(e["kind"]), e["rank"], e["i"]))
     return out
 
@@ -309,7 +404,10 @@ def render_feature_html(
             bits.append(str(summary["model"]))
         site = summary.get("site") or {}
         if isinstance(site, Mapping) and (site.get("layer") is not None or site.get("component")):
-            bits.append(f"layer {site.get('layer', '?')}" + (f" {site['component']}" if site.get("component") else ""))
+            bits.append(
+                f"layer {site.get('layer', '?')}"
+                + (f" {site['component']}" if site.get("component") else "")
+            )
         subtitle = " \u00b7 ".join(bits)
     dens, n = _float(record.get("density")), record.get("n_fired")
     mean, mx = _float(record.get("mean_act")), _float(record.get("max_act"))
@@ -319,7 +417,7 @@ def render_feature_html(
         s = f"<small>{esc(small)}</small>" if small else ""
         return f'<div class="stat"><dt>{esc(label)}</dt><dd>{esc(value)}{s}</dd></div>'
 
-    one_in = f"1 in {fmt_count(round(1 / dens))}" if dens else None
+    one_in = f"1 in {fmt_count(_js_round(1 / dens))}" if dens else None
     parts = [f'<div class="saed saed-nb" data-feature="{fid}">']
     if include_style:
         parts.append(f"<style>{component_css()}</style>")
@@ -336,7 +434,9 @@ def render_feature_html(
         + "</dl>"
     )
     if n == 0 or (dens == 0 and not examples):
-        parts.append('<p class="empty">This latent never fired on the analyzed tokens (a dead latent): it has no contexts.</p>')
+        parts.append(
+            '<p class="empty">This latent never fired on the analyzed tokens (a dead latent): it has no contexts.</p>'
+        )
     edges, counts = _list(record.get("hist_edges")), _list(record.get("hist_counts"))
     side = []
     if counts and len(edges) == len(counts) + 1:
@@ -346,16 +446,47 @@ def render_feature_html(
     else:
         hist = '<p class="empty">No histogram.</p>'
     side.append(_card("Activations", hist, f"{fmt_int(n)} tokens" if n else None))
-    side.append(_card("Promoted tokens", _value_table(_list(record.get("promoted_tokens")), _list(record.get("promoted_values")), "pos")))
-    side.append(_card("Suppressed tokens", _value_table(_list(record.get("suppressed_tokens")), _list(record.get("suppressed_values")), "neg")))
-    side.append(_card("Nearest features", _neighbours(_list(record.get("neighbors")), _list(record.get("neighbor_cos")), feature_href), "decoder cosine"))
+    side.append(
+        _card(
+            "Promoted tokens",
+            _value_table(
+                _list(record.get("promoted_tokens")), _list(record.get("promoted_values")), "pos"
+            ),
+        )
+    )
+    side.append(
+        _card(
+            "Suppressed tokens",
+            _value_table(
+                _list(record.get("suppressed_tokens")),
+                _list(record.get("suppressed_values")),
+                "neg",
+            ),
+        )
+    )
+    side.append(
+        _card(
+            "Nearest features",
+            _neighbours(
+                _list(record.get("neighbors")), _list(record.get("neighbor_cos")), feature_href
+            ),
+            "decoder cosine",
+        )
+    )
 
     scale = mx if mx and mx > 0 else max([0.0, *(e["max"] for e in examples)])
 
     def rows(items: list[dict[str, Any]]) -> str:
         out = []
         for e in items:
-            meta = " \u00b7 ".join(x for x in [e["split"] or None, f"doc {e['doc']}" if e["doc"] is not None and e["doc"] >= 0 else None] if x)
+            meta = " \u00b7 ".join(
+                x
+                for x in [
+                    e["split"] or None,
+                    f"doc {e['doc']}" if e["doc"] is not None and e["doc"] >= 0 else None,
+                ]
+                if x
+            )
             out.append(_context_row(e["tokens"], e["acts"], e["center"], e["max"], scale, meta))
         return f'<div class="ctxs">{"".join(out)}</div>'
 
@@ -367,10 +498,19 @@ def render_feature_html(
     top = [g for g in groups if g[0] == "top"]
     rest = [g for g in groups if g[0] != "top"]
     q = summary.get("quantiles")
-    nq = q if isinstance(q, int) and not isinstance(q, bool) else len(q) if isinstance(q, list) else len(rest)
+    nq = (
+        q
+        if isinstance(q, int) and not isinstance(q, bool)
+        else len(q)
+        if isinstance(q, list)
+        else len(rest)
+    )
     main = [
-        _card("Top activations", rows(top[0][1]) if top else '<p class="empty">No contexts.</p>',
-              f"{len(top[0][1])} contexts" if top else None)
+        _card(
+            "Top activations",
+            rows(top[0][1]) if top else '<p class="empty">No contexts.</p>',
+            f"{len(top[0][1])} contexts" if top else None,
+        )
     ]
     if rest:
         body = []
@@ -380,8 +520,12 @@ def render_feature_html(
                 f'<h3>{esc(_kind_label(kind, nq))}<span class="range">max activation {esc(fmt(min(mxs)))} \u2013 '
                 f"{esc(fmt(max(mxs)))}</span></h3>{rows(items)}"
             )
-        main.append(_card("Samples across the activation range", "".join(body), f"{len(rest)} intervals"))
-    parts.append(f'<div class="fgrid"><div class="side">{"".join(side)}</div><div class="examples">{"".join(main)}</div></div>')
+        main.append(
+            _card("Samples across the activation range", "".join(body), f"{len(rest)} intervals")
+        )
+    parts.append(
+        f'<div class="fgrid"><div class="side">{"".join(side)}</div><div class="examples">{"".join(main)}</div></div>'
+    )
     parts.append("</div>")
     return "".join(parts)
 

@@ -39,7 +39,9 @@ def take_screenshots(
         index_png = b.screenshot(out / "index.png")
         fid = int(feature) if feature is not None else int(b.evaluate(_PICK))
         b.goto(f"{(site / 'feature.html').as_uri()}#{fid}", ready=f"feature:{fid}")
-        feature_png = b.screenshot(out / f"feature-{fid}.png", full_page=True, max_height=max_height)
+        feature_png = b.screenshot(
+            out / f"feature-{fid}.png", full_page=True, max_height=max_height
+        )
         if b.errors:
             raise RuntimeError(f"the pages reported errors: {b.errors}")
     return [index_png, feature_png]

@@ -16,13 +16,13 @@ import functools
 import threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 HOST = "127.0.0.1"
 
 
 class _Handler(SimpleHTTPRequestHandler):
-    extensions_map = {
+    extensions_map: ClassVar[dict[str, str]] = {
         **SimpleHTTPRequestHandler.extensions_map,
         ".js": "text/javascript; charset=utf-8",
         ".css": "text/css; charset=utf-8",
@@ -56,12 +56,16 @@ class DashboardServer:
     def __init__(self, site_dir: str | Path, port: int = 0):
         self.site_dir = Path(site_dir).resolve()
         if not (self.site_dir / "index.html").is_file():
-            raise FileNotFoundError(f"{self.site_dir / 'index.html'} not found: build the site first (build_site)")
+            raise FileNotFoundError(
+                f"{self.site_dir / 'index.html'} not found: build the site first (build_site)"
+            )
         handler = functools.partial(_Handler, directory=str(self.site_dir))
         self._httpd = _Server((HOST, int(port)), handler)
         self.host, self.port = HOST, int(self._httpd.server_address[1])
         self._thread = threading.Thread(
-            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True,
+            target=self._httpd.serve_forever,
+            kwargs={"poll_interval": 0.2},
+            daemon=True,
             name=f"saepipe-dashboard-{self.port}",
         )
         self._thread.start()

@@ -30,13 +30,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from saepipe.dashboard._jsdata import b64, js_call, round1, round_sig
+from saepipe.dashboard._jsdata import b64, js_call, round_sig
 from saepipe.dashboard.data import Analysis, ContractError, load_analysis
 
 FORMAT_VERSION = 1
 DEFAULT_BLOCK_SIZE = 64
 DEFAULT_TOKEN_BLOCK = 512
 INDEX_TOP_TOKENS = 3
+# Significant digits of the floats on feature pages (about float32's precision, so the pages show the
+# same 3-digit values as the notebook view, which formats the exact numbers), and in the index.
+DIGITS = 7
+INDEX_DIGITS = 4
 ASSETS = ("common.js", "index.js", "feature.js")
 CSS = ("components.css", "site.css")  # concatenated into assets/dashboard.css
 PAGES = ("index.html", "feature.html")
@@ -87,7 +91,7 @@ def _list_col(table: pa.Table, name: str) -> tuple[np.ndarray, pa.Array] | None:
 class _Lists:
     """A list column flattened once, sliced per row as Python lists (strings) or rounded floats."""
 
-    def __init__(self, table: pa.Table, name: str, kind: str):
+    def __init__(self, table: pa.Table, name: str, kind: str, digits: int = DIGITS):
         got = _list_col(table, name)
         self.present = got is not None
         if got is None:
@@ -96,9 +100,13 @@ class _Lists:
         if kind == "str":
             self.values: list[Any] = pc.fill_null(flat, "").to_pylist()
         elif kind == "int":
-            self.values = pc.fill_null(flat, 0).to_numpy(zero_copy_only=False).astype(np.int64).tolist()
+            self.values = (
+                pc.fill_null(flat, 0).to_numpy(zero_copy_only=False).astype(np.int64).tolist()
+            )
         else:
-            self.values = round_sig(pc.fill_null(flat, np.nan).to_numpy(zero_copy_only=False), 4)
+            self.values = round_sig(
+                pc.fill_null(flat, np.nan).to_numpy(zero_copy_only=False), digits
+            )
 
     def row(self, i: int) -> list[Any]:
         return self.values[self.offsets[i] : self.offsets[i + 1]]
@@ -110,7 +118,7 @@ def _scalar_col(table: pa.Table, name: str, kind: str) -> list[Any] | None:
     col = table.column(name)
     if kind == "int":
         return [None if v is None else int(v) for v in col.to_pylist()]
-    return round_sig(pc.fill_null(col, np.nan).to_numpy(zero_copy_only=False), 4)
+    return round_sig(pc.fill_null(col, np.nan).to_numpy(zero_copy_only=False), DIGITS)
 
 
 class _Examples:
@@ -188,7 +196,7 @@ class _Examples:
                 "s": self.split.tolist(),
                 "doc": self.doc.tolist(),
                 "c": self.center.tolist(),
-                "m": round_sig(self.max_act, 4),
+                "m": round_sig(self.max_act, DIGITS),
                 "len": self.lens.tolist(),
             }
         return self._py
@@ -286,7 +294,9 @@ def _block_payload(
     }
 
 
-def iter_blocks(a: Analysis, block_size: int = DEFAULT_BLOCK_SIZE) -> Iterator[tuple[int, dict[str, Any]]]:
+def iter_blocks(
+    a: Analysis, block_size: int = DEFAULT_BLOCK_SIZE
+) -> Iterator[tuple[int, dict[str, Any]]]:
     """(block number, payload) for every block of ``block_size`` latents that has at least one latent.
 
     Block ``b`` holds latents ``b*block_size .. (b+1)*block_size - 1`` (by id, so a page finds a
@@ -351,7 +361,9 @@ def _top_tokens(cols: dict[str, Any], ex: _Examples | None) -> list[list[str]]:
             lst.append(t)
     needed = sorted({t for lst in chosen.values() for t in lst})
     if needed:
-        names = dict(zip(needed, ex.dictionary.take(pa.array(needed, pa.int64())).to_pylist(), strict=True))
+        names = dict(
+            zip(needed, ex.dictionary.take(pa.array(needed, pa.int64())).to_pylist(), strict=True)
+        )
         for p, lst in chosen.items():
             top[p] = [names[t] for t in lst]
     return top
@@ -376,21 +388,33 @@ def _index_payload(cols: dict[str, Any], top: list[list[str]]) -> dict[str, Any]
     if pt.present:
         for i in range(n):
             prom[i] = [sid(s) for s in pt.row(i)[:INDEX_TOP_TOKENS]]
-    out: dict[str, Any] = {"n": n, "id": ids.tolist(), "strings": strings, "top": top_ids, "prom": prom}
-    for key, name in (("d", "density"), ("nf", "n_fired"), ("mean", "mean_act"), ("max", "max_act")):
+    out: dict[str, Any] = {
+        "n": n,
+        "id": ids.tolist(),
+        "strings": strings,
+        "top": top_ids,
+        "prom": prom,
+    }
+    for key, name in (("d", "density"), ("mean", "mean_act"), ("max", "max_act")):
         if cols[name] is not None:
-            out[key] = cols[name]
+            out[key] = round_sig(np.array(cols[name], dtype=np.float64), INDEX_DIGITS)
+    if cols["n_fired"] is not None:
+        out["nf"] = cols["n_fired"]
     return out
 
 
-def _token_payloads(a: Analysis, token_block: int) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+def _token_payloads(
+    a: Analysis, token_block: int
+) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
     t = a.token_features
     if t is None or t.num_rows == 0:
         return None, []
     toks = pc.fill_null(t.column("token"), "").to_pylist()
-    ids = t.column("token_id").to_pylist() if "token_id" in t.column_names else list(range(len(toks)))
+    ids = (
+        t.column("token_id").to_pylist() if "token_id" in t.column_names else list(range(len(toks)))
+    )
     feats = _Lists(t, "features", "int")
-    vals = _Lists(t, "values", "float")
+    vals = _Lists(t, "values", "float", INDEX_DIGITS)
     blocks = []
     for b0 in range(0, len(toks), token_block):
         rows = range(b0, min(b0 + token_block, len(toks)))
@@ -483,4 +507,4 @@ def build_site(
     )
 
 
-__all__ = ["SiteInfo", "block_name", "block_of", "build_site", "iter_blocks", "round1"]
+__all__ = ["SiteInfo", "block_name", "block_of", "build_site", "iter_blocks"]

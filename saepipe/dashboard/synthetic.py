@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-_WORDS = (
+_WORDS = (  # noqa: SIM905 (a word list reads better as text)
     "the of and to in a is that was for it on with as he by at his be from this are have had not "
     "but or an they which one you were her all she there would their we him been has when who will "
     "more no if out so said what up its about into than them can only other new some could time "
@@ -63,7 +63,7 @@ HOSTILE_TOKENS = [
     " &amp;",
     '"',
     "'",
-    " \"quoted\"",
+    ' "quoted"',
     "\n",
     "\n\n",
     "\t",
@@ -76,6 +76,7 @@ HOSTILE_TOKENS = [
     "`",
     "\\",
     " {{x}}",
+    " <img src=x onerror=window.__pwned=1>",
 ]
 
 
@@ -276,7 +277,9 @@ def write_synthetic_analysis(
             "feature": pa.array(ex_feature),
             "kind": pc.take(pa.array(kind_names, type=pa.string()), pa.array(kq + 1)),
             "rank": pa.array(ex_rank),
-            "split": pc.take(pa.array(["train", "eval"]), pa.array((rng.random(R) >= 0.9).astype(np.int8))),
+            "split": pc.take(
+                pa.array(["train", "eval"]), pa.array((rng.random(R) >= 0.9).astype(np.int8))
+            ),
             "doc_id": pa.array(rng.integers(0, 8000, R).astype(np.int64)),
             "tokens": pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), tokens_flat),
             "acts": pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(acts)),

@@ -131,6 +131,7 @@
       if (my !== seq) return;
       var f = SAE.featureFrom(block, id);
       content.replaceChildren(f ? render(f, block) : missing(id));
+      SAE.readyAt = performance.now();
       root.setAttribute('data-ready', 'feature:' + id);
     }, function (err) {
       if (my !== seq) return;

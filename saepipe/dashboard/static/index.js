@@ -307,5 +307,6 @@
   var details = SAE.runDetails();
   if (details) document.getElementById('details').appendChild(details);
   if (state.q) { qInput.value = state.q; search(state.q, false); }
+  SAE.readyAt = performance.now();
   root.setAttribute('data-ready', 'index');
 })();
