@@ -19,8 +19,15 @@ from pathlib import Path
 import pytest
 
 from saepipe.dashboard import FeatureView, build_site, load_analysis, load_feature_record, serve
-from saepipe.dashboard.browser import Browser, ChromiumUnavailable, ensure_chromium
-from saepipe.dashboard.render import visible
+from saepipe.dashboard.browser import Browser, ChromiumUnavailable, dump_dom, ensure_chromium
+from saepipe.dashboard.render import (
+    fmt,
+    fmt_count,
+    fmt_density,
+    js_to_exponential,
+    js_to_precision,
+    visible,
+)
 from saepipe.dashboard.synthetic import write_synthetic_analysis
 
 REPO = Path(__file__).resolve().parents[1]
@@ -270,7 +277,7 @@ def test_notebook_view_matches_site(site, browser, tmp_path):
     view = FeatureView(load_feature_record(site["a"], fid), feature_href="feature.html#{id}")
     path = view.save(ARTIFACTS / f"notebook-feature-{fid}.html")
     snapshot = (
-        "Array.from(document.querySelectorAll('.stats, .ctx-v, .tk, svg.hist, table.vals, .card h2, .card h3'))"
+        "Array.from(document.querySelectorAll('.glance, .stats, .ctx-v, .tk, svg.hist, table.vals, .card h2, .card h3'))"
         ".filter(e => !e.closest('section') || !/Nearest/.test(e.closest('section').textContent.slice(0, 40)))"
         ".map(t => [t.tagName, t.textContent, t.getAttribute('class'), t.getAttribute('style'), t.getAttribute('title')])"
     )
@@ -287,3 +294,55 @@ def test_served_over_http(site, browser):
         browser.goto(srv.feature_url(5), ready="feature:5")
         assert browser.evaluate("document.querySelectorAll('.ctx .tk.on').length") > 0
     assert not srv.running
+
+
+def test_dump_dom_without_devtools(site, chromium):
+    """The plain `chromium --dump-dom` path (no DevTools) sees the rendered feature page too."""
+    dom = dump_dom(f"{(site['dir'] / 'feature.html').as_uri()}#5", chromium)
+    assert 'data-ready="feature:5"' in dom
+    n_ctx = len(load_feature_record(site["a"], 5)["examples"])
+    assert dom.count('class="tk on mx"') + dom.count('class="tk ws on mx"') == n_ctx
+
+
+def test_number_formats_match_javascript(site, browser):
+    """The notebook view formats numbers exactly as the site's JavaScript does."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    vals = [
+        0.0,
+        2.125,
+        1234.5,
+        99.95,
+        0.0009995,
+        1e-7,
+        123456.0,
+        -0.5,
+        9.995,
+        0.125,
+        5e-5,
+        12345.0,
+        2.5e9,
+    ]
+    vals += [float(v) for v in np.float32(rng.lognormal(0, 3, 300))]
+    vals += [float(v) for v in -np.float32(rng.lognormal(0, 2, 50))]
+    vals += [round(float(v), 3) for v in rng.uniform(0, 10, 200)]  # decimal ties
+    browser.goto((site["dir"] / "index.html").as_uri(), ready="index")  # loads SAE.fmt & co.
+    got = browser.evaluate(
+        "(function(vs){ return vs.map(v => [v.toPrecision(3), v.toExponential(2), v.toPrecision(1),"
+        " SAE.fmt(v), Math.abs(v) < 1 ? SAE.fmtDensity(Math.abs(v)) : '', SAE.fmtCount(Math.abs(v))]); })("
+        + json.dumps(vals)
+        + ")"
+    )
+    want = [
+        [
+            js_to_precision(v, 3),
+            js_to_exponential(v, 2),
+            js_to_precision(v, 1),
+            fmt(v),
+            fmt_density(abs(v)) if abs(v) < 1 else "",
+            fmt_count(abs(v)),
+        ]
+        for v in vals
+    ]
+    assert got == want

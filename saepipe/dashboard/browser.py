@@ -148,6 +148,28 @@ def ensure_chromium(install: bool = True) -> str:
     raise ChromiumUnavailable(_unavailable_message("not on PATH, and it cannot be installed here"))
 
 
+def dump_dom(
+    url: str,
+    executable: str | None = None,
+    *,
+    timeout: float = 60.0,
+    extra_args: tuple[str, ...] = (),
+) -> str:
+    """The DOM of ``url`` after its load event, serialised (``chromium --headless --dump-dom``)."""
+    exe = executable or ensure_chromium()
+    with tempfile.TemporaryDirectory(prefix="saepipe-chromium-") as profile:
+        proc = subprocess.run(
+            [exe, *HEADLESS_FLAGS, f"--user-data-dir={profile}", *extra_args, "--dump-dom", url],
+            capture_output=True,
+            timeout=timeout,
+        )
+    if proc.returncode != 0:
+        raise BrowserError(
+            f"chromium --dump-dom failed ({proc.returncode}): {proc.stderr.decode()[-500:]}"
+        )
+    return proc.stdout.decode("utf-8")
+
+
 def _high_fd(fd: int) -> int:
     """Duplicate ``fd`` to a number >= 10, so moving the two ends onto 3 and 4 cannot clobber one."""
     new = fcntl.fcntl(fd, fcntl.F_DUPFD, 10)
@@ -347,14 +369,23 @@ class Browser:
     def wait_for(
         self, expression: str, timeout: float | None = None, interval: float = 0.02
     ) -> Any:
-        """Poll a JS expression until it is truthy; its value."""
+        """Poll a JS expression until it is truthy; its value. Errors while a page is being replaced
+        (no document yet, destroyed context) count as not yet."""
         deadline = time.monotonic() + (timeout or self.timeout)
+        last_error = None
         while True:
-            v = self.evaluate(expression)
+            try:
+                v = self.evaluate(expression)
+            except BrowserError as e:
+                if "timed out" in str(e) or "browser" in str(e):
+                    raise
+                v, last_error = None, e
             if v:
                 return v
             if time.monotonic() > deadline:
-                raise BrowserError(f"timed out waiting for {expression!r}; errors: {self.errors}")
+                raise BrowserError(
+                    f"timed out waiting for {expression!r}; last error: {last_error}; page errors: {self.errors}"
+                )
             time.sleep(interval)
 
     def goto(self, url: str, *, ready: str | None = None, timeout: float | None = None) -> float:

@@ -425,6 +425,28 @@ def render_feature_html(
     if subtitle:
         parts.append(f'<span class="muted">{esc(subtitle)}</span>')
     parts.append("</div>")
+    glance = []
+    top_tokens: list[str] = []
+    for e in examples:
+        if e["kind"] == "top" and e["tokens"]:
+            t = e["tokens"][e["center"]]
+            if t not in top_tokens and len(top_tokens) < 3:
+                top_tokens.append(t)
+    if top_tokens:
+        glance.append(
+            '<span class="muted">Fires most on</span>'
+            + "".join(_pill(t, "act") for t in top_tokens)
+        )
+    promoted = _list(record.get("promoted_tokens"))
+    if promoted:
+        label = (
+            '<span class="muted gap">\u00b7 promotes</span>'
+            if glance
+            else '<span class="muted">Promotes</span>'
+        )
+        glance.append(label + "".join(_pill(str(t), "pos") for t in promoted[:3]))
+    if glance:
+        parts.append(f'<p class="glance">{"".join(glance)}</p>')
     parts.append(
         '<dl class="stats">'
         + stat("Density", fmt_density(dens), one_in)
@@ -497,14 +519,10 @@ def render_feature_html(
         groups[-1][1].append(e)
     top = [g for g in groups if g[0] == "top"]
     rest = [g for g in groups if g[0] != "top"]
+    # Number of quantiles: summary["quantiles"] when it is a count, else one past the highest q<i>.
     q = summary.get("quantiles")
-    nq = (
-        q
-        if isinstance(q, int) and not isinstance(q, bool)
-        else len(q)
-        if isinstance(q, list)
-        else len(rest)
-    )
+    qs = [int(m.group(1)) for m in (re.fullmatch(r"q(\d+)", k) for k, _ in rest) if m]
+    nq = q if isinstance(q, int) and not isinstance(q, bool) else (max(qs) + 1 if qs else None)
     main = [
         _card(
             "Top activations",

@@ -81,10 +81,16 @@ HOSTILE_TOKENS = [
 
 
 def _zipf_tokens(rng: np.random.Generator, V: int, n: int) -> np.ndarray:
-    """``n`` token ids, frequent ones (low ids: common words) far more often, roughly like text."""
+    """``n`` token ids, frequent ones (low ids: common words) far more often, roughly like text.
+
+    Sampled through a 2**18-entry table (each id repeated in proportion to its probability): one
+    uniform integer and one gather per token, much faster than ``rng.choice(p=...)``."""
     p = 1.0 / (np.arange(V) + 8.0) ** 1.1
     p[: len(HOSTILE_TOKENS)] = 0.0
-    return rng.choice(V, n, p=p / p.sum())
+    size = 1 << 18
+    reps = np.floor(p / p.sum() * size).astype(np.int64)
+    table = np.repeat(np.arange(V), reps)
+    return table[rng.integers(0, len(table), n)]
 
 
 def synthetic_vocab(size: int = 6000, seed: int = 0) -> list[str]:

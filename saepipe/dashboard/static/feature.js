@@ -45,6 +45,16 @@
     var sm = SAE.summary();
     var dens = f.d, n = f.n;
     var oneIn = dens > 0 ? '1 in ' + SAE.fmtCount(Math.round(1 / dens)) : null;
+    var glance = [];
+    if (f.tt && f.tt.length) {
+      glance.push(h('span', { class: 'muted', text: 'Fires most on' }));
+      f.tt.forEach(function (t) { glance.push(SAE.pill(t, 'act')); });
+    }
+    if (f.pt && f.pt.length) {
+      glance.push(h('span', { class: 'muted' + (glance.length ? ' gap' : ''), text: glance.length ? '\u00b7 promotes' : 'Promotes' }));
+      f.pt.slice(0, 3).forEach(function (t) { glance.push(SAE.pill(t, 'pos')); });
+    }
+    if (glance.length) frag.appendChild(h('p', { class: 'glance' }, glance));
     frag.appendChild(h('dl', { class: 'stats', id: 'fstats' }, [
       stat('Density', SAE.fmtDensity(dens), oneIn, dens !== undefined ? 'fraction of tokens: ' + dens : null),
       stat('Fires on', SAE.fmtInt(n), 'tokens', sm.n_tokens ? 'of ' + SAE.fmtInt(sm.n_tokens) + ' analyzed tokens' : null),
@@ -76,7 +86,10 @@
     });
     var top = groups.filter(function (g) { return g.kind === 'top'; });
     var rest = groups.filter(function (g) { return g.kind !== 'top'; });
-    var nq = typeof sm.quantiles === 'number' ? sm.quantiles : Array.isArray(sm.quantiles) ? sm.quantiles.length : rest.length;
+    // Number of quantiles: summary.quantiles when it is a count, else one past the highest q<i>.
+    var qmax = -1;
+    rest.forEach(function (g) { var m = /^q(\d+)$/.exec(g.kind); if (m) qmax = Math.max(qmax, +m[1]); });
+    var nq = typeof sm.quantiles === 'number' ? sm.quantiles : qmax >= 0 ? qmax + 1 : null;
     main.appendChild(card('Top activations', top.length ? top[0].items.length + ' contexts' : null,
       top.length ? [contexts(top[0].items, scale)] : [h('p', { class: 'empty', text: 'No contexts.' })], 'h-top'));
     if (rest.length) {

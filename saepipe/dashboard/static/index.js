@@ -78,7 +78,7 @@
     var counts = new Array(nb).fill(0);
     logs.forEach(function (v) { counts[Math.min(nb - 1, Math.max(0, Math.floor((v - lo) / BW)))]++; });
     var bars = [];
-    var deadX0 = lo - 0.55, deadX1 = lo - 0.2;
+    var deadX0 = lo - 0.85, deadX1 = lo - 0.45;
     if (nDead) {
       bars.push({ x0: deadX0, x1: deadX1, n: nDead, cls: 'dead' + (state.flo === 'dead' ? ' sel' : ''), title: 'dead (never fired): ' + SAE.fmtInt(nDead) + ' features',
         onclick: function () { setFilter('dead', null); } });
@@ -92,7 +92,7 @@
     var xt = [];
     for (var e = lo; e <= Math.floor(hi); e++) xt.push({ v: e, label: pow10(e) });
     if (nDead) xt.push({ v: (deadX0 + deadX1) / 2, label: 'dead' });
-    var svg = SAE.barChart({ bars: bars, xmin: nDead ? lo - 0.6 : lo, xmax: hi, xTicks: xt, width: 520, height: 170, ml: 40,
+    var svg = SAE.barChart({ bars: bars, xmin: nDead ? lo - 0.9 : lo, xmax: hi, xTicks: xt, width: 520, height: 170, ml: 40,
       label: 'Histogram of feature density (log scale)' });
     document.getElementById('density').replaceChildren(svg);
     document.getElementById('density-note').textContent = logs.length ? '\u00b7 ' + SAE.fmtInt(logs.length) + ' alive' : '';
@@ -257,7 +257,7 @@
           fs.slice(0, 12).forEach(function (fid, j) { list.appendChild(featureChip(fid, vs[j])); });
           if (!fs.length) list.appendChild(h('span', { class: 'empty', text: 'no features recorded' }));
           parts.push(h('div', { class: 'res', 'data-token': T.tok[r] }, [
-            h('div', { class: 'res-h' }, [SAE.pill(T.tok[r]), h('span', { text: 'token ' + T.id[r] + ' \u00b7 ' + fs.length + ' feature' + (fs.length === 1 ? '' : 's') + ' fire on it most' })]),
+            h('div', { class: 'res-h' }, [SAE.pill(T.tok[r]), h('span', { text: 'token ' + T.id[r] + ' \u00b7 top ' + fs.length + ' feature' + (fs.length === 1 ? '' : 's') + ' by activation' })]),
             list,
           ]));
         });
