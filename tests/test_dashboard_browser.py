@@ -149,6 +149,16 @@ def test_sort_filter_and_paginate(site, browser):
         and browser.evaluate("document.querySelectorAll('#rows tr.dead').length") == dead_rows
     )
     assert "dead features" in browser.evaluate("document.getElementById('filter').textContent")
+    # the state lives in the URL: coming back (e.g. from a feature page) restores it
+    browser.goto((site["dir"] / "index.html").as_uri() + "#sort=-d&page=3", ready="index")
+    assert "Page 3 of 93" in browser.evaluate("document.getElementById('pager').textContent")
+    dens = browser.evaluate(
+        "Array.from(document.querySelectorAll('#rows tr')).map(r => SAE.index.d[+r.dataset.id])"
+    )
+    assert (
+        dens == sorted(dens, reverse=True)
+        and browser.evaluate("document.getElementById('sort').value") == "-d"
+    )
 
 
 def test_search_by_token_then_open_feature(site, browser):
@@ -211,6 +221,20 @@ def test_feature_page_matches_the_data(site, browser):
         assert [t[0] for t in row] == [visible(t) for t in ex["tokens"]]
         assert [t[1] for t in row] == pytest.approx([float(a) for a in ex["acts"]], rel=1e-6)
         assert [i for i, t in enumerate(row) if t[2]] == [ex["center"]]
+    # hovering a highlighted token shows its value at once
+    browser.hover(".ctx .tk.mx")
+    tip = browser.wait_for(
+        "document.querySelector('.tip').style.display === 'block' && document.querySelector('.tip').textContent"
+    )
+    ex0 = rec["examples"][0]
+    assert tip == fmt(float(ex0["acts"][ex0["center"]])) + json.dumps(
+        ex0["tokens"][ex0["center"]], ensure_ascii=False
+    )
+    browser.hover("h1")
+    browser.wait_for("document.querySelector('.tip').style.display === 'none'")
+    assert browser.evaluate("document.querySelector('.ctx .tk.mx').title").endswith(
+        fmt(float(ex0["acts"][ex0["center"]]))
+    )
     # no markup from the data reached the DOM
     assert (
         browser.evaluate(
@@ -251,6 +275,10 @@ def test_navigation_between_features(site, browser):
     browser.goto(f"{(d / 'feature.html').as_uri()}#10", ready="feature:10")
     browser.evaluate("document.body.focus()")
     browser.click("#next")
+    browser.wait_for("document.documentElement.dataset.ready === 'feature:11'")
+    browser.key("ArrowLeft")  # keyboard: arrows step through features
+    browser.wait_for("document.documentElement.dataset.ready === 'feature:10'")
+    browser.key("ArrowRight")
     browser.wait_for("document.documentElement.dataset.ready === 'feature:11'")
     t0 = time.perf_counter()
     browser.set_hash("#9000", ready="feature:9000")  # another block: one more script load
@@ -346,3 +374,13 @@ def test_number_formats_match_javascript(site, browser):
         for v in vals
     ]
     assert got == want
+
+
+def test_take_screenshots(site, chromium, tmp_path):
+    """The helper that makes the README's screenshots (python -m saepipe.dashboard screenshot)."""
+    from saepipe.dashboard.screenshots import take_screenshots
+
+    index_png, feature_png = take_screenshots(site["dir"], tmp_path, executable=chromium)
+    for p in (index_png, feature_png):
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 20_000
+    assert feature_png.name.startswith("feature-")

@@ -436,8 +436,37 @@ class Browser:
                 },
             )
 
+    def key(self, key: str) -> None:
+        """Press and release one key (``"ArrowLeft"``, ``"Escape"``...) on the focused element."""
+        codes = {
+            "ArrowLeft": 37,
+            "ArrowUp": 38,
+            "ArrowRight": 39,
+            "ArrowDown": 40,
+            "Escape": 27,
+            "Tab": 9,
+        }
+        for kind in ("keyDown", "keyUp"):
+            self.send(
+                "Input.dispatchKeyEvent",
+                {"type": kind, "key": key, "code": key, "windowsVirtualKeyCode": codes.get(key, 0)},
+            )
+
+    def hover(self, selector: str) -> None:
+        """Move the mouse over the centre of the first element matching ``selector``."""
+        x, y = self._centre(selector)
+        self.send("Input.dispatchMouseEvent", {"type": "mouseMoved", "x": x, "y": y})
+
     def click(self, selector: str) -> None:
         """A real mouse click at the centre of the first element matching ``selector``."""
+        x, y = self._centre(selector)
+        for kind in ("mousePressed", "mouseReleased"):
+            self.send(
+                "Input.dispatchMouseEvent",
+                {"type": kind, "x": x, "y": y, "button": "left", "clickCount": 1},
+            )
+
+    def _centre(self, selector: str) -> tuple[float, float]:
         box = self.evaluate(
             f"(function(){{var e=document.querySelector({json.dumps(selector)}); if(!e) return null;"
             "e.scrollIntoView({block:'center'}); var r=e.getBoundingClientRect();"
@@ -445,11 +474,7 @@ class Browser:
         )
         if not box:
             raise BrowserError(f"no element matches {selector!r}")
-        for kind in ("mousePressed", "mouseReleased"):
-            self.send(
-                "Input.dispatchMouseEvent",
-                {"type": kind, "x": box[0], "y": box[1], "button": "left", "clickCount": 1},
-            )
+        return float(box[0]), float(box[1])
 
     def screenshot(
         self, path: str | Path, *, full_page: bool = False, max_height: int = 6000

@@ -322,6 +322,37 @@
     return h('table', { class: 'vals' }, tb);
   };
 
+  /* A tooltip that follows token hovers at once (the native title waits a second): it shows the
+     token and its activation, and hides the title meanwhile so the two do not stack. */
+  SAE.installTooltips = function (container) {
+    var tip = h('div', { class: 'tip', role: 'tooltip', 'aria-hidden': 'true' });
+    document.body.appendChild(tip);
+    var cur = null;
+    function hide() {
+      if (cur) { cur.setAttribute('title', cur.getAttribute('data-title')); cur.removeAttribute('data-title'); cur = null; }
+      tip.style.display = 'none';
+    }
+    container.addEventListener('mouseover', function (ev) {
+      var t = ev.target.closest ? ev.target.closest('.tk[data-act]') : null;
+      if (t === cur) return;
+      hide();
+      if (!t) return;
+      cur = t;
+      t.setAttribute('data-title', t.getAttribute('title') || '');
+      t.removeAttribute('title');
+      var raw = t.getAttribute('data-title'), cut = raw.lastIndexOf(' \u00b7 ');
+      tip.replaceChildren(h('span', { class: 'tip-v', text: cut >= 0 ? raw.slice(cut + 3) : '' }),
+                          h('span', { class: 'tip-t', text: cut >= 0 ? raw.slice(0, cut) : raw }));
+      tip.style.display = 'block';
+      var r = t.getBoundingClientRect(), w = tip.offsetWidth;
+      var x = Math.max(6, Math.min(window.innerWidth - w - 6, r.left + r.width / 2 - w / 2));
+      tip.style.left = x + window.scrollX + 'px';
+      tip.style.top = r.top + window.scrollY - tip.offsetHeight - 6 + 'px';
+    });
+    container.addEventListener('mouseleave', hide);
+    window.addEventListener('scroll', hide, { passive: true });
+  };
+
   /* Top bar with the run's model and site. */
   SAE.runLabel = function () {
     var sm = SAE.summary(), site = sm.site || {}, parts = [];

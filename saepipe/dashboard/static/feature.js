@@ -166,5 +166,6 @@
     else if (ev.key === 'ArrowRight' && id + 1 < n) location.hash = '#' + (id + 1);
   });
   window.addEventListener('hashchange', function () { show(); window.scrollTo(0, 0); });
+  SAE.installTooltips(content);
   show();
 })();
