@@ -69,7 +69,7 @@
   function pow10(e) { return e === 0 ? '1' : '10' + String(e).split('').map(function (c) { return SUP[c] || c; }).join(''); }
   var logs = [];
   for (var k = 0; k < N; k++) if (!isDead(k) && dens[k] > 0) logs.push(Math.log10(dens[k]));
-  var lo = logs.length ? Math.floor(Math.min.apply(null, logs)) : -6;
+  var lo = logs.length ? Math.floor(Math.min.apply(null, logs) * 5) / 5 : -6;
   var hi = logs.length ? Math.min(0, Math.ceil(Math.max.apply(null, logs) * 5) / 5) : 0;
   if (hi <= lo) hi = lo + 1;
   var BW = 0.1;
@@ -90,7 +90,7 @@
         onclick: c ? function () { setFilter(Math.round(a * 10) / 10, Math.round(z * 10) / 10); } : null });
     });
     var xt = [];
-    for (var e = lo; e <= Math.floor(hi); e++) xt.push({ v: e, label: pow10(e) });
+    for (var e = Math.ceil(lo); e <= Math.floor(hi); e++) xt.push({ v: e, label: pow10(e) });
     if (nDead) xt.push({ v: (deadX0 + deadX1) / 2, label: 'dead' });
     var svg = SAE.barChart({ bars: bars, xmin: nDead ? lo - 0.9 : lo, xmax: hi, xTicks: xt, width: 520, height: 170, ml: 40,
       label: 'Histogram of feature density (log scale)' });
