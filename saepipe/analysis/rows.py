@@ -8,13 +8,17 @@ contiguous (extract stores texts one after the other), so a context window is a 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
+import mlx.core as mx
 import numpy as np
 
 from saepipe.activations.shards import ShardSource
+from saepipe.lm.forward import forward, unwrap_model
+from saepipe.lm.sites import Site
+from saepipe.lm.tokens import excluded_token_ids, tokenize_padded
 
 
 class RowChunk(NamedTuple):
@@ -94,4 +98,28 @@ class ArrayRows:
             yield RowChunk(np.asarray(self.acts[a:b], dtype=np.float32), self.token_id[a:b], self.doc_id[a:b])
 
 
-__all__ = ["ArrayRows", "RowChunk", "RowSource", "ShardRows"]
+def rows_from_texts(model: Any, site: Site, texts: Sequence[str], *, context_length: int = 128,
+                    batch_size: int = 8, skip_special_tokens: bool = True, split: str = "texts") -> ArrayRows:
+    """The model's activations at ``site`` for every token of ``texts``, as extract stores them:
+    texts cut to ``context_length`` tokens (BOS included), pads never kept, BOS and special tokens
+    skipped when ``skip_special_tokens``; ``doc_id`` is the text's index in ``texts``."""
+    tokenizer = model.tokenizer
+    module = unwrap_model(model)
+    excluded = excluded_token_ids(tokenizer, skip_special_tokens)
+    acts, tok, doc = [], [], []
+    for a in range(0, len(texts), batch_size):
+        ids, lengths = tokenize_padded(tokenizer, texts[a : a + batch_size], context_length)
+        keep = (np.arange(ids.shape[1])[None, :] < lengths[:, None]) & ~np.isin(ids, excluded)
+        out = forward(module, mx.array(ids), stop_layer=site.layer, capture=[site]).activations[site]
+        out = np.asarray(out.astype(mx.float32))
+        b, pos = np.nonzero(keep)
+        acts.append(out[b, pos])
+        tok.append(ids[b, pos])
+        doc.append(a + b)
+    d = int(model.info.d_model) if hasattr(model, "info") else int(acts[0].shape[-1])
+    if not acts or not sum(len(x) for x in acts):
+        return ArrayRows(np.zeros((0, d), np.float32), np.zeros(0, np.int32), np.zeros(0, np.int64), split)
+    return ArrayRows(np.concatenate(acts), np.concatenate(tok), np.concatenate(doc), split)
+
+
+__all__ = ["ArrayRows", "RowChunk", "RowSource", "ShardRows", "rows_from_texts"]
