@@ -27,6 +27,7 @@ TABLES = {  # params.yaml section -> "module:Class"
     "prepare": "saepipe.texts.prepare:PrepareConfig",
     "extract": "saepipe.activations.extract:ExtractConfig",
     "sae": "saepipe.sae.config:SAEConfig",
+    "analyze": "saepipe.analysis.config:AnalysisConfig",
 }
 BLOCK = re.compile(r"(<!-- generated:(?P<name>[\w:.]+) -->\n)(?P<body>.*?)(<!-- end generated:(?P=name) -->)", re.S)
 

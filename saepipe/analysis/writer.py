@@ -5,7 +5,7 @@ in display order: by latent, then "top", "q{m-1}" .. "q0", each by rank), ``toke
 (top latents per token) and ``summary.json``. Column names and types are those of
 ``saepipe.dashboard.data`` (``FEATURE_COLUMNS``, ``EXAMPLE_COLUMNS``, ``TOKEN_COLUMNS``). The tables are
 a pure function of the inputs, so the parquet files are byte-identical across runs; ``summary.json``
-also holds the run's timings (``seconds``), the only part that changes.
+also holds the run's timings (``seconds``, ``cpu_seconds``), the only part that changes.
 """
 
 from __future__ import annotations
