@@ -8,12 +8,7 @@ passes on one stream), side by side in one run, with the metrics of both compare
 Without --sae a random TopKSAE (x16, k=32) is scored. Run on a quiet machine: both paths use
 both cores, so any other load slows them alike only roughly.
 
-Measured (2-core x86, busy: load ~4, trained SAE at layer 6 mlp, 1000 tokens, batch 8): fast 46.5
-tok/s, straightforward 9.3 tok/s (5.0x), metrics equal to 2.4e-16 relative. Batch size 8 ~ 16
-(40.2 vs 40.7 tok/s at 2000 tokens), 32 slower (28.5: the (B, T, 49152) logits get large). In the
-fast path ~28% of the time is ``SplicedLossStats.update`` (MLX's one-core exp in logsumexp).
-Again 2026-11-27, quiet, both paths inside ``reuse_freed_memory`` (big logits reused instead of
-page-faulted in each batch): fast 75.9 tok/s, straightforward 44.4 (1.71x), metrics equal to 9.1e-16.
+Results, dated: docs/performance.md.
 """
 
 from __future__ import annotations

@@ -18,13 +18,7 @@ Methods, all float32 on a (batch, seq) block of the same token ids, timed in int
 Also checks that transformers' activations agree with saepipe's, and times one end-to-end
 ``extract_split`` (tokenize + forward + float16 shards). Target: saepipe >= 1.5x transformers.
 
-Measured (2-core x86 with AVX-512, quiet, torch 2.13.0, transformers 4.57.6): saepipe ~1330-1440
-tok/s, mlx-lm blocks ~590-650 (2.1-2.25x), transformers ~1600-1820 (0.76-0.83x: the target is not
-met). Again 2026-11-27 with transformers 5.24.0: saepipe 1315-1330, mlx-lm blocks 796 (1.65x),
-transformers 1371-1461 (0.91-0.96x); OPENBLAS_THREAD_TIMEOUT 20 vs 28 made no difference here.
-Our GEMMs alone take ~53 ms CPU per block for 1024 tokens (OpenBLAS ~140 GFLOP/s per core, near
-the core's float32 FMA peak), which limits the rate to ~2400 tok/s even with free elementwise work,
-below 1.5x transformers here.
+Results, dated: docs/performance.md.
 """
 
 from __future__ import annotations
@@ -100,7 +94,8 @@ def _end_to_end(loaded, layer: int, seq: int, batch: int, n_texts: int) -> tuple
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from saepipe.activations.extract import ExtractConfig, extract_split
+    from saepipe.activations.config import ExtractConfig
+    from saepipe.activations.extract import extract_split
 
     words = ["the", "model", "reads", "long", "texts", "about", "rivers,", "cities", "and", "the", "history", "of", "science"]
     rng = np.random.default_rng(0)

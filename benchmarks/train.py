@@ -6,12 +6,12 @@
 For each k it prints tokens/s of (all with AuxK on: ``--dead-fraction`` of the latents are dead):
 
 - floor: one dense encoder matmul of the batch, ``x @ W_enc.T`` (n x d_model x d_hidden);
-- cpu_step: ``saepipe.training.cpu_step.CpuStep.step``, what ``fit_sae`` runs on a CPU (MLX encoder matmul +
-  multi-threaded numba kernels), and the floor are timed inside ``reuse_freed_memory`` as in
+- cpu_step: ``saepipe.training.cpu_step.CpuStep.step``, what ``fit_sae`` runs on a CPU (MLX encoder
+  matmul + multi-threaded numba kernels), and the floor are timed inside ``reuse_freed_memory`` as in
   ``fit_sae``, interleaved, with 3x the repeats;
-- reference: the dense MLX step (``saepipe.training.fit._make_step``, ``kernels="reference"``);
-- sparse_ops (dense, split): ``saepipe.training.mlx_step.make_train_step``, ``fit_sae``'s path on a GPU
-  (``--all-variants`` adds its other weight-gradient method and the one-stream variants);
+- reference: the dense MLX step (``saepipe.training.reference``, ``kernels="reference"``);
+- mlx_step (dense): ``saepipe.training.mlx_step.make_train_step``, ``fit_sae``'s path on a GPU
+  (``--all-variants`` adds its scatter-add weight gradients);
 - peers, each through its own classes, in a subprocess of ``--peer-python``: EleutherAI sparsify
   (``SparseCoder`` forward with ``dead_mask`` + backward + decoder-gradient projection + Adam step +
   decoder renorm) and SAELens (``TopKTrainingSAE.training_forward_pass`` + backward + Adam step);
@@ -19,15 +19,7 @@ For each k it prints tokens/s of (all with AuxK on: ``--dead-fraction`` of the l
 
 Targets (issue): full step <= 1.5x the floor, and >= 2x sparsify's tok/s with AuxK on.
 
-Measured 2026-11-27, second session (2-core x86 with AVX-512, cmeel OpenBLAS, torch 2.13.0 CPU;
-batch 4096, d_model 576, expansion 16, 5 % dead latents), one run: floor ~19.6k tok/s (208 ms).
-k=32: cpu_step 14.0k tok/s = 1.41x floor; sparsify 4.5k (saepipe 3.1x; 3.4-4.1k in other runs),
-SAELens 1.14k (12x), the reference MLX step 1.7k. k=64: cpu_step 13.2k = 1.48x floor; sparsify 3.7k
-(3.6x), SAELens 1.09k (12x). This machine is shared and noisy: over the last runs k=32 gave
-1.39-1.44x and k=64 1.43-1.52x. Beyond the matmul, at k=64 (per-kernel minima in the step): AuxK
-~46 ms (its four dense n x n_dead x d_model matmuls ~44 ms at BLAS peak), gradients of the active
-latents ~15 ms and the sparse decode ~9 ms (row gathers, bound by memory latency), top-k ~12 ms,
-Adam ~5 ms (memory bound).
+Results, dated: docs/performance.md.
 
 Installing the peers into a throwaway venv (never the project venv; CPU torch only):
 
@@ -205,7 +197,7 @@ def main(ks, n, d_model, expansion, dead_fraction, repeats, peer_python, peers, 
     print(f"batch {n}, d_model {d_model}, d_hidden {d_model * expansion}, AuxK on with "
           f"{dead_fraction:.0%} dead latents; best of {repeats} (interleaved)")
     # All of saepipe's timings first, then the peers: each peer is a big torch subprocess whose
-    # exit leaves the kernel busy reclaiming memory for a while (our steps ran ~5 % slower after one).
+    # exit leaves the kernel busy reclaiming memory for a while (our steps ran slower after one).
     results = {k: _mlx_times(k, n, d_model, expansion, dead_fraction, repeats, all_variants) for k in ks}
     for k in ks:
         times = results[k]

@@ -24,9 +24,11 @@ ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "saepipe.md"
 
 TABLES = {  # params.yaml section -> "module:Class"
-    "prepare": "saepipe.texts.prepare:PrepareConfig",
-    "extract": "saepipe.activations.extract:ExtractConfig",
+    "prepare": "saepipe.texts.config:PrepareConfig",
+    "extract": "saepipe.activations.config:ExtractConfig",
+    "normalize": "saepipe.activations.config:NormalizeConfig",
     "sae": "saepipe.sae.config:SAEConfig",
+    "evaluate": "saepipe.evaluation.config:EvaluateConfig",
     "analyze": "saepipe.analysis.config:AnalysisConfig",
 }
 BLOCK = re.compile(r"(<!-- generated:(?P<name>[\w:.]+) -->\n)(?P<body>.*?)(<!-- end generated:(?P=name) -->)", re.S)

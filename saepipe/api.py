@@ -32,9 +32,10 @@ from typing import Any, NamedTuple
 import numpy as np
 import pyarrow.parquet as pq
 
-from saepipe.activations.extract import ExtractConfig, extract_split
+from saepipe.activations.config import ExtractConfig
+from saepipe.activations.extract import extract_split
 from saepipe.activations.normalize import fit_stats
-from saepipe.analysis.explore import ExplorableSAE
+from saepipe.explore import ExplorableSAE
 from saepipe.lm.model import LoadedModel, ModelInfo, load_model
 from saepipe.lm.sites import COMPONENTS, Site, check_site
 from saepipe.lm.tokens import excluded_token_ids

@@ -14,8 +14,9 @@ from typing import Any
 
 import click
 
-from saepipe.activations.extract import ExtractConfig
-from saepipe.evaluation.evaluate import EvalResult, EvaluateConfig, evaluate_sae, health_checks
+from saepipe.activations.config import ExtractConfig
+from saepipe.evaluation.config import EvaluateConfig
+from saepipe.evaluation.evaluate import EvalResult, evaluate_sae, health_checks
 from saepipe.evaluation.metrics import density_histogram
 from saepipe.evaluation.plots import (
     plot_density_histogram,

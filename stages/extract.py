@@ -13,7 +13,8 @@ from pathlib import Path
 
 import click
 
-from saepipe.activations.extract import ExtractConfig, extract
+from saepipe.activations.config import ExtractConfig
+from saepipe.activations.extract import extract
 from saepipe.lm.model import load_model
 from saepipe.runtime.params import model_spec, read_params, section
 

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import click
 
-from saepipe.activations.normalize import STATS_FILE, NormalizeConfig, normalize
+from saepipe.activations.config import NormalizeConfig
+from saepipe.activations.normalize import STATS_FILE, normalize
 from saepipe.runtime.params import read_params, section
 
 

@@ -13,7 +13,8 @@ from pathlib import Path
 import click
 
 from saepipe.runtime.params import read_params, section
-from saepipe.texts.prepare import PrepareConfig, run_prepare, write_prepared
+from saepipe.texts.config import PrepareConfig
+from saepipe.texts.prepare import run_prepare, write_prepared
 
 
 @click.command()

@@ -116,7 +116,6 @@ def test_latent_grads_match_dense_math(tied, stream):
     slot[aux_cols] = np.arange(3)
     aux_dec, aux_enc = rng.standard_normal((3, d), dtype=np.float32), rng.standard_normal((3, d), dtype=np.float32)
     aux_b = rng.standard_normal(3, dtype=np.float32)
-    offsets, order, rows = ck.group_by_latent(idx, h)
     dW_dec, db_enc = aligned_empty((h, d)), np.empty(h, np.float32)  # streaming: rows on cache lines
     dW_enc = dW_dec if tied else aligned_empty((h, d))
     assert ck.streamable(dW_dec, dW_enc) == stream
@@ -124,8 +123,8 @@ def test_latent_grads_match_dense_math(tied, stream):
     assert not ck.streamable(shifted)  # rows off the cache lines: never streamed (it would fault)
     fired, sq_dec, sq_enc = np.empty(h, np.int64), np.empty(h, np.float32), np.empty(h, np.float32)
     gpre = np.full(pv.shape, np.nan, np.float32)
-    ck.latent_grads(offsets, order, rows, pv, e, xc, gscale, l1, W, tied, stream, gpre, slot,
-                    aux_dec, aux_enc, aux_b, dW_dec, dW_enc, db_enc, fired, sq_dec, sq_enc)
+    out = ck.LatentGrads(dW_dec, dW_enc, db_enc, fired, sq_dec, sq_enc, gpre)
+    ck.latent_grads(ck.group_by_latent(idx, h), pv, e, xc, gscale, l1, W, tied, (slot, aux_dec, aux_enc, aux_b), out)
 
     gv = gscale * np.einsum("rd,rjd->rj", e, W[idx]) + l1
     np.testing.assert_allclose(gpre, np.where(pv > 0, gv, 0), rtol=1e-4, atol=1e-6)

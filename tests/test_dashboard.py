@@ -28,7 +28,7 @@ from saepipe.dashboard import (
     render_feature_html,
     serve,
 )
-from saepipe.dashboard._jsdata import dumps, js_call, round_sig
+from saepipe.dashboard.jsdata import dumps, js_call, round_sig
 from saepipe.dashboard.render import esc, fmt, visible
 from saepipe.dashboard.site import iter_blocks
 from saepipe.dashboard.synthetic import HOSTILE_TOKENS, write_synthetic_analysis

@@ -167,7 +167,8 @@ def test_scored_positions_are_extractions_rows(tiny_model, tmp_path, skip_specia
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from saepipe.activations.extract import ExtractConfig, make_batches
+    from saepipe.activations.config import ExtractConfig
+    from saepipe.activations.extract import make_batches
     from saepipe.texts.prepare import read_split
 
     pq.write_table(pa.table({"id": np.arange(len(TEXTS)), "text": TEXTS, "source": ["t"] * len(TEXTS),

@@ -1,4 +1,4 @@
-"""The Phase-2 API (saepipe.analysis.explore) on the tiny random model: results agree with the SAE's own
+"""The Phase-2 API (saepipe.explore) on the tiny random model: results agree with the SAE's own
 encoding of the same texts, and the dashboard it serves is reachable and cleaned up."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from saepipe import InterpretableModel
-from saepipe.analysis.explore import ExplorableSAE, TextAnalysis, TopTexts
+from saepipe.explore import ExplorableSAE, TextAnalysis, TopTexts
 from saepipe.analysis.rows import rows_from_texts
 from saepipe.dashboard import FeatureView
 from saepipe.lm.sites import Site

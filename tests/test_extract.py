@@ -11,9 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
+from saepipe.activations.config import ExtractConfig
 from saepipe.activations.extract import (
     PROGRESS,
-    ExtractConfig,
     check_storable,
     extract,
     extract_split,

@@ -160,16 +160,16 @@ def test_single_threaded_blas_scope_nests_and_restores():
     """A caller already inside the scope (a test fixture, a split train step) may enter it again."""
     import threading
 
-    from saepipe.runtime import blas_threads as _blas_threads
+    from saepipe.runtime import blas_threads
 
     done = threading.Event()
 
     def nested() -> None:
-        with _blas_threads.single_threaded(), _blas_threads.single_threaded():
+        with blas_threads.single_threaded(), blas_threads.single_threaded():
             pass
         done.set()
 
-    lib = _blas_threads._openblas()
+    lib = blas_threads._openblas()
     before = lib.openblas_get_num_threads() if lib else None
     worker = threading.Thread(target=nested, daemon=True)
     worker.start()

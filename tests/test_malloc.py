@@ -7,9 +7,9 @@ import resource
 
 import pytest
 
-from saepipe.runtime import memory as _malloc
+from saepipe.runtime import memory
 
-pytestmark = pytest.mark.skipif(_malloc._glibc() is None, reason="glibc only")
+pytestmark = pytest.mark.skipif(memory._glibc() is None, reason="glibc only")
 
 _SIZE = 64 * 2**20  # above glibc's largest mmap threshold (32 MB)
 
@@ -29,14 +29,14 @@ def _faults_of_touching_a_fresh_buffer() -> int:
 def test_freed_buffers_are_reused_only_inside_the_block():
     outside = _faults_of_touching_a_fresh_buffer()  # a fresh mmap: every page (or huge page) faults
     assert outside >= _SIZE // (2 * 2**20)
-    with _malloc.reuse_freed_memory():
+    with memory.reuse_freed_memory():
         _faults_of_touching_a_fresh_buffer()
-        with _malloc.reuse_freed_memory():  # nested blocks leave the outer one in charge
+        with memory.reuse_freed_memory():  # nested blocks leave the outer one in charge
             pass
         assert _faults_of_touching_a_fresh_buffer() * 4 < outside
     assert _faults_of_touching_a_fresh_buffer() * 2 > outside  # the defaults are back
 
 
 def test_opt_out(monkeypatch):
-    monkeypatch.setenv(_malloc.ENV_VAR, "0")
-    assert _malloc._glibc() is None
+    monkeypatch.setenv(memory.ENV_VAR, "0")
+    assert memory._glibc() is None

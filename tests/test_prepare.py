@@ -9,9 +9,9 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
+from saepipe.texts.config import PrepareConfig
 from saepipe.texts.prepare import (
     SCHEMA,
-    PrepareConfig,
     assign_splits,
     prepare_texts,
     read_prepared,

@@ -20,14 +20,15 @@ import json
 import logging
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, NamedTuple
 
 import mlx.core as mx
 import numpy as np
 from tqdm import tqdm
 
+from saepipe.activations.config import ExtractConfig
 from saepipe.activations.shards import (
     MANIFEST,
     SHARD_PATTERN,
@@ -41,51 +42,12 @@ from saepipe.lm.forward import forward
 from saepipe.lm.model import LoadedModel
 from saepipe.lm.sites import Site, check_site
 from saepipe.runtime.files import atomic_write_bytes, file_sha256
-from saepipe.runtime.params import ParamsSection
 from saepipe.runtime.version import __version__
 from saepipe.texts.prepare import SPLITS, read_split
 
 log = logging.getLogger(__name__)
 
 PROGRESS = "_progress.json"
-
-
-@dataclass(frozen=True)
-class ExtractConfig(ParamsSection):
-    """The ``extract:`` section of params.yaml."""
-
-    SECTION: ClassVar[str] = "extract"  # its params.yaml section
-
-    layer: int = 6
-    """Block whose component output is stored (0-based)."""
-    component: str = "mlp"
-    """mlp | attn | output (residual stream after the block)."""
-    context_length: int = 128
-    """Texts are truncated to this many tokens (BOS included)."""
-    batch_size: int = 8
-    """Texts per forward pass."""
-    dtype: str = "float16"
-    """Storage dtype of the shards: float16 | float32."""
-    max_tokens: int = 200000
-    """Rows written for the train split."""
-    eval_max_tokens: int = 20000
-    """Rows written for the eval split."""
-    skip_special_tokens: bool = True
-    """Exclude BOS and other special-token positions (pads are always excluded)."""
-    shard_rows: int = 65536
-    """Rows per shard file."""
-
-    def __post_init__(self) -> None:
-        for name in ("context_length", "batch_size", "max_tokens", "eval_max_tokens", "shard_rows"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"extract.{name} must be a positive integer, got {value!r}")
-        if self.dtype not in ("float16", "float32"):
-            raise ValueError(f"extract.dtype must be float16 or float32, got {self.dtype!r}")
-
-    def max_rows(self, split: str) -> int:
-        """Row budget of a split."""
-        return self.max_tokens if split == "train" else self.eval_max_tokens
 
 
 class _Interrupted(Exception):
@@ -105,7 +67,7 @@ class Batch(NamedTuple):
 
 SORT_WINDOW_BATCHES = 32
 """Texts are sorted by token count within windows of this many batches: similar lengths share a
-batch, so little compute goes to padding (58% -> ~95% real tokens on the builtin corpus)."""
+batch, so little compute goes to padding."""
 
 
 def make_batches(

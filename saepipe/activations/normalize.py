@@ -9,39 +9,20 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
+from saepipe.activations.config import check_chunk_rows
 from saepipe.activations.shards import ShardSource
 from saepipe.activations.sources import as_source, take_in_chunks
 from saepipe.activations.stats import NormStats
-from saepipe.runtime.params import ParamsSection
 
 STATS_FILE = "stats.safetensors"
 
 MIN_STD = 1e-8
 """Floor of a fitted std: a constant dimension must not make normalization divide by 0."""
-
-
-@dataclass(frozen=True)
-class NormalizeConfig(ParamsSection):
-    """The ``normalize:`` section of params.yaml."""
-
-    SECTION: ClassVar[str] = "normalize"  # its params.yaml section
-
-    chunk_rows: int = 65536
-    """Rows read from the shards at a time (bounds memory; the statistics do not depend on it)."""
-
-    def __post_init__(self) -> None:
-        _check_chunk_rows(self.chunk_rows)
-
-
-def _check_chunk_rows(chunk_rows: int) -> None:
-    if not isinstance(chunk_rows, int) or isinstance(chunk_rows, bool) or chunk_rows <= 0:
-        raise ValueError(f"normalize.chunk_rows must be positive, got {chunk_rows}")
 
 
 class Moments(NamedTuple):
@@ -105,7 +86,7 @@ def to_stats(m: Moments, min_std: float = MIN_STD) -> NormStats:
 def fit_stats(activations: Any, chunk_rows: int = 65536, rows: np.ndarray | None = None) -> NormStats:
     """Normalization statistics of an ``ActivationSource`` / shard folder / (n, d) array; of the
     rows with indices ``rows`` only when given (e.g. the training rows of a split)."""
-    _check_chunk_rows(chunk_rows)
+    check_chunk_rows(chunk_rows)
     source = as_source(activations)
     chunks = source.chunks(chunk_rows) if rows is None else take_in_chunks(source, rows, chunk_rows)
     return to_stats(reduce_moments(chunks))

@@ -4,5 +4,5 @@
 latent its statistics and histogram (``latents``), top contexts and quantile samples with their
 token windows (``contexts``), logit effects (``directions``, ``logits``), nearest latents
 (``neighbors``) and per token its top latents (``tokens``), and writes them as the dashboard's data
-contract (``writer``). ``explore`` adds the notebook API (``sae.analyze_text``, ...) on top.
+contract (``writer``). ``saepipe.explore`` builds the notebook API (``sae.analyze_text``, ...) on it.
 """

@@ -49,6 +49,10 @@ class AnalysisConfig(ParamsSection):
             raise ValueError(f"analyze.splits repeats a split: {list(splits)}")
         object.__setattr__(self, "splits", tuple(splits))  # a YAML list becomes a (hashable) tuple
 
+    def to_dict(self) -> dict:
+        """The section as params.yaml holds it (``splits`` as a list)."""
+        return {**super().to_dict(), "splits": list(self.splits)}
+
     @property
     def window(self) -> int:
         """Tokens in a full context window (before + the activating token + after)."""

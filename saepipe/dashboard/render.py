@@ -353,7 +353,7 @@ def _float(v: Any) -> float | None:
 
 
 def _examples(record: Mapping[str, Any]) -> list[dict[str, Any]]:
-    from saepipe.dashboard.data import kind_order_key
+    from saepipe.dashboard.data import kind_order_key  # data.py loads pyarrow: only when rendering examples
 
     out = []
     for i, e in enumerate(record.get("examples") or []):
@@ -558,7 +558,7 @@ class FeatureView:
 
     @classmethod
     def from_analysis(cls, analysis_dir: str | Path, feature: int, **options: Any) -> FeatureView:
-        from saepipe.dashboard.data import load_feature_record
+        from saepipe.dashboard.data import load_feature_record  # pyarrow, only to read an analysis folder
 
         return cls(load_feature_record(analysis_dir, feature), **options)
 

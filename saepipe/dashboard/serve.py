@@ -13,6 +13,7 @@ without directory listings or request logs.
 from __future__ import annotations
 
 import functools
+import html
 import threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -103,8 +104,6 @@ class DashboardServer:
         return f"DashboardServer({self.url!r}, {state}, site={str(self.site_dir)!r})"
 
     def _repr_html_(self) -> str:
-        import html
-
         if not self.running:
             return f"<code>{html.escape(repr(self))}</code>"
         u = html.escape(self.url, quote=True)

@@ -30,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from saepipe.dashboard._jsdata import b64, js_call, round_sig
+from saepipe.dashboard.jsdata import b64, js_call, round_sig
 from saepipe.dashboard.data import Analysis, ContractError, load_analysis
 
 FORMAT_VERSION = 1

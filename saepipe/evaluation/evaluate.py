@@ -18,14 +18,14 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, NamedTuple
 
 import mlx.core as mx
 import numpy as np
 from tqdm import tqdm
 
-from saepipe.activations.extract import ExtractConfig, make_batches
+from saepipe.activations.config import ExtractConfig
+from saepipe.activations.extract import make_batches
 from saepipe.evaluation.metrics import (
     ReconstructionMetrics,
     ReconstructionStats,
@@ -39,27 +39,8 @@ from saepipe.lm import tokens as tok
 from saepipe.lm.forward import Replace, forward
 from saepipe.lm.sites import Site, check_site
 from saepipe.runtime.memory import reuse_freed_memory
-from saepipe.runtime.params import ParamsSection
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class EvaluateConfig(ParamsSection):
-    """The ``evaluate:`` section of params.yaml (which texts and tokens come from ``extract:``)."""
-
-    SECTION: ClassVar[str] = "evaluate"  # its params.yaml section
-
-    max_tokens: int = 10000
-    """Eval-split token positions scored (reconstruction and spliced-model loss)."""
-    batch_size: int = 8
-    """Texts per forward pass."""
-
-    def __post_init__(self) -> None:
-        for name in ("max_tokens", "batch_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"evaluate.{name} must be a positive integer, got {value!r}")
 
 
 class TokenBatch(NamedTuple):
@@ -331,5 +312,5 @@ def health_checks(
     }
 
 
-__all__ = ["EvalResult", "EvaluateConfig", "TokenBatch", "evaluate_sae", "health_checks", "length_sorted",
+__all__ = ["EvalResult", "TokenBatch", "evaluate_sae", "health_checks", "length_sorted",
            "token_batches"]

@@ -1,7 +1,7 @@
-"""Fast float32 elementwise math for MLX on CPU, where ``mx.exp`` costs ~16-40 ns per element on
-one core: a Cody-Waite range reduction + degree-6 polynomial exp (max relative error ~4e-7, i.e.
-float32 rounding) from plain elementwise ops, ~8x faster once compiled. Used by the forward pass
-(SwiGLU, attention softmax) and by evaluate's vocabulary-wide CE/KL.
+"""Fast float32 elementwise math for MLX on CPU, where ``mx.exp`` runs slowly on one core: a
+Cody-Waite range reduction + degree-6 polynomial exp (max relative error ~4e-7, i.e. float32
+rounding) from plain elementwise ops, several times faster once compiled (docs/performance.md).
+Used by the forward pass (SwiGLU, attention softmax) and by evaluate's vocabulary-wide CE/KL.
 """
 
 from __future__ import annotations

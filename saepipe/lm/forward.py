@@ -14,9 +14,9 @@ so each component output can be read (``capture``) or replaced (``edit``: the fu
 is what flows on). The mask is causal, so with right padding the pads after a text never change the
 text's own positions. The arithmetic is the same as mlx-lm's ``model(tokens)`` (tested) with two CPU
 speed-ups: SwiGLU and the attention softmax run as compiled kernels with a polynomial exp (MLX's CPU
-exp costs ~40 ns/element), and batches are split over one MLX stream per core with single-threaded
-OpenBLAS, so MLX's one-core elementwise kernels run on every core. On SmolLM2-135M (2 cores, batch
-8x128, to layer 15) this is ~2.2x mlx-lm's own blocks (benchmarks/extract.py).
+exp is slow), and batches are split over one MLX stream per core with single-threaded OpenBLAS, so
+MLX's one-core elementwise kernels run on every core. benchmarks/extract.py compares it with
+mlx-lm's own blocks (results: docs/performance.md).
 """
 
 from __future__ import annotations
@@ -215,8 +215,7 @@ def _parallel_parts(batch: int) -> int:
 
     On CPU MLX runs each elementwise kernel (SwiGLU, softmax, RoPE, norms) on one core, and
     OpenBLAS's 2-thread GEMMs stall whenever a core is busy elsewhere; rows split over
-    per-core streams with single-threaded BLAS use every core for all of it (measured
-    ~2.5x on a loaded 2-core machine, bit-identical rows).
+    per-core streams with single-threaded BLAS use every core for all of it (bit-identical rows).
     """
     if mx.default_device() != mx.cpu or not blas_threads.can_set_threads():
         return 1
@@ -231,10 +230,10 @@ def _lm_head(module: Any, h: mx.array) -> mx.array:
 
 
 # --- Fast CPU kernels for the non-GEMM part of a block --------------------------------------------
-# MLX's CPU exp/sigmoid cost ~40 ns per element and its fused SDPA is unblocked on CPU, so SwiGLU
-# and softmax dominated a block. A Cody-Waite range reduction + degree-6 polynomial exp (max
-# relative error ~4e-7, i.e. float32 rounding) built from compiled elementwise ops is ~8x faster
-# (saepipe.lm.fastmath).
+# MLX's CPU exp/sigmoid are slow and its fused SDPA is unblocked on CPU, so SwiGLU and softmax
+# dominated a block. A Cody-Waite range reduction + degree-6 polynomial exp (max relative error
+# ~4e-7, i.e. float32 rounding) built from compiled elementwise ops is much faster
+# (saepipe.lm.fastmath; numbers in docs/performance.md).
 
 
 @mx.compile  # per input shape: `view` (in _exp) cannot be shapeless; retracing is cheap

@@ -184,7 +184,7 @@ def llama_weights(tensors: dict[str, Any], args: Any, *, dequantize: bool) -> Ll
             scales, biases = renamed[f"{module}.scales"], renamed[f"{module}.biases"]
             b = quant_bits(value, scales)
             if dequantize:
-                # float32 scales: MLX's CPU float16 arithmetic is ~3x slower
+                # float32 scales: MLX's CPU float16 arithmetic is slower than float32
                 out[name] = mx.dequantize(value, scales.astype(mx.float32),
                                           biases.astype(mx.float32), GGUF_GROUP_SIZE, b)
             else:

@@ -182,8 +182,8 @@ def load_model(spec: str, *, keep_quantized: bool | None = None) -> LoadedModel:
     """Load a model by spec: "default", a ``.gguf`` path, a local mlx-lm folder or a hub id.
 
     ``keep_quantized=None`` applies the dtype policy: keep stored quantization where MLX runs on a
-    GPU (Metal/CUDA), dequantize everything to float32 on CPU (quantized CPU matmuls are ~25x
-    slower than float32 with OpenBLAS). ``True``/``False`` force either choice.
+    GPU (Metal/CUDA), dequantize everything to float32 on CPU (MLX's quantized CPU matmuls are far
+    slower than float32 ones on OpenBLAS). ``True``/``False`` force either choice.
     """
     dequantize = not (gpu_is_default() if keep_quantized is None else keep_quantized)
     if spec == "default":

@@ -2,8 +2,8 @@
 
 glibc serves every allocation above 32 MB with a fresh ``mmap`` and unmaps it on free, so a loop
 that allocates the same big buffers each step (MLX's (batch, d_hidden) pre-activations: 151 MB at
-batch 4096 x 9216 latents) pays a page fault per 4 KB page each time: ~40 ms of a ~250 ms encoder
-matmul on the 2-core Linux box. Inside ``reuse_freed_memory()`` allocations come from the heap and
+batch 4096 x 9216 latents) pays a page fault per 4 KB page each time, a sizeable share of the step
+(docs/performance.md). Inside ``reuse_freed_memory()`` allocations come from the heap and
 freed memory stays there for the next step; on exit the defaults return and free pages go back to
 the OS (``malloc_trim``). Elsewhere (macOS, musl) it does nothing.
 """

@@ -183,7 +183,7 @@ def _dataset_texts(ds: Any, column: str, label: str, where: str) -> Iterator[Tex
 
 def _pick_split(data: Any, split: str, where: str) -> Any:
     """The ``split`` of a ``DatasetDict`` (a plain ``Dataset`` is returned as is)."""
-    import datasets  # lazy: ~1 s to import, only Hugging Face sources need it
+    import datasets  # lazy: seconds to import, and only Hugging Face sources need it
 
     if isinstance(data, datasets.DatasetDict):
         if split not in data:
@@ -195,7 +195,7 @@ def _pick_split(data: Any, split: str, where: str) -> Any:
 def _read_hf_folder(
     path: Path, config: str | None, split: str, column: str
 ) -> Iterator[TextRecord]:
-    import datasets  # lazy: ~1 s to import, only Hugging Face sources need it
+    import datasets  # lazy: seconds to import, and only Hugging Face sources need it
 
     saved = any((path / f).exists() for f in ("dataset_dict.json", "state.json"))
     if saved:
@@ -209,7 +209,7 @@ def _read_hf_folder(
 
 
 def _read_hf_hub(name: str, config: str | None, split: str, column: str) -> Iterator[TextRecord]:
-    import datasets  # lazy: ~1 s to import, only Hugging Face sources need it
+    import datasets  # lazy: seconds to import, and only Hugging Face sources need it
 
     where = f"dataset {name!r}" + (
         f" (config {config!r}, split {split!r})" if config else f" (split {split!r})"

@@ -1,7 +1,7 @@
 """Multi-threaded CPU kernels (numba) for the sparse parts of a TopK-SAE training step.
 
 MLX on CPU runs argpartition, gather, scatter, elementwise ops and Adam on one core, so there a
-TopK step costs ~6x its one dense encoder matmul. These kernels do the sparse work in the shape it
+TopK step costs several times its one dense encoder matmul. These kernels do the sparse work in the shape it
 really has, on every core, reading each big array about once:
 
 - ``topk_rows``: per row, maxima of strided column groups, a threshold from them, then a
@@ -15,12 +15,13 @@ really has, on every core, reading each big array about once:
   sort), so each latent's gradient row is summed in cache and written once, with streaming stores
   (no scatter races, no dense (n, d_hidden) code); two passes, one (n, d) table gathered in each;
   the decoder's parallel component is removed and squared norms are taken on the way. Four pairs
-  per sweep of the accumulator row, as in the decode (k=64: 21 -> 16 ms).
+  per sweep of the accumulator row, as in the decode.
 - ``adam_rows``: bias-corrected Adam over rows in place, decoder rows renormalized in the same pass.
 
 All kernels work on float32 C-contiguous numpy arrays (some are zero-copy views of MLX arrays) and
 write into arrays they are given; hot loops sum in float32, as the reference's MLX matmuls do.
-``saepipe.training.cpu_step`` assembles them into a training step.
+``saepipe.training.cpu_step`` assembles them into a training step. What each choice gained is in
+docs/performance.md.
 """
 
 from __future__ import annotations
@@ -28,9 +29,10 @@ from __future__ import annotations
 import math
 import os
 import platform
+from typing import NamedTuple
 
 # numba's OpenMP workers spin after each parallel region by default, stealing the cores from the
-# OpenBLAS matmul that follows (AuxK's matmuls ran ~1.7x slower). Read when libgomp loads, i.e. at
+# OpenBLAS matmul that follows (AuxK's matmuls ran markedly slower). Read when libgomp loads, i.e. at
 # the first parallel kernel call, so setting it here (before numba) is early enough.
 os.environ.setdefault("OMP_WAIT_POLICY", "passive")
 
@@ -65,7 +67,7 @@ def aligned_empty(shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
 def _prefetch(typingctx, arr, index):
     """Hint the CPU to fetch the cache line holding ``arr[index]`` (1-D array): LLVM's prefetch
     (read, keep in all cache levels). Numba has no such function; random row gathers need it, as
-    the hardware prefetcher cannot guess the next row (a 20 MB table: 21 -> 13 ms per 262k rows)."""
+    the hardware prefetcher cannot guess the next row."""
     if not (isinstance(arr, types.Array) and arr.ndim == 1 and isinstance(index, types.Integer)):
         return None
 
@@ -133,7 +135,7 @@ def streamable(*arrays: np.ndarray) -> bool:
 def _write_row(dst, src, stream):
     """``dst[:] = src``; with ``stream`` (dst 64-byte aligned, a multiple of 16 long) as streaming
     stores, for output rows nothing reads soon: no read-for-ownership, no eviction of the tables
-    being gathered (the weight-gradient passes ran ~7 % faster)."""
+    being gathered."""
     if stream:
         for c in range(0, dst.size, 16):
             _stream16(dst, src, c)
@@ -187,7 +189,7 @@ def _take_top(vals, cols, m, k, out_v, out_c):
     """The k largest of ``vals[:m]`` (with ``cols``) into ``out_v[:k]``/``out_c[:k]`` (m >= k,
     no NaNs; the outputs hold >= m + 1 entries): thresholds from ``_bisect_top_k``, then
     branch-free compaction of the entries >= hi, then of ties in [lo, hi) up to k. Unlike a
-    quickselect this has no data-dependent branches to mispredict (top-k ~8 % faster at k = 64)."""
+    quickselect this has no data-dependent branches to mispredict."""
     cand = vals[:m]
     lo, hi = cand.min(), cand.max()
     if _count_ge(cand, hi) >= k:  # >= k ties at the maximum
@@ -227,7 +229,7 @@ def _group_threshold(gm, k):
 def _group_maxima(row, bias, lanes, g, gm):
     """``gm[c] = max_i row[i*g + c] + bias[i*g + c]`` for c < g: an elementwise max of slices.
     Written over slice views so LLVM sees contiguous, non-overlapping loops and vectorizes the
-    max (compare + blend on whole registers): ~4x faster than per-element scalar maxima."""
+    max (compare + blend on whole registers) instead of computing scalar maxima element by element."""
     for c in range(g):
         gm[c] = row[c] + bias[c]
     for i in range(1, lanes):
@@ -397,7 +399,7 @@ def group_by_latent(indices, width):
 @nb.njit(inline="always")
 def _remove_parallel(g, w):
     """``g -= (g . w) w`` in place (w a unit row); returns ``|g|^2`` after."""
-    par = np.float32(0.0)  # float32 sums in the hot loops: float64 ones cost ~2x the instructions
+    par = np.float32(0.0)  # float32 sums in the hot loops: float64 ones halve the vector width
     for c in range(g.size):
         par += g[c] * w[c]
     sq = np.float32(0.0)
@@ -407,34 +409,70 @@ def _remove_parallel(g, w):
     return sq
 
 
-_LATENT_CHUNK = 64  # latents per parallel work item in latent_grads (one set of temporaries each)
+_LATENT_CHUNK = 64  # latents per parallel work item in the gradient passes (one set of temporaries each)
+
+
+class LatentGrads(NamedTuple):
+    """Outputs of ``latent_grads``, written in place (one row or entry per latent unless noted)."""
+
+    dW_dec: np.ndarray
+    """(h, d) decoder gradient, its component along ``W_dec[j]`` removed (tied: encoder part included)."""
+    dW_enc: np.ndarray
+    """(h, d) encoder gradient (not written when tied: pass ``dW_dec``)."""
+    db_enc: np.ndarray
+    """(h,) float32 encoder bias gradient."""
+    fired: np.ndarray
+    """(h,) int64 positive activations of the latent in the batch."""
+    sq_dec: np.ndarray
+    """(h,) float32 squared norm of the latent's ``dW_dec`` row."""
+    sq_enc: np.ndarray
+    """(h,) float32 squared norm of its ``dW_enc`` row (0 when tied)."""
+    gpre: np.ndarray
+    """(n, k) float32 pre-activation gradient of each (row, slot) of the code."""
+
+
+def latent_grads(groups: tuple, pre_values: np.ndarray, e: np.ndarray, xc: np.ndarray, gscale: np.float32,
+                 l1_grad: np.float32, W_dec: np.ndarray, tied: bool, aux: tuple, out: LatentGrads) -> None:
+    """Pre-activation and weight gradients of the active latents, one latent row at a time.
+
+    ``groups``: ``group_by_latent``'s (offsets, order, rows). ``gpre[r, s] = [pv > 0] (gscale * e[r] .
+    W_dec[j] + l1_grad)`` for latent j's (row, slot) pairs, ``dW_dec[j] = gscale * sum relu(pv) e[r]``
+    and ``dW_enc[j] = sum gpre xc[r]`` over those pairs, plus latent j's AuxK rows: ``aux`` is
+    ``(slot, dW_dec rows, dW_enc rows, db_enc entries)`` with ``slot[j]`` the AuxK row of latent j
+    (-1: none). With ``tied`` the encoder gradient is added to the decoder's. Then the decoder
+    gradient's component along ``W_dec[j]`` is removed. Output rows are written with streaming
+    stores when ``streamable(out.dW_dec, out.dW_enc)``.
+
+    Two passes (two kernels), the first gathering rows of ``e`` only, the second rows of ``xc``: one
+    (n, d) table at a time stays in the last-level cache (gathering from both at once was slower).
+    """
+    stream = streamable(out.dW_dec, out.dW_enc)
+    slot, aux_dW_dec, aux_dW_enc, aux_db_enc = aux
+    decoder_grads(groups, pre_values, e, gscale, l1_grad, W_dec, slot, aux_dW_dec, not tied, stream,
+                  out.gpre, out.dW_dec, out.fired, out.sq_dec)
+    encoder_grads(groups, out.gpre, xc, W_dec, slot, aux_dW_enc, aux_db_enc, tied, stream,
+                  out.dW_dec, out.dW_enc, out.db_enc, out.sq_dec, out.sq_enc)
+
+
+@nb.njit(inline="always")
+def _largest_group(offsets):
+    most = 0
+    for j in range(offsets.size - 1):
+        most = max(most, offsets[j + 1] - offsets[j])
+    return most
 
 
 @nb.njit(parallel=True, cache=True, fastmath=True, boundscheck=False)
-def latent_grads(offsets, order, rows, pre_values, e, xc, gscale, l1_grad, W_dec, tied, stream, gpre,
-                 aux_slot, aux_dW_dec, aux_dW_enc, aux_db_enc,
-                 dW_dec, dW_enc, db_enc, fired, sq_dec, sq_enc):
-    """Pre-activation and weight gradients of the active latents, one latent row at a time.
-
-    ``gpre[r, s] = [pv > 0] (gscale * e[r] . W_dec[j] + l1_grad)`` for latent j's (row, slot)
-    pairs (written here, while ``e[r]`` is in cache for the decoder sum), ``dW_dec[j] = gscale *
-    sum relu(pv) e[r]`` and ``dW_enc[j] = sum gpre xc[r]`` over those pairs, plus latent j's AuxK
-    rows when ``aux_slot[j] >= 0``; with ``tied`` the encoder gradient is added to the decoder's
-    and ``dW_enc`` is not written (pass any (h, d) array). Then the decoder gradient's component
-    along ``W_dec[j]`` is removed; ``sq_dec``/``sq_enc`` get each row's squared norm, ``db_enc``
-    the bias gradient and ``fired`` the number of positive activations. ``stream``: write the
-    output rows with streaming stores; only when ``streamable(dW_dec, dW_enc)``.
-
-    Two passes, the first gathering rows of ``e`` only, the second rows of ``xc``: one (n, d)
-    table at a time stays in the last-level cache (gathering from both at once ran ~1.3x slower).
-    """
+def decoder_grads(groups, pre_values, e, gscale, l1_grad, W_dec, aux_slot, aux_dW_dec, project, stream,
+                  gpre, dW_dec, fired, sq_dec):
+    """Pass 1 of ``latent_grads``: ``gpre`` (written while ``e[r]`` is in cache for the decoder
+    sum), ``dW_dec`` rows with their AuxK rows, ``fired``; with ``project`` (untied: the row is
+    complete) the component along ``W_dec[j]`` is removed and ``sq_dec`` set here."""
+    offsets, order, rows = groups
     width, d = W_dec.shape
     values, gpre_flat = pre_values.ravel(), gpre.ravel()  # indexed by flat (row, slot) position
-    chunks = (width + _LATENT_CHUNK - 1) // _LATENT_CHUNK
-    most = 0
-    for j in range(width):
-        most = max(most, offsets[j + 1] - offsets[j])
-    for q in nb.prange(chunks):  # pass 1: decoder sums and pre-activation gradients
+    most = _largest_group(offsets)
+    for q in nb.prange((width + _LATENT_CHUNK - 1) // _LATENT_CHUNK):
         ta = np.empty(d, np.float32)
         live = np.empty(most, np.int64)  # positions (into order) of the latent's positive pairs
         for j in range(q * _LATENT_CHUNK, min(width, (q + 1) * _LATENT_CHUNK)):
@@ -477,12 +515,23 @@ def latent_grads(offsets, order, rows, pre_values, e, xc, gscale, l1_grad, W_dec
             if slot >= 0:
                 for c in range(d):
                     ta[c] += aux_dW_dec[slot, c]
-            if not tied:  # complete: project now (tied adds the encoder part first, in pass 2)
+            if project:
                 sq_dec[j] = _remove_parallel(ta, w)
             fired[j] = nf
             _write_row(dW_dec[j], ta, stream)
         _store_fence()
-    for q in nb.prange(chunks):  # pass 2: encoder sums (tied: then the projection)
+
+
+@nb.njit(parallel=True, cache=True, fastmath=True, boundscheck=False)
+def encoder_grads(groups, gpre, xc, W_dec, aux_slot, aux_dW_enc, aux_db_enc, tied, stream,
+                  dW_dec, dW_enc, db_enc, sq_dec, sq_enc):
+    """Pass 2 of ``latent_grads``: ``dW_enc`` rows (tied: added to ``dW_dec`` and projected there),
+    their AuxK rows, ``db_enc``, ``sq_enc`` (and ``sq_dec`` when tied)."""
+    offsets, order, rows = groups
+    width, d = W_dec.shape
+    gpre_flat = gpre.ravel()
+    most = _largest_group(offsets)
+    for q in nb.prange((width + _LATENT_CHUNK - 1) // _LATENT_CHUNK):
         tb = np.empty(d, np.float32)
         live = np.empty(most, np.int64)  # positions of the pairs with a gradient
         for j in range(q * _LATENT_CHUNK, min(width, (q + 1) * _LATENT_CHUNK)):
@@ -613,6 +662,6 @@ def subtract_sum_sq_scale(r, e, scale):
     return total
 
 
-__all__ = ["CACHE_LINE", "adam_rows", "aligned_empty", "decode_residual", "group_by_latent",
-           "keep_top_k", "latent_grads", "standardize", "streamable", "subtract_sum_sq_scale",
+__all__ = ["CACHE_LINE", "LatentGrads", "adam_rows", "aligned_empty", "decode_residual", "decoder_grads",
+           "encoder_grads", "group_by_latent", "keep_top_k", "latent_grads", "standardize", "streamable", "subtract_sum_sq_scale",
            "topk_rows", "zero_where_not_positive"]

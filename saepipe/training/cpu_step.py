@@ -165,6 +165,7 @@ class CpuStep:
         return aux, (dead, a.T @ r, da.T @ xc, da_sums.astype(np.float32))
 
     def _latent_grads(self, idx, pv, e, xc, gscale, l1_grad, W_dec, aux_parts):
+        """Gradients of the active latents (``cpu_kernels.latent_grads``) with AuxK's rows added."""
         h, d = W_dec.shape
         slot = np.full(h, -1, np.int64)
         if aux_parts is None:
@@ -173,20 +174,16 @@ class CpuStep:
         else:
             dead, aux_dec, aux_enc, aux_b = aux_parts
             slot[dead] = np.arange(dead.size)
-        offsets, order, rows = ck.group_by_latent(idx, h)
         tied = self.config.tied_weights
         dW_dec = aligned_empty((h, d))
-        dW_enc = dW_dec if tied else aligned_empty((h, d))
-        db_enc = np.empty(h, np.float32)
-        fired = np.empty(h, np.int64)
-        sq_dec, sq_enc = np.empty(h, np.float32), np.empty(h, np.float32)
-        gpre = np.empty(idx.shape, np.float32)
-        ck.latent_grads(offsets, order, rows, pv, e, xc, gscale, l1_grad, W_dec, tied,
-                        ck.streamable(dW_dec, dW_enc), gpre, slot,
-                        aux_dec, aux_enc, aux_b, dW_dec, dW_enc, db_enc,
-                        fired, sq_dec, sq_enc)
-        sq = float(sq_dec.sum(dtype=np.float64) + sq_enc.sum(dtype=np.float64))
-        return dW_dec, (None if tied else dW_enc), db_enc, fired, sq
+        out = ck.LatentGrads(dW_dec=dW_dec, dW_enc=dW_dec if tied else aligned_empty((h, d)),
+                             db_enc=np.empty(h, np.float32), fired=np.empty(h, np.int64),
+                             sq_dec=np.empty(h, np.float32), sq_enc=np.empty(h, np.float32),
+                             gpre=np.empty(idx.shape, np.float32))
+        ck.latent_grads(ck.group_by_latent(idx, h), pv, e, xc, gscale, l1_grad, W_dec, tied,
+                        (slot, aux_dec, aux_enc, aux_b), out)
+        sq = float(out.sq_dec.sum(dtype=np.float64) + out.sq_enc.sum(dtype=np.float64))
+        return out.dW_dec, (None if tied else out.dW_enc), out.db_enc, out.fired, sq
 
     def _adam(self, lr: float, scale: float, grads: dict[str, np.ndarray | None]) -> None:
         self.t += 1

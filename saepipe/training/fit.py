@@ -188,27 +188,40 @@ def fit_sae(
     split = split_rows(source.n_rows, config.validation_split, config.seed)
     stats = _stats_for(source, config, stats, split)
     plan = _plan(source, config, split, stats, d_hidden, auxk, checkpoint_dir, max_steps, kernels)
-    resumed = resume(plan.checkpoint_dir, plan.run_info)
-    if resumed is not None:
-        state, position = resumed[0], Progress.from_json(resumed[1])
-        log.info("resuming from %s at step %d", plan.checkpoint_dir, position.step)
-    else:
-        state = initial_state(source, plan.split.train, config, source.d_model, plan.d_hidden, plan.mean, plan.std)
-        position = Progress()
+    state, position, resumed = _start(plan)
     meta = {**_source_metadata(source), **(metadata or {})}
-    sink = _loggers(plan, meta, logger, live_dir, log_every, resumed=resumed is not None)
+    sink = _loggers(plan, meta, logger, live_dir, log_every, resumed=resumed)
     try:
         with reuse_freed_memory():  # the step's big buffers are reused, not page-faulted in anew
             state, position, completed = _train_loop(plan, state, position, sink, progress)
     finally:
         sink.close()
     summary = _summary(plan, position, state, completed)
-    sae = TopKSAE(source.d_model, config.expansion_factor, config.k, tied_weights=config.tied_weights,
+    return FitResult(_trained_sae(plan, state, stats, meta, summary), list(position.history), summary)
+
+
+def _start(plan: RunPlan) -> tuple[TrainState, Progress, bool]:
+    """The state and position to start from: a checkpoint of the same run, else a fresh start."""
+    resumed = resume(plan.checkpoint_dir, plan.run_info)
+    if resumed is not None:
+        state, position = resumed[0], Progress.from_json(resumed[1])
+        log.info("resuming from %s at step %d", plan.checkpoint_dir, position.step)
+        return state, position, True
+    state = initial_state(plan.source, plan.split.train, plan.config, plan.source.d_model, plan.d_hidden,
+                          plan.mean, plan.std)
+    return state, Progress(), False
+
+
+def _trained_sae(plan: RunPlan, state: TrainState, stats: NormStats | None, meta: dict[str, Any],
+                 summary: dict[str, Any]) -> TopKSAE:
+    """The SAE of the final state, with what it was trained on and how in its metadata."""
+    config = plan.config
+    sae = TopKSAE(plan.source.d_model, config.expansion_factor, config.k, tied_weights=config.tied_weights,
                   stats=stats, normalization=config.normalization)
     sae.update(dict(state.params))
     sae.update_metadata(**meta, config=config.to_dict(), summary=summary, n_train_rows=len(plan.split.train),
                         n_val_rows=len(plan.split.val))
-    return FitResult(sae, list(position.history), summary)
+    return sae
 
 
 def _stats_for(source: ActivationSource, config: SAEConfig, stats: NormStats | None,

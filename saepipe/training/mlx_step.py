@@ -3,7 +3,7 @@
 ``fit_sae``'s ``kernels="sparse"`` (what ``auto`` picks when MLX computes on a GPU). On a CPU,
 ``saepipe.training.cpu_step`` is faster (numba kernels on every core), so this step is the GPU path
 and the pure-MLX formulation its tests pin against the reference. Why these formulations (compare
-them with ``benchmarks/sparse_ops.py`` on a new machine):
+them with ``benchmarks/mlx_step.py`` on a new machine):
 
 - Top-k and decoding use ``saepipe.sae.sparse``: a two-stage exact top-k that reads the
   pre-activations once, and a decoder that gathers the k active rows of ``W_dec`` in small chunks.
@@ -32,7 +32,7 @@ import mlx.core as mx  # saepipe/__init__ (imported first) has loaded the fast B
 
 from saepipe.sae.config import SAEConfig
 from saepipe.sae.sparse import decode_rows, row_chunks, to_dense, topk_indices
-from saepipe.training.state import VARIANCE_FLOOR, AuxK, constrained_adam, update_dead_counter
+from saepipe.training.state import AuxK, batch_variance, constrained_adam, update_dead_counter
 
 AUX_CAPACITY_MIN = 64
 """Smallest column bucket of AuxK: fewer buckets (compiled variants) for a handful of dead latents."""
@@ -147,7 +147,7 @@ def value_and_grads(
     values = mx.maximum(pv, 0)
     e = x - (decode_rows(values, indices, W_dec) + b_dec)
     sse = mx.square(e).sum()
-    total_var = mx.maximum(mx.square(x - x.mean(axis=0)).sum(), VARIANCE_FLOOR)
+    total_var = batch_variance(x)
     fvu = sse / total_var
     l1 = values.sum(axis=-1).mean()
     loss = fvu + l1_coef * l1 if l1_coef else fvu
@@ -195,7 +195,7 @@ def _auxk(pre, xc, e, W_dec, dead, aux_scale, auxk: AuxK, capacity):
         a = to_dense(mx.take_along_axis(a, keep, axis=-1), keep, capacity)
     Wd = W_dec[didx]
     r = a @ Wd - e
-    e_var = mx.maximum(mx.square(e - e.mean(axis=0)).sum(), VARIANCE_FLOOR)
+    e_var = batch_variance(e)
     aux = AuxK.loss(mx.square(r).sum(), e_var, aux_scale)
     ga = auxk.residual_grad_scale(aux_scale, e_var) * r  # d (aux_coef * aux) / d e_hat
     da = mx.where(a > 0, ga @ Wd.T, 0.0)  # (n, capacity)

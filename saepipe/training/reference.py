@@ -18,7 +18,7 @@ import mlx.nn as nn
 
 from saepipe.sae.config import SAEConfig
 from saepipe.sae.sparse import to_dense, topk
-from saepipe.training.state import VARIANCE_FLOOR, AuxK, constrained_adam, update_dead_counter
+from saepipe.training.state import AuxK, batch_variance, constrained_adam, update_dead_counter
 
 
 def encode_select(
@@ -52,7 +52,7 @@ def loss_parts(params: dict, x: mx.array, dead: mx.array | None, aux_scale: mx.a
     x_hat = decode(values, indices, params["W_dec"]) + params["b_dec"]
     e = x - x_hat
     sse = (e * e).sum()
-    total_var = mx.maximum(mx.square(x - x.mean(axis=0)).sum(), VARIANCE_FLOOR)
+    total_var = batch_variance(x)
     fvu = sse / total_var
     l1 = values.sum(axis=-1).mean()
     loss = fvu + l1_coef * l1 if l1_coef else fvu
@@ -60,7 +60,7 @@ def loss_parts(params: dict, x: mx.array, dead: mx.array | None, aux_scale: mx.a
     if dead is not None:
         e = mx.stop_gradient(e)
         e_hat = decode(aux_values, aux_indices, params["W_dec"])
-        e_var = mx.maximum(mx.square(e - e.mean(axis=0)).sum(), VARIANCE_FLOOR)
+        e_var = batch_variance(e)
         aux = AuxK.loss(mx.square(e_hat - e).sum(), e_var, aux_scale)
         loss = loss + aux_coef * aux
     mse = sse / e.size

@@ -80,6 +80,12 @@ class StepRunner(Protocol):
         ...
 
 
+def batch_variance(x: mx.array) -> mx.array:
+    """``sum ||x - mean_batch(x)||^2`` over the rows of ``x``, floored: what FVU (x the inputs) and
+    AuxK (x the residual) divide by."""
+    return mx.maximum(mx.square(x - x.mean(axis=0)).sum(), VARIANCE_FLOOR)
+
+
 # --------------------------------------------------------------------------------------------------
 # AuxK
 # --------------------------------------------------------------------------------------------------
@@ -227,6 +233,6 @@ def initial_state(source: ActivationSource, train_rows: np.ndarray, config: SAEC
 
 
 __all__ = ["ADAM_BETAS", "ADAM_EPS", "GEOMETRIC_MEDIAN_ROWS", "GRAD_NORM_EPS", "METRICS", "ROW_NORM_FLOOR",
-           "VARIANCE_FLOOR", "AuxK", "StepRunner", "TrainState", "clip_scale", "constrained_adam",
+           "VARIANCE_FLOOR", "AuxK", "StepRunner", "TrainState", "batch_variance", "clip_scale", "constrained_adam",
            "count_dead", "count_since_fired", "dead_fraction", "fired_counts", "geometric_median",
            "initial_state", "update_dead_counter"]

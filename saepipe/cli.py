@@ -1,0 +1,189 @@
+"""The ``saepipe`` command: run the pipeline or one stage, and describe the setup.
+
+    saepipe repro [DVC_ARGS]...          reproduce the pipeline, then print the headline metrics
+    saepipe run STAGE [DVC_ARGS]...      reproduce one stage and what it needs
+    saepipe info                         versions, platform, BLAS, training kernels, params file
+    saepipe params [SECTION]             the params the stages see (params.yaml over the defaults)
+
+The stages themselves stay ``python -m stages.<name>`` entry points that DVC calls (``dvc.yaml``);
+this command drives DVC in the project folder (the nearest folder above the current one that has
+a ``dvc.yaml``), so it works from any subfolder.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+import yaml
+
+from saepipe.activations.config import ExtractConfig, NormalizeConfig
+from saepipe.analysis.config import AnalysisConfig
+from saepipe.evaluation.config import EvaluateConfig
+from saepipe.evaluation.summary import METRICS_PATH, headline, read_metrics
+from saepipe.runtime import blas
+from saepipe.runtime.params import DEFAULT_PARAMS_FILE, ParamsSection, model_spec, read_params
+from saepipe.runtime.version import __version__
+from saepipe.sae.config import SAEConfig
+from saepipe.texts.config import PrepareConfig
+
+SECTIONS: dict[str, type[ParamsSection]] = {
+    "prepare": PrepareConfig,
+    "extract": ExtractConfig,
+    "normalize": NormalizeConfig,
+    "sae": SAEConfig,
+    "evaluate": EvaluateConfig,
+    "analyze": AnalysisConfig,
+}
+"""Each params.yaml section and the config class that reads it (the stages read them the same way)."""
+
+VERSIONED = ("mlx", "mlx-lm", "numpy", "numba", "dvc", "pyarrow", "transformers")
+"""Distributions whose versions ``saepipe info`` reports."""
+
+PASS_THROUGH = {"ignore_unknown_options": True, "allow_extra_args": False, "help_option_names": ["-h", "--help"]}
+
+
+def project_root(start: Path | None = None) -> Path:
+    """The nearest folder at or above ``start`` (default: the current one) holding a ``dvc.yaml``."""
+    here = (start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / "dvc.yaml").is_file():
+            return folder
+    raise click.ClickException(f"no dvc.yaml in {here} or above: run saepipe inside a saepipe project")
+
+
+def _dvc(args: list[str], root: Path) -> int:
+    """Run ``dvc <args>`` with this interpreter's DVC in ``root``; its exit status."""
+    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root).returncode
+
+
+def _stage_names(root: Path) -> list[str]:
+    return list((yaml.safe_load((root / "dvc.yaml").read_text()) or {}).get("stages", {}))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "-V", "--version", prog_name="saepipe")
+def main() -> None:
+    """Train and study TopK sparse autoencoders on language-model activations (MLX + DVC).
+
+    The pipeline (prepare -> extract -> normalize -> train -> evaluate) is a DVC pipeline in
+    dvc.yaml, configured by params.yaml; a stage reruns only when its code, params or inputs
+    change. Run these inside the project folder (or any folder below it).
+    """
+
+
+@main.command(context_settings=PASS_THROUGH, short_help="Reproduce the pipeline, then print the headline metrics.")
+@click.argument("dvc_args", nargs=-1, type=click.UNPROCESSED)
+def repro(dvc_args: tuple[str, ...]) -> None:
+    """Reproduce the whole pipeline, then print the headline metrics.
+
+    DVC_ARGS go to `dvc repro` as they are, e.g. `saepipe repro --force` or `saepipe repro --dry`.
+    To change a setting for one experiment use `dvc exp run -S sae.k=64`.
+    """
+    root = project_root()
+    status = _dvc(["repro", *dvc_args], root)
+    if status != 0:
+        raise SystemExit(status)
+    metrics_path = root / METRICS_PATH
+    if metrics_path.exists():
+        for line in headline(read_metrics(metrics_path), METRICS_PATH):
+            click.echo(line)
+
+
+@main.command(context_settings=PASS_THROUGH, short_help="Reproduce one stage and the stages it needs.")
+@click.argument("stage")
+@click.argument("dvc_args", nargs=-1, type=click.UNPROCESSED)
+def run(stage: str, dvc_args: tuple[str, ...]) -> None:
+    """Reproduce STAGE and the stages it needs (those whose outputs it reads), nothing after it.
+
+    STAGE is one of dvc.yaml's stages: prepare, extract, normalize, train, evaluate. DVC_ARGS go to
+    `dvc repro STAGE` as they are, e.g. `saepipe run train --dry` (show what would run) or
+    `saepipe run train --single-item` (STAGE only, even if a stage before it is out of date).
+    """
+    root = project_root()
+    names = _stage_names(root)
+    if stage not in names:
+        raise click.BadParameter(f"{stage!r} is not a stage of dvc.yaml; choose from {', '.join(names)}",
+                                 param_hint="STAGE")
+    status = _dvc(["repro", stage, *dvc_args], root)
+    if status != 0:
+        raise SystemExit(status)
+
+
+@main.command(short_help="Versions, platform, BLAS, training kernels, params file.")
+def info() -> None:
+    """Versions, platform, the BLAS MLX runs on, the training kernels and the params file."""
+    import mlx.core as mx  # lazy: only this command needs MLX (keeps --help and params instant)
+
+    from saepipe.training.steps import resolve_kernels  # lazy: loads numba
+
+    click.echo(f"saepipe {__version__} (python {platform.python_version()}, {sys.executable})")
+    click.echo(f"platform: {platform.platform()} ({platform.machine()}, {os.cpu_count()} CPUs)")
+    for dist in VERSIONED:
+        click.echo(f"  {dist:<13} {_version(dist)}")
+    click.echo(f"MLX device: {mx.default_device()}")
+    click.echo(f"BLAS: {_blas_line()}")
+    click.echo(f"training kernels: auto -> {resolve_kernels('auto')}")
+    try:
+        params_file = project_root() / DEFAULT_PARAMS_FILE
+        click.echo(f"params: {params_file}" + ("" if params_file.is_file() else " (missing)"))
+    except click.ClickException:
+        click.echo("params: not inside a saepipe project (no dvc.yaml above the current folder)")
+
+
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _blas_line() -> str:
+    """Which BLAS MLX's matmuls use, and how to change it."""
+    if not sys.platform.startswith("linux"):
+        return "the platform's (Accelerate / Metal on macOS)"
+    if blas.loaded_path:
+        return f"{blas.loaded_path} (set {blas.ENV_VAR}=/path/to/libopenblas.so to pick another)"
+    if os.environ.get(blas.ENV_VAR) == "0":
+        return f"MLX's bundled reference BLAS ({blas.ENV_VAR}=0)"
+    return "MLX's bundled reference BLAS (slow: see the README, \"Fast MLX on Linux\")"
+
+
+@main.command(short_help="Print the params the stages see (params.yaml + defaults).")
+@click.argument("section", required=False, type=click.Choice(["model", *SECTIONS]))
+@click.option("--params", "params_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="params file (default: params.yaml of the project)")
+def params(section: str | None, params_path: Path | None) -> None:
+    """Print the params the stages see: params.yaml over the defaults (YAML).
+
+    Every key is shown, with its default when params.yaml leaves it out; an unknown key is an error
+    (as in the stages). SECTION limits the output to one section.
+    """
+    path = params_path or project_root() / DEFAULT_PARAMS_FILE
+    try:
+        effective = effective_params(read_params(path))
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        raise click.ClickException(str(err)) from err
+    shown = effective if section is None else {section: effective[section]}
+    click.echo(f"# {path}" + ("" if section is None else f" ({section})"))
+    click.echo(yaml.safe_dump(shown, sort_keys=False, default_flow_style=None).rstrip())
+
+
+def effective_params(raw: dict[str, Any]) -> dict[str, Any]:
+    """``raw`` (a params file) with every section completed by its config's defaults and checked."""
+    out: dict[str, Any] = {"model": model_spec(raw)}
+    for name, config in SECTIONS.items():
+        values = raw.get(name) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"params section `{name}:` must be a mapping, got {type(values).__name__}")
+        out[name] = config.from_dict(values).to_dict()
+    return out
+
+
+__all__ = ["SECTIONS", "effective_params", "main", "project_root"]
