@@ -89,7 +89,7 @@ class TextAnalysis:
         width = min(16, max((len(repr(t.token)) for t in self.per_token), default=0))
         lines = [f"TextAnalysis({self.text!r})", "  top: " + ", ".join(map(repr, self.top)), "  per token:"]
         for t in self.per_token:
-            lines.append(f"    {repr(t.token):<{width}}  " + ", ".join(map(repr, t.features)))
+            lines.append(f"    {t.token!r:<{width}}  " + ", ".join(map(repr, t.features)))
         return "\n".join(lines)
 
 

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from saepipe import InterpretableModel
-from saepipe.explore import ExplorableSAE, TextAnalysis, TopTexts
 from saepipe.analysis.rows import rows_from_texts
 from saepipe.dashboard import FeatureView
+from saepipe.explore import ExplorableSAE, TextAnalysis, TopTexts
 from saepipe.lm.sites import Site
 from saepipe.sae.topk import TopKSAE
 
@@ -60,7 +60,7 @@ def test_analyze_text_matches_the_saes_encoding(model, sae):
     best = dense.max(axis=0)
     assert result.features == np.lexsort((np.arange(len(best)), -best))[:5].tolist()
     assert "TextAnalysis(" in repr(result) and "#" in repr(result)
-    assert list(result)[0] == result[0] and result.tokens[0] == "T"
+    assert next(iter(result)) == result[0] and result.tokens[0] == "T"
 
 
 def test_top_activating_texts_are_the_strongest_texts(model, sae):

@@ -46,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     if args.cmd == "build":
-        from saepipe.dashboard.site import build_site  # each command loads only what it uses
+        # each command loads only what it uses
+        from saepipe.dashboard.site import build_site
 
         info = build_site(args.analysis_dir, args.out_dir, block_size=args.block_size)
         print(
@@ -54,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{info.bytes_written / 1e6:.1f} MB in {info.seconds:.1f} s -> {info.index}"
         )
     elif args.cmd == "serve":
-        from saepipe.dashboard.serve import serve  # each command loads only what it uses
+        # each command loads only what it uses
+        from saepipe.dashboard.serve import serve
 
         with serve(args.site_dir, args.port) as srv:
             print(f"serving {args.site_dir} at {srv.url} (Ctrl-C stops)", flush=True)
@@ -64,14 +66,16 @@ def main(argv: list[str] | None = None) -> int:
             except KeyboardInterrupt:
                 pass
     elif args.cmd == "screenshot":
-        from saepipe.dashboard.screenshots import take_screenshots  # each command loads only what it uses
+        # each command loads only what it uses
+        from saepipe.dashboard.screenshots import take_screenshots
 
         for path in take_screenshots(
             args.site_dir, args.out_dir, feature=args.feature, width=args.width
         ):
             print(path)
     elif args.cmd == "synthetic":
-        from saepipe.dashboard.synthetic import write_synthetic_analysis  # each command loads only what it uses
+        # each command loads only what it uses
+        from saepipe.dashboard.synthetic import write_synthetic_analysis
 
         print(write_synthetic_analysis(args.out_dir, n_features=args.features, seed=args.seed))
     return 0

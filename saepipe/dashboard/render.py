@@ -353,7 +353,8 @@ def _float(v: Any) -> float | None:
 
 
 def _examples(record: Mapping[str, Any]) -> list[dict[str, Any]]:
-    from saepipe.dashboard.data import kind_order_key  # data.py loads pyarrow: only when rendering examples
+    # data.py loads pyarrow: only when rendering examples
+    from saepipe.dashboard.data import kind_order_key
 
     out = []
     for i, e in enumerate(record.get("examples") or []):
@@ -558,7 +559,8 @@ class FeatureView:
 
     @classmethod
     def from_analysis(cls, analysis_dir: str | Path, feature: int, **options: Any) -> FeatureView:
-        from saepipe.dashboard.data import load_feature_record  # pyarrow, only to read an analysis folder
+        # pyarrow, only to read an analysis folder
+        from saepipe.dashboard.data import load_feature_record
 
         return cls(load_feature_record(analysis_dir, feature), **options)
 

@@ -30,8 +30,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from saepipe.dashboard.jsdata import b64, js_call, round_sig
 from saepipe.dashboard.data import Analysis, ContractError, load_analysis
+from saepipe.dashboard.jsdata import b64, js_call, round_sig
 
 FORMAT_VERSION = 1
 DEFAULT_BLOCK_SIZE = 64
