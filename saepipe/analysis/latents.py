@@ -27,7 +27,6 @@ from saepipe.analysis.codes import Codes, scratch_array
 PARTS = 16
 """Row ranges of the parallel passes (fixed: results do not depend on the thread count)."""
 
-ROW_MASK = np.uint64(0xFFFFFFFF)
 MAX_ROWS = 0xFFFFFFFF
 """Rows a key can address (the low 32 bits of a key)."""
 
@@ -93,16 +92,6 @@ class Grouped(NamedTuple):
     """(total firings,) uint64 keys (see the module docstring), latent by latent."""
     offsets: np.ndarray
     """(d_hidden + 1,) int64: latent j's keys are ``keys[offsets[j]:offsets[j + 1]]``."""
-
-    @property
-    def values(self) -> np.ndarray:
-        """The activation of every key (a float32 view of the keys' high halves)."""
-        return self.keys.view(np.float32)[1::2]
-
-    @property
-    def rows(self) -> np.ndarray:
-        """The row of every key (int64)."""
-        return (MAX_ROWS - (self.keys & ROW_MASK)).astype(np.int64)
 
 
 def group_by_latent(codes: Codes, totals: LatentTotals, scratch: Path) -> Grouped:
