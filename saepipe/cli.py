@@ -24,6 +24,7 @@ import click
 import yaml
 
 from saepipe.activations.config import ExtractConfig, NormalizeConfig
+from saepipe.analysis.config import AnalysisConfig
 from saepipe.evaluation.config import EvaluateConfig
 from saepipe.evaluation.summary import METRICS_PATH, headline, read_metrics
 from saepipe.runtime import blas
@@ -38,6 +39,7 @@ SECTIONS: dict[str, type[ParamsSection]] = {
     "normalize": NormalizeConfig,
     "sae": SAEConfig,
     "evaluate": EvaluateConfig,
+    "analyze": AnalysisConfig,
 }
 """Each params.yaml section and the config class that reads it (the stages read them the same way)."""
 

@@ -24,6 +24,7 @@ LAYERS = {
     "saepipe.analysis": 6,
     "saepipe.dashboard": 6,
     "saepipe.api": 7,
+    "saepipe.explore": 7,
     "saepipe.cli": 7,
     "saepipe": 7,  # the package itself: the lazy public API
     "stages": 8,
