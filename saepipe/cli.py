@@ -4,6 +4,7 @@
     saepipe run STAGE [DVC_ARGS]...      reproduce one stage and what it needs
     saepipe info                         versions, platform, BLAS, training kernels, params file
     saepipe params [SECTION]             the params the stages see (params.yaml over the defaults)
+    saepipe steer -f N -s S PROMPT       continue PROMPT clean and with SAE feature N steered, side by side
 
 The stages themselves stay ``python -m stages.<name>`` entry points that DVC calls (``dvc.yaml``);
 this command drives DVC in the project folder (the nearest folder above the current one that has
@@ -13,10 +14,13 @@ a ``dvc.yaml``), so it works from any subfolder.
 from __future__ import annotations
 
 import importlib.metadata
+import itertools
 import os
 import platform
+import shutil
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -183,6 +187,116 @@ def params(section: str | None, params_path: Path | None) -> None:
     click.echo(yaml.safe_dump(shown, sort_keys=False, default_flow_style=None).rstrip())
 
 
+DEFAULT_SAE = Path("data/train/sae.safetensors")
+"""The train stage's SAE, relative to the project folder: what ``saepipe steer`` steers by default."""
+
+
+@main.command(short_help="Generate with and without a feature steered, side by side.")
+@click.argument("prompt")
+@click.option("--feature", "-f", type=int, required=True, help="index of the SAE feature (latent) to steer with")
+@click.option("--strength", "-s", type=float, required=True,
+              help="how many units of the feature to add (its decoder direction, in the model's activation space)")
+@click.option("--sae", "sae_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help=f"SAE file (default: {DEFAULT_SAE} of the project)")
+@click.option("--model", "model_name", default=None,
+              help="model to load (default: the one the SAE was trained on, else params.yaml's model)")
+@click.option("--max-tokens", "-n", type=click.IntRange(min=1), default=40, show_default=True,
+              help="tokens to generate")
+@click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="0: greedy; above 0: sampling")
+@click.option("--seed", type=int, default=0, show_default=True, help="sampling seed (with --temperature)")
+@click.option("--width", type=click.IntRange(min=40), default=None, help="output width (default: the terminal's)")
+def steer(prompt: str, feature: int, strength: float, sae_path: Path | None, model_name: str | None,
+          max_tokens: int, temperature: float, seed: int, width: int | None) -> None:
+    """Continue PROMPT twice, clean and with SAE feature --feature added at --strength on every
+    token, and print both continuations side by side.
+
+    The SAE (the train stage's by default) is checked against the model: same weights, its recorded
+    layer and component.
+
+    \b
+    saepipe steer --feature 1234 --strength 8 "The weather today is"
+    saepipe steer -f 1234 -s -4 --sae my_sae.mlx --model default --max-tokens 60 "Once upon a time"
+    """
+    from saepipe.analysis.steering import Steer, generate  # lazy: loads MLX and the model code
+    from saepipe.lm.model import load_model  # lazy: loads MLX, mlx-lm and transformers
+    from saepipe.sae.compatibility import (
+        IncompatibleSAEError,  # lazy: with the rest of the SAE code
+    )
+    from saepipe.sae.topk import load_sae  # lazy: loads MLX
+
+    path = _sae_file(sae_path)
+    try:
+        sae = load_sae(path)
+    except (FileNotFoundError, ValueError) as err:
+        raise click.ClickException(str(err)) from err
+    spec = model_name or steer_model_spec(sae.metadata)
+    try:
+        loaded = load_model(spec)
+    except (FileNotFoundError, ValueError) as err:
+        raise click.ClickException(f"{err} (pass --model)") from err
+    steering = Steer(sae, feature, strength)
+    options = dict(max_tokens=max_tokens, temperature=temperature, seed=seed)
+    try:
+        steered = generate(loaded, prompt, [steering], **options)
+    except (IncompatibleSAEError, ValueError, TypeError) as err:
+        raise click.ClickException(str(err)) from err
+    clean = generate(loaded, prompt, [], **options)
+    meta = sae.metadata
+    click.echo(f"model {loaded.info.model_id}; SAE {path} ({meta.get('site', 'site not recorded')}, "
+               f"{sae.d_hidden} features)")
+    mode = "greedy" if temperature == 0 else f"temperature {temperature:g}, seed {seed}"
+    click.echo(f"prompt {prompt!r}; {mode}, up to {max_tokens} tokens "
+               f"({steered.tokens_per_second:.0f} tok/s{', KV cache' if steered.cached else ''})")
+    click.echo("")
+    for line in side_by_side(clean.text, steered.text, "clean", f"steered: feature {feature} x {strength:g}",
+                             width or shutil.get_terminal_size((100, 24)).columns):
+        click.echo(line)
+
+
+def _sae_file(path: Path | None) -> Path:
+    """The SAE file: as given (relative to the current folder), else the project's train output."""
+    if path is not None:
+        return path
+    try:
+        return project_root() / DEFAULT_SAE
+    except click.ClickException:
+        return DEFAULT_SAE
+
+
+def steer_model_spec(sae_metadata: dict[str, Any]) -> str:
+    """The model ``saepipe steer`` loads for an SAE: the one its metadata names ("default" for the
+    shipped GGUF), else params.yaml's ``model`` (in a project), else "default"."""
+    from saepipe.lm.model import DEFAULT_GGUF  # lazy: loads mlx-lm
+
+    name = sae_metadata.get("model_name")
+    if name == DEFAULT_GGUF:
+        return "default"
+    if name and (Path(name).expanduser().exists() or (name.count("/") == 1 and not name.startswith((".", "/")))):
+        return str(name)
+    try:
+        return model_spec(read_params(project_root() / DEFAULT_PARAMS_FILE))
+    except (click.ClickException, FileNotFoundError):
+        return "default"
+
+
+def side_by_side(left: str, right: str, left_title: str, right_title: str, width: int) -> list[str]:
+    """Two texts in two wrapped columns under their titles, for a terminal ``width`` wide."""
+    col = max(10, (width - 3) // 2)
+
+    def wrap(text: str) -> list[str]:
+        lines: list[str] = []
+        for paragraph in text.split("\n"):
+            lines.extend(textwrap.wrap(paragraph, col, replace_whitespace=True, drop_whitespace=False) or [""])
+        return lines
+
+    a, b = wrap(left), wrap(right)
+    rows = [f"{left_title[:col]:<{col}} | {right_title[:col]}", f"{'-' * col}-+-{'-' * col}"]
+    for x, y in itertools.zip_longest(a, b, fillvalue=""):
+        rows.append(f"{x:<{col}} | {y}".rstrip())
+    return rows
+
+
 def effective_params(raw: dict[str, Any]) -> dict[str, Any]:
     """``raw`` (a params file) with every section completed by its config's defaults and checked."""
     out: dict[str, Any] = {"model": model_spec(raw)}
@@ -194,4 +308,5 @@ def effective_params(raw: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-__all__ = ["SECTIONS", "effective_params", "main", "project_root"]
+__all__ = ["DEFAULT_SAE", "SECTIONS", "effective_params", "main", "project_root", "side_by_side",
+           "steer_model_spec"]
