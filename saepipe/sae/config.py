@@ -7,6 +7,7 @@ mutates it at run time; derived values are computed by functions that take it.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -60,6 +61,15 @@ class SAEConfig(ParamsSection):
     """Weight of the AuxK loss (the scaled residual-reconstruction loss of dead latents)."""
     dead_tokens_threshold: int = 1_000_000
     """A latent is dead when it has not fired on this many consecutive training tokens."""
+    resample_every: int = 0
+    """Dead-latent resampling (Anthropic's April 2023 recipe), beside AuxK: every this many steps, the
+    latents that have not fired for ``resample_window`` tokens are re-initialised toward inputs the SAE
+    reconstructs badly, and their Adam state is reset. 0 turns it off."""
+    resample_window: int | None = None
+    """Tokens without firing that make a latent eligible for resampling; None: ``dead_tokens_threshold``."""
+    resample_scale: float = 0.2
+    """A resampled latent's encoder row norm, as a fraction of the mean encoder row norm of the alive
+    latents (Anthropic's 0.2); its decoder row is the unit residual direction and its encoder bias 0."""
     l1_coefficient: float = 0.0
     """Optional L1 penalty on the latent activations (not usually needed with TopK)."""
     seed: int = 0
@@ -81,6 +91,13 @@ class SAEConfig(ParamsSection):
         _check(self.lr_decay in ("cosine", "linear", "constant"),
                f"lr_decay must be cosine, linear or constant, not {self.lr_decay!r}")
         _check(self.dead_tokens_threshold >= 1, "dead_tokens_threshold must be >= 1")
+        _check(_is_int(self.resample_every) and self.resample_every >= 0,
+               f"resample_every must be an integer >= 0 (0 turns resampling off), not {self.resample_every!r}")
+        _check(self.resample_window is None or (_is_int(self.resample_window) and self.resample_window >= 1),
+               f"resample_window must be None or an integer >= 1 (tokens), not {self.resample_window!r}")
+        _check(isinstance(self.resample_scale, (int, float)) and not isinstance(self.resample_scale, bool)
+               and math.isfinite(self.resample_scale) and self.resample_scale > 0,
+               f"resample_scale must be a finite number > 0, not {self.resample_scale!r}")
         _check(self.normalization in ("scalar", "per_dim"),
                f"normalization must be scalar or per_dim, not {self.normalization!r}")
 
@@ -92,6 +109,10 @@ class SAEConfig(ParamsSection):
 
     def replace(self, **changes: Any) -> SAEConfig:
         return dataclasses.replace(self, **changes)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _check(ok: bool, message: str) -> None:

@@ -34,6 +34,7 @@ from saepipe.training.state import (
     TrainState,
     clip_scale,
     count_since_fired,
+    counter_cap,
     dead_fraction,
 )
 
@@ -142,7 +143,7 @@ class CpuStep:
         self._adam(lr, scale, {"W_dec": dW_dec, "W_enc": dW_enc, "b_enc": db_enc, "b_dec": db_dec})
 
         threshold = int(cfg.dead_tokens_threshold)
-        self.counter = count_since_fired(self.counter, fired, n, threshold)
+        self.counter = count_since_fired(self.counter, fired, n, counter_cap(cfg))
         fvu = sse / total_var
         pos = np.maximum(pv, 0)
         l1 = float(pos.sum(dtype=np.float64)) / n

@@ -15,6 +15,9 @@ Recipe (Gao et al. 2024; EleutherAI sparsify):
   L1 = mean over rows of the sum of the kept latent values;
 - a latent is dead when it has not fired (value > 0 in the top-k) on ``dead_tokens_threshold``
   consecutive training tokens (a per-latent counter, saturating at the threshold);
+- optionally (``resample_every`` > 0), every that many steps the latents that have not fired for
+  ``resample_window`` tokens are resampled toward badly reconstructed rows, their Adam state reset
+  (``saepipe.training.resample``; the count is logged as ``resampled``);
 - Adam (bias-corrected), linear warmup then ``lr_decay``; the gradient component parallel to each
   decoder row is removed before clipping the global norm (``gradient_clip``, 0 = off) and the rows
   are renormalized after each step;
@@ -56,6 +59,7 @@ from saepipe.runtime.memory import reuse_freed_memory
 from saepipe.sae.config import SAEConfig
 from saepipe.sae.normalization import InputNormalizer
 from saepipe.sae.topk import TopKSAE
+from saepipe.training import resample
 from saepipe.training.checkpoint import all_finite, resume, save_checkpoint
 from saepipe.training.schedule import Split, epoch_batches, learning_rate_at, split_rows
 from saepipe.training.state import METRICS, AuxK, StepRunner, TrainState, count_dead, initial_state
@@ -123,6 +127,8 @@ class Progress:
     """Time spent in steps (reading included, validation and checkpoints not)."""
     first_loss: float | None = None
     last_loss: float | None = None
+    resampled: int = 0
+    """Latents resampled so far (``SAEConfig.resample_every``)."""
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -350,18 +356,42 @@ def _run_epoch(plan: RunPlan, loop: _Loop, position: Progress, epoch: int, n_dea
 
 
 def _step(plan: RunPlan, loop: _Loop, position: Progress, x: mx.array, n_dead: int, started: float) -> int:
-    """One optimisation step, logged; returns the number of dead latents after it."""
+    """One optimisation step (then a resampling of dead latents when one is due), logged; returns the
+    number of dead latents after it."""
     lr = learning_rate_at(position.step, plan.total_steps, plan.config)
     values = loop.runner.step(lr, x, plan.mean, plan.std, n_dead)
     _check_finite(values, position.step + 1, plan.checkpoint_dir)
     record = dict(zip(METRICS, values.tolist(), strict=True))
     record["learning_rate"] = lr
     position.after_step(values.tolist(), started)
+    n_dead = round(record["dead_fraction"] * plan.d_hidden)
+    if resample.due(position.step, plan.config, plan.total_steps):
+        n_dead = _resample(plan, loop.runner, position, record, n_dead)
     loop.sink.log_step(position.step, record)
     loop.bar.update(plan.batch_size)
     loop.bar.set_postfix(loss=f"{record['loss']:.4f}", L0=f"{record['l0']:.1f}",
                          dead=f"{record['dead_fraction']:.3f}", refresh=False)
-    return round(record["dead_fraction"] * plan.d_hidden)
+    return n_dead
+
+
+def _resample(plan: RunPlan, runner: StepRunner, position: Progress, record: dict[str, float], n_dead: int) -> int:
+    """Resample the dead latents after step ``position.step`` (``saepipe.training.resample``): the
+    runner continues from the new state; ``record["resampled"]`` and ``position.resampled`` count
+    them. Returns the number of dead latents now."""
+    state = runner.state()
+    if resample.dead_latents(state.counter, plan.config).size:
+        rows = resample.sample_rows(plan.split.train, plan.config, position.step)
+        x = (plan.source.take(rows) - np.asarray(plan.mean)) / np.asarray(plan.std)
+        state, latents = resample.resample(state, x, plan.config, position.step)
+        if latents.size:
+            runner.load(state)
+            n_dead = count_dead(state.counter, plan.config.dead_tokens_threshold)
+    else:
+        latents = np.zeros(0, np.int64)
+    record["resampled"] = float(latents.size)
+    position.resampled += int(latents.size)
+    log.info("step %d: resampled %d dead latents", position.step, latents.size)
+    return n_dead
 
 
 def _end_epoch(plan: RunPlan, loop: _Loop, evaluate: Any, position: Progress, epoch: int) -> None:
@@ -404,6 +434,8 @@ def _summary(plan: RunPlan, position: Progress, state: TrainState, completed: bo
         "initial_loss": position.first_loss, "final_loss": position.last_loss,
         "dead_fraction": float((np.asarray(state.counter) >= plan.config.dead_tokens_threshold).mean()),
     }
+    if plan.config.resample_every:
+        summary["resampled_latents"] = position.resampled
     if position.history:
         summary.update({k: v for k, v in position.history[-1].items() if k not in ("epoch", "step")})
     return summary

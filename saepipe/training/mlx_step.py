@@ -32,7 +32,13 @@ import mlx.core as mx  # saepipe/__init__ (imported first) has loaded the fast B
 
 from saepipe.sae.config import SAEConfig
 from saepipe.sae.sparse import decode_rows, row_chunks, to_dense, topk_indices
-from saepipe.training.state import AuxK, batch_variance, constrained_adam, update_dead_counter
+from saepipe.training.state import (
+    AuxK,
+    batch_variance,
+    constrained_adam,
+    counter_cap,
+    update_dead_counter,
+)
 
 AUX_CAPACITY_MIN = 64
 """Smallest column bucket of AuxK: fewer buckets (compiled variants) for a handful of dead latents."""
@@ -216,6 +222,7 @@ def make_train_step(config: SAEConfig, d_hidden: int, k_aux: int, capacity: int 
     """
     clip = float(config.gradient_clip)
     threshold = int(config.dead_tokens_threshold)
+    cap = counter_cap(config)
 
     def step(params, m, v, t, lr, x, mean, std, counter, aux_scale):
         x = (x - mean) / std
@@ -225,7 +232,7 @@ def make_train_step(config: SAEConfig, d_hidden: int, k_aux: int, capacity: int 
             aux_coef=config.aux_coef, l1_coef=config.l1_coefficient, tied=config.tied_weights,
             method=method)
         new_params, new_m, new_v, t, gnorm = constrained_adam(params, grads, m, v, t, lr, clip)
-        counter, dead_fraction = update_dead_counter(counter, parts.indices, parts.values, threshold)
+        counter, dead_fraction = update_dead_counter(counter, parts.indices, parts.values, threshold, cap)
         metrics = mx.stack([parts.loss, parts.fvu, parts.mse, parts.aux, parts.l1, parts.l0, gnorm,
                             dead_fraction])
         return new_params, new_m, new_v, t, counter, metrics

@@ -18,7 +18,13 @@ import mlx.nn as nn
 
 from saepipe.sae.config import SAEConfig
 from saepipe.sae.sparse import to_dense, topk
-from saepipe.training.state import AuxK, batch_variance, constrained_adam, update_dead_counter
+from saepipe.training.state import (
+    AuxK,
+    batch_variance,
+    constrained_adam,
+    counter_cap,
+    update_dead_counter,
+)
 
 
 def encode_select(
@@ -77,6 +83,7 @@ def make_reference_step(config: SAEConfig, d_hidden: int, k_aux: int, with_aux: 
     tied = config.tied_weights
     clip = float(config.gradient_clip)
     threshold = int(config.dead_tokens_threshold)
+    cap = counter_cap(config)
 
     def loss_only(params, x, dead, aux_scale):
         return loss_parts(params, x, dead if with_aux else None, aux_scale, k=config.k, k_aux=k_aux,
@@ -89,7 +96,7 @@ def make_reference_step(config: SAEConfig, d_hidden: int, k_aux: int, with_aux: 
         dead = counter >= threshold
         (loss, fvu, mse, aux, l1, l0, values, indices), grads = grad_fn(params, x, dead, aux_scale)
         new_params, new_m, new_v, t, gnorm = constrained_adam(params, grads, m, v, t, lr, clip)
-        counter, dead_fraction = update_dead_counter(counter, indices, values, threshold)
+        counter, dead_fraction = update_dead_counter(counter, indices, values, threshold, cap)
         metrics = mx.stack([loss, fvu, mse, aux, l1, l0, gnorm, dead_fraction])
         return new_params, new_m, new_v, t, counter, metrics
 

@@ -10,7 +10,9 @@ only in how they compute the same loss and gradients. Everything else is defined
   (``ADAM_BETAS``, ``ADAM_EPS``), then renormalize the decoder rows to unit norm. The CPU step runs
   the same update as a fused numba kernel with these constants.
 - The dead counters (``count_since_fired``): tokens since each latent last fired (value > 0 in its
-  row's top-k), saturating at ``dead_tokens_threshold``; a latent is dead at the threshold.
+  row's top-k), saturating at ``counter_cap`` (``dead_tokens_threshold``, or the resampling window
+  when that is longer); a latent is dead at ``dead_tokens_threshold``, and eligible for resampling
+  (``saepipe.training.resample``) at the window.
 - AuxK (``AuxK``): the loss ``scale * sum ||e - e_hat||^2 / sum ||e - mean_batch(e)||^2`` of the
   residual ``e = x - x_hat`` (no gradient) reconstructed from the top-``k_aux`` (ReLU)
   pre-activations of the dead latents only, without ``b_dec``; ``scale = min(n_dead / k_aux, 1)``.
@@ -69,6 +71,10 @@ class TrainState(NamedTuple):
 
 class StepRunner(Protocol):
     """A training step with its state: what ``fit_sae`` drives, whatever the kernels."""
+
+    def load(self, state: TrainState) -> None:
+        """Continue from ``state`` (e.g. after dead latents were resampled); the runner keeps copies."""
+        ...
 
     def step(self, lr: float, x: mx.array, mean: mx.array, std: mx.array, n_dead: int) -> np.ndarray:
         """One update on the batch ``x`` (n, d_model); returns ``METRICS`` (float64). ``n_dead``:
@@ -169,17 +175,26 @@ def clip_scale(grad_norm: float, clip: float) -> float:
 # --------------------------------------------------------------------------------------------------
 # Dead counters
 # --------------------------------------------------------------------------------------------------
+def counter_cap(config: SAEConfig) -> int:
+    """Where the dead counters saturate: ``dead_tokens_threshold``, or the resampling window
+    (``resample_window``, when resampling is on) if that is longer, so both can be read off them."""
+    cap = int(config.dead_tokens_threshold)
+    if config.resample_every and config.resample_window is not None:
+        cap = max(cap, int(config.resample_window))
+    return cap
+
+
 def fired_counts(indices: mx.array, values: mx.array, width: int) -> mx.array:
     """(width,) int32: how many rows each latent fired on (among the row's top-k with a positive value)."""
     return mx.zeros((width,), dtype=mx.int32).at[indices.reshape(-1)].add(
         (values > 0).reshape(-1).astype(mx.int32))
 
 
-def count_since_fired(counter: Any, fired: Any, n_rows: int, threshold: int) -> Any:
+def count_since_fired(counter: Any, fired: Any, n_rows: int, cap: int) -> Any:
     """The counters after a batch of ``n_rows`` tokens: 0 where the latent fired, else ``n_rows``
-    more, capped at ``threshold``. Works on MLX and on numpy arrays (the CPU step's)."""
+    more, capped at ``cap`` (``counter_cap``). Works on MLX and on numpy arrays (the CPU step's)."""
     xp = np if isinstance(counter, np.ndarray) else mx
-    return xp.where(fired > 0, 0, xp.minimum(counter + n_rows, threshold))
+    return xp.where(fired > 0, 0, xp.minimum(counter + n_rows, cap))
 
 
 def dead_fraction(counter: Any, threshold: int) -> Any:
@@ -190,11 +205,11 @@ def dead_fraction(counter: Any, threshold: int) -> Any:
 
 
 def update_dead_counter(counter: mx.array, indices: mx.array, values: mx.array,
-                        threshold: int) -> tuple[mx.array, mx.array]:
+                        threshold: int, cap: int | None = None) -> tuple[mx.array, mx.array]:
     """Counters after a batch whose top-k codes are ``(values, indices)`` (every row is one token),
-    and the fraction of latents now dead."""
+    saturating at ``cap`` (default ``threshold``), and the fraction of latents now dead."""
     fired = fired_counts(indices, values, counter.shape[0])
-    counter = count_since_fired(counter, fired, indices.size // indices.shape[-1], threshold)
+    counter = count_since_fired(counter, fired, indices.size // indices.shape[-1], threshold if cap is None else cap)
     return counter, dead_fraction(counter, threshold)
 
 
@@ -234,5 +249,5 @@ def initial_state(source: ActivationSource, train_rows: np.ndarray, config: SAEC
 
 __all__ = ["ADAM_BETAS", "ADAM_EPS", "GEOMETRIC_MEDIAN_ROWS", "GRAD_NORM_EPS", "METRICS", "ROW_NORM_FLOOR",
            "VARIANCE_FLOOR", "AuxK", "StepRunner", "TrainState", "batch_variance", "clip_scale", "constrained_adam",
-           "count_dead", "count_since_fired", "dead_fraction", "fired_counts", "geometric_median",
+           "count_dead", "count_since_fired", "counter_cap", "dead_fraction", "fired_counts", "geometric_median",
            "initial_state", "update_dead_counter"]

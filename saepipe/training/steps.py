@@ -74,6 +74,9 @@ class CompiledStepRunner:
     def state(self) -> TrainState:
         return self._state
 
+    def load(self, state: TrainState) -> None:
+        self._state = state  # the compiled steps never write their inputs: no copy needed
+
 
 def make_runner(config: SAEConfig, d_hidden: int, auxk: AuxK, kernels: str, state: TrainState) -> StepRunner:
     """The step of ``kernels`` (already resolved) starting from ``state``."""

@@ -3,12 +3,13 @@
 ``fit_sae`` calls a ``TrainLogger`` with plain metric dicts; loggers only rename and forward them.
 
 Metric names sent by ``fit_sae``: per step ``loss``, ``recon_mse``, ``fvu``, ``l0``,
-``dead_fraction``, ``aux_loss``, ``l1_loss``, ``learning_rate``, ``grad_norm``; per epoch
+``dead_fraction``, ``aux_loss``, ``l1_loss``, ``learning_rate``, ``grad_norm`` (and ``resampled``,
+the number of latents resampled, at each step that resampled: always logged); per epoch
 ``val/loss``, ``val/mse``, ``val/fvu``, ``val/l0``, ``val/dead_fraction``. DVCLive writes them under
 these names (``plots/metrics/loss.tsv``, ``plots/metrics/val/loss.tsv``, ...). W&B uses mlxterp's
 names: ``train/loss``, ``train/recon_loss`` (= fvu), ``train/l0``, ``train/dead_fraction``,
-``train/l1_loss``, ``train/learning_rate``, ``train/aux_loss``, ``val/loss``, ``val/l0``,
-``val/dead_fraction``, ``val/fvu``.
+``train/l1_loss``, ``train/learning_rate``, ``train/aux_loss``, ``train/resampled``, ``val/loss``,
+``val/l0``, ``val/dead_fraction``, ``val/fvu``.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ class DVCLiveLogger:
         self.live.log_params(_flat(config))
 
     def log_step(self, step: int, metrics: dict[str, float]) -> None:
-        if step % self.log_every and step != 1:
+        if step % self.log_every and step != 1 and "resampled" not in metrics:  # resamplings are rare: all logged
             return
         self.live.step = step
         for name, value in metrics.items():
@@ -77,6 +78,7 @@ _WANDB_STEP_NAMES = {
     "l1_loss": "train/l1_loss",
     "learning_rate": "train/learning_rate",
     "aux_loss": "train/aux_loss",
+    "resampled": "train/resampled",
 }
 
 
@@ -98,7 +100,7 @@ class WandbLogger:
         self.run.config.update(config, allow_val_change=True)
 
     def log_step(self, step: int, metrics: dict[str, float]) -> None:
-        if step % self.log_every and step != 1:
+        if step % self.log_every and step != 1 and "resampled" not in metrics:
             return
         self.run.log({_WANDB_STEP_NAMES[k]: v for k, v in metrics.items() if k in _WANDB_STEP_NAMES}, step=step)
 
