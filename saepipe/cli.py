@@ -220,9 +220,6 @@ def steer(prompt: str, feature: int, strength: float, sae_path: Path | None, mod
     """
     from saepipe.analysis.steering import Steer, generate  # lazy: loads MLX and the model code
     from saepipe.lm.model import load_model  # lazy: loads MLX, mlx-lm and transformers
-    from saepipe.sae.compatibility import (
-        IncompatibleSAEError,  # lazy: with the rest of the SAE code
-    )
     from saepipe.sae.topk import load_sae  # lazy: loads MLX
 
     path = _sae_file(sae_path)
@@ -239,7 +236,7 @@ def steer(prompt: str, feature: int, strength: float, sae_path: Path | None, mod
     options = dict(max_tokens=max_tokens, temperature=temperature, seed=seed)
     try:
         steered = generate(loaded, prompt, [steering], **options)
-    except (IncompatibleSAEError, ValueError, TypeError) as err:
+    except (ValueError, TypeError) as err:  # IncompatibleSAEError is a ValueError
         raise click.ClickException(str(err)) from err
     clean = generate(loaded, prompt, [], **options)
     meta = sae.metadata
