@@ -59,13 +59,15 @@ def main(tokens: int, rounds: int, prompt: str) -> None:
     for name, fn in methods.items():  # warm-up: compiled kernels, first-touch of the weights
         tokens_of[name] = fn().tokens
     mlx_lm_run()
-    for _ in range(rounds):
+    for r in range(rounds):
         for name, fn in methods.items():
             g = fn()
             best[name] = min(best.get(name, float("inf")), g.seconds)
+            click.echo(f"  round {r + 1}: {name:<34} {g.seconds:7.2f} s", err=True)
         seconds, mlx_tokens = mlx_lm_run()
         best["mlx-lm generate_step (KV cache)"] = min(best.get("mlx-lm generate_step (KV cache)", float("inf")),
                                                       seconds)
+        click.echo(f"  round {r + 1}: {'mlx-lm generate_step':<34} {seconds:7.2f} s", err=True)
     click.echo(f"{info.model_id}: prompt {len(prompt_tokens)} tokens, {tokens} new tokens, best of {rounds} rounds, "
                f"device {mx.default_device()}")
     for name, seconds in best.items():
