@@ -16,6 +16,12 @@ only in how they compute the same loss and gradients. Everything else is defined
   pre-activations of the dead latents only, without ``b_dec``; ``scale = min(n_dead / k_aux, 1)``.
   It runs only while some latent is dead (and ``aux_coef > 0``).
 - ``METRICS``: what a step reports, in order.
+
+Data-parallel training (``saepipe.parallel.ranks``): each rank steps on its part of the global
+batch. Everything a step divides by is global (``global_variance``, the global row count), so each
+rank's loss, gradients and metrics are its *share* of the global ones and sum over the ranks to
+exactly them; the steps all-sum the gradients before the update, and the fired counts before the
+dead counters, so every rank applies the identical update to identical state.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import mlx.core as mx
 import numpy as np
 
 from saepipe.activations.sources import ActivationSource
+from saepipe.parallel.ranks import Ranks
 from saepipe.sae.config import SAEConfig
 from saepipe.sae.topk import init_params
 
@@ -84,6 +91,29 @@ def batch_variance(x: mx.array) -> mx.array:
     """``sum ||x - mean_batch(x)||^2`` over the rows of ``x``, floored: what FVU (x the inputs) and
     AuxK (x the residual) divide by."""
     return mx.maximum(mx.square(x - x.mean(axis=0)).sum(), VARIANCE_FLOOR)
+
+
+def global_rows(n_rows: int, ranks: Ranks) -> mx.array:
+    """The number of rows of the global batch (int32 scalar) when each rank holds ``n_rows``."""
+    return ranks.sum(mx.array(n_rows, dtype=mx.int32))
+
+
+def global_variance(x: mx.array, ranks: Ranks, n_total: mx.array | None = None) -> mx.array:
+    """``batch_variance`` of the global batch whose rows ``x`` are this rank's part (two passes, like
+    ``batch_variance``: the global mean first); ``batch_variance(x)`` itself on a single process."""
+    if not ranks.distributed:
+        return batch_variance(x)
+    n = (global_rows(x.shape[0], ranks) if n_total is None else n_total).astype(x.dtype)
+    mean = ranks.sum(x.sum(axis=0)) / n
+    return mx.maximum(ranks.sum(mx.square(x - mean).sum()), VARIANCE_FLOOR)
+
+
+def rows_mean(per_row: mx.array, ranks: Ranks, n_total: mx.array | None) -> mx.array:
+    """This rank's share of the global batch mean of ``per_row`` (its sum over the ranks is the mean);
+    ``per_row.mean()`` on a single process."""
+    if not ranks.distributed:
+        return per_row.mean()
+    return per_row.sum() / n_total.astype(per_row.dtype)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -190,11 +220,16 @@ def dead_fraction(counter: Any, threshold: int) -> Any:
 
 
 def update_dead_counter(counter: mx.array, indices: mx.array, values: mx.array,
-                        threshold: int) -> tuple[mx.array, mx.array]:
+                        threshold: int, ranks: Ranks | None = None,
+                        n_total: mx.array | None = None) -> tuple[mx.array, mx.array]:
     """Counters after a batch whose top-k codes are ``(values, indices)`` (every row is one token),
-    and the fraction of latents now dead."""
+    and the fraction of latents now dead. With ``ranks`` (several) the codes are this rank's part of
+    a global batch of ``n_total`` rows: the fired counts are summed over the ranks first."""
     fired = fired_counts(indices, values, counter.shape[0])
-    counter = count_since_fired(counter, fired, indices.size // indices.shape[-1], threshold)
+    n_rows: Any = indices.size // indices.shape[-1]
+    if ranks is not None and ranks.distributed:
+        fired, n_rows = ranks.sum(fired), n_total
+    counter = count_since_fired(counter, fired, n_rows, threshold)
     return counter, dead_fraction(counter, threshold)
 
 
@@ -235,4 +270,4 @@ def initial_state(source: ActivationSource, train_rows: np.ndarray, config: SAEC
 __all__ = ["ADAM_BETAS", "ADAM_EPS", "GEOMETRIC_MEDIAN_ROWS", "GRAD_NORM_EPS", "METRICS", "ROW_NORM_FLOOR",
            "VARIANCE_FLOOR", "AuxK", "StepRunner", "TrainState", "batch_variance", "clip_scale", "constrained_adam",
            "count_dead", "count_since_fired", "dead_fraction", "fired_counts", "geometric_median",
-           "initial_state", "update_dead_counter"]
+           "global_rows", "global_variance", "initial_state", "rows_mean", "update_dead_counter"]
