@@ -1,17 +1,24 @@
-"""Run by tests/test_distributed.py under ``mlx.launch -n 2 --backend ring``: data-parallel fits.
+"""Run by tests/test_distributed.py under ``mlx.launch -n 2 --backend ring``: data-parallel work.
 
     mlx.launch -n 2 --backend ring -- python tests/distributed_fit.py OUT_DIR
 
-Every rank trains the runs of ``RUNS`` (the same data and config as the test's one-process runs)
-and writes its weights to ``OUT_DIR/<run>-rank<r>.npz`` plus ``OUT_DIR/<run>-rank<r>.json`` (summary
-and history); the ``resume`` run stops after ``STOP_AT`` steps and is resumed by a second
-``fit_sae`` call, with rank 1 given an empty checkpoint folder of its own (it must get rank 0's
-state by broadcast).
+``OUT_DIR`` holds what ``make_inputs`` wrote (texts and params). Every rank, in one launch (a launch
+costs seconds):
+
+1. trains the runs of ``RUNS`` on ``data()`` with ``config()`` (the test's one-process runs use the
+   same) and writes its weights to ``OUT_DIR/<run>-rank<r>.npz`` plus summary and history to
+   ``<run>-rank<r>.json``; the ``resume`` run stops after ``STOP_AT`` steps (its checkpoint is
+   copied to ``ckpt-at-stop/``) and is resumed by a second ``fit_sae`` call, with rank 1 given an
+   empty checkpoint folder of its own (it must get rank 0's state by broadcast);
+2. fits normalization stats over the ranks (``stats-rank<r>.json``: digest);
+3. extracts ``texts.parquet`` with the tiny random model, split over the ranks, into ``extract/``;
+4. runs the train stage (``stages.train``) on ``extract/train`` into ``stage/``.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -22,9 +29,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import saepipe  # noqa: E402,F401  (fast BLAS before mlx)
-from saepipe.parallel.ranks import Ranks  # noqa: E402
+from saepipe.activations.config import ExtractConfig  # noqa: E402
+from saepipe.activations.normalize import fit_stats  # noqa: E402
 from saepipe.sae.config import SAEConfig  # noqa: E402
-from saepipe.training.fit import fit_sae  # noqa: E402
 
 STOP_AT = 5
 """Steps of the ``resume`` run before it is interrupted."""
@@ -32,14 +39,16 @@ STOP_AT = 5
 RUNS = {"cpu": "cpu", "sparse": "sparse", "reference": "reference", "resume": "cpu"}
 """Each run's name and its kernels."""
 
+WORDS = ["the", "cat", "sat", "on", "a", "mat", "while", "seven", "quick", "foxes", "jumped", "over", "lazy", "dogs"]
+
 
 def data() -> np.ndarray:
     """Activations with structure (a few directions plus noise), an offset and uneven scales."""
     rng = np.random.default_rng(7)
     basis = rng.normal(size=(24, 16))
     codes = rng.exponential(size=(700, 24)) * (rng.random((700, 24)) < 0.15)
-    return (codes @ basis + 0.1 * rng.normal(size=(700, 16)) + 3.0).astype(np.float32) * np.linspace(0.5, 2, 16,
-                                                                                                       dtype=np.float32)
+    scale = np.linspace(0.5, 2, 16)
+    return ((codes @ basis + 0.1 * rng.normal(size=(700, 16)) + 3.0) * scale).astype(np.float32)
 
 
 def config() -> SAEConfig:
@@ -50,6 +59,34 @@ def config() -> SAEConfig:
                      l1_coefficient=1e-3, validation_split=0.1, seed=3, checkpoint_every=2)
 
 
+def extract_config() -> ExtractConfig:
+    """Windows of 64 texts (batch 2); the train budget ends inside a window, the eval split is one
+    window (so rank 1 extracts nothing there)."""
+    return ExtractConfig(layer=1, component="mlp", context_length=24, batch_size=2, dtype="float32",
+                         max_tokens=2500, eval_max_tokens=200, skip_special_tokens=True, shard_rows=256)
+
+
+def stage_config() -> SAEConfig:
+    return SAEConfig(expansion_factor=2, k=4, batch_size=200, num_epochs=1, warmup_steps=1, seed=1,
+                     dead_tokens_threshold=200, validation_split=0.1)
+
+
+def make_inputs(out: Path) -> None:
+    """``texts.parquet`` (200 train and 40 eval texts) and ``params.yaml`` for the train stage."""
+    import pyarrow as pa  # lazy: only the test's set-up writes parquet
+    import pyarrow.parquet as pq  # lazy: as above
+    import yaml  # lazy: as above
+
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(5)
+    texts = [" ".join(rng.choice(WORDS, size=int(rng.integers(1, 12)))) for _ in range(240)]
+    pq.write_table(pa.table({"id": pa.array(np.arange(240, dtype=np.int64)), "text": texts,
+                             "source": ["test"] * 240, "split": ["train"] * 200 + ["eval"] * 40}),
+                   out / "texts.parquet")
+    params = {"model": "tiny", "extract": extract_config().to_dict(), "sae": stage_config().to_dict()}
+    (out / "params.yaml").write_text(yaml.safe_dump(params))
+
+
 def save(out: Path, name: str, rank: int, result) -> None:
     np.savez(out / f"{name}-rank{rank}.npz", **{k: np.asarray(v) for k, v in result.sae.parameters().items()})
     (out / f"{name}-rank{rank}.json").write_text(json.dumps({"summary": result.summary, "history": result.history},
@@ -57,18 +94,35 @@ def save(out: Path, name: str, rank: int, result) -> None:
 
 
 def main(out: Path) -> None:
+    from saepipe.activations.ranked_extract import (
+        extract_ranked,  # lazy: after the BLAS (the module docstring)
+    )
+    from saepipe.lm.model import tiny_random_model  # lazy: as above
+    from saepipe.parallel.ranks import Ranks  # lazy: as above
+    from saepipe.training.fit import fit_sae  # lazy: as above
+    from stages import train  # lazy: as above
+
     ranks = Ranks.world()
     assert ranks.size == 2, f"run me with mlx.launch -n 2 (got {ranks})"
-    out.mkdir(parents=True, exist_ok=True)
     acts, cfg = data(), config()
     for name, kernels in RUNS.items():
         if name == "resume":
             ckpt = out / ("ckpt" if ranks.is_main else "ckpt-rank1-empty")
             fit_sae(acts, cfg, kernels=kernels, ranks=ranks, progress=False, checkpoint_dir=ckpt, max_steps=STOP_AT)
+            if ranks.is_main:
+                shutil.copytree(ckpt, out / "ckpt-at-stop")
             result = fit_sae(acts, cfg, kernels=kernels, ranks=ranks, progress=False, checkpoint_dir=ckpt)
         else:
             result = fit_sae(acts, cfg, kernels=kernels, ranks=ranks, progress=False)
         save(out, name, ranks.rank, result)
+
+    stats = fit_stats(acts, 100, rows=np.arange(3, 650), ranks=ranks)
+    (out / f"stats-rank{ranks.rank}.json").write_text(json.dumps({"digest": stats.digest()}))
+
+    extract_ranked(tiny_random_model(), out / "texts.parquet", out / "extract", extract_config(), ranks,
+                   progress=False)
+    train.main(["--params", str(out / "params.yaml"), "--acts", str(out / "extract" / "train"),
+                "--out", str(out / "stage")], standalone_mode=False)
 
 
 if __name__ == "__main__":

@@ -61,7 +61,8 @@ def window_rows(tokenizer: Any, texts: list[str], cfg: ExtractConfig, ranks: Ran
 
 def plan_ranks(rows: np.ndarray, max_rows: int, size: int) -> list[tuple[int, int, int]]:
     """Per rank ``(first window, stop window, row quota)``: contiguous runs of the windows needed for
-    ``max_rows`` rows, about equal in rows; a rank may get none (stop == first, quota 0)."""
+    ``max_rows`` rows, about equal in rows (each boundary at the window edge nearest its share);
+    rank 0 gets at least one window (it writes the manifest), a later rank may get none (quota 0)."""
     cum = np.concatenate([[0], np.cumsum(rows)])
     needed = int(np.searchsorted(cum[1:], max_rows, side="left")) + 1 if len(rows) else 0
     needed = min(needed, len(rows))
@@ -70,7 +71,7 @@ def plan_ranks(rows: np.ndarray, max_rows: int, size: int) -> list[tuple[int, in
     for r in range(1, size):
         target = r * total / size
         best = int(np.argmin(np.abs(cum[: needed + 1] - target)))
-        starts.append(max(starts[-1], best))
+        starts.append(max(starts[-1], best, min(1, needed)))
     starts.append(needed)
     return [(starts[r], starts[r + 1], int(min(cum[starts[r + 1]], total) - min(cum[starts[r]], total)))
             for r in range(size)]

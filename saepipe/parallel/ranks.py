@@ -8,6 +8,8 @@ What the collectives guarantee (what makes every rank apply the identical update
 
 - ``sum`` (float32/int32 MLX arrays, e.g. gradients): ``mx.distributed.all_sum``; every rank gets
   the same values (a ring all-reduce reduces each segment once and sends the result around).
+- ``sum_all``: several arrays in one all-reduce (float32 on the wire): a step's gradients, fired
+  counts and metric parts in one message.
 - ``sum64`` (small float64 vectors: batch moments, metrics, validation sums): every rank gathers
   every rank's values and adds them in rank order, in float64, so the result is the same bits on
   every rank (MLX's all_sum has no float64).
@@ -84,6 +86,36 @@ class Ranks:
             return a
         return np.array(mx.distributed.all_sum(mx.array(a), group=self.group))
 
+    def sum_all(self, arrays: list[mx.array]) -> list[mx.array]:
+        """``sum`` of several arrays in one all-reduce (one message instead of one per array): they
+        travel as one float32 vector, so integer entries must stay below 2**24 to come back exact."""
+        if self.group is None or not arrays:
+            return list(arrays)
+        flat = mx.concatenate([a.astype(mx.float32).reshape(-1) for a in arrays])
+        total = mx.distributed.all_sum(flat, group=self.group)
+        out, start = [], 0
+        for a in arrays:
+            out.append(total[start : start + a.size].reshape(a.shape).astype(a.dtype))
+            start += a.size
+        return out
+
+    def sum_numpy_all(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        """``sum_all`` for numpy arrays (returned as numpy, in their dtypes)."""
+        if self.group is None:
+            return list(arrays)
+        flat = np.concatenate([np.asarray(a, np.float32).reshape(-1) for a in arrays])
+        total = np.array(mx.distributed.all_sum(mx.array(flat), group=self.group))
+        out, start = [], 0
+        for a in arrays:
+            out.append(total[start : start + a.size].reshape(a.shape).astype(a.dtype, copy=False))
+            start += a.size
+        return out
+
+    def _gather_fixed(self, data: bytes) -> list[bytes]:
+        """Every rank's ``data`` when all have the same length (one all_gather)."""
+        gathered = np.array(mx.distributed.all_gather(mx.array(np.frombuffer(data, np.uint8)), group=self.group))
+        return [part.tobytes() for part in gathered.reshape(self.size, -1)]
+
     def gather_bytes(self, data: bytes) -> list[bytes]:
         """Every rank's ``data``, in rank order (lengths may differ)."""
         if self.group is None:
@@ -108,7 +140,9 @@ class Ranks:
         if self.group is None:
             return arrays
         flat = np.concatenate([a.reshape(-1) for a in arrays]) if arrays else np.zeros(0)
-        parts = self.gather_bytes(flat.tobytes())
+        if flat.size == 0:
+            return arrays
+        parts = self._gather_fixed(flat.tobytes())
         total = np.zeros_like(flat)
         for part in parts:  # rank order, sequentially: deterministic on every rank
             total += np.frombuffer(part, np.float64)

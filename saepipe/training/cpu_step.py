@@ -17,12 +17,12 @@ buffers start on a cache line (``cpu_kernels.aligned_empty``): the row gathers r
 aligned rows.
 
 Data-parallel (``ranks`` with several ranks; see ``saepipe.training.state``): ``x`` is this rank's
-part of the global batch. Three exchanges make every rank's update the one-process update of the
-whole batch: the column sums and sum of squares of the normalized rows (the global variance FVU
-divides by, and the global row count) before the gradients; the residual's column sums and
-squared error (AuxK's variance, the FVU) before AuxK; the gradient buffers of ``latent_grads``,
-``db_enc``, ``db_dec`` and the fired counts (all-summed) before ``adam_rows``, whose global norm
-(for clipping) is taken from the summed gradients.
+part of the global batch. Three exchanges a step make every rank's update the one-process update
+of the whole batch: the column sums and sum of squares of the normalized rows (the global variance
+FVU divides by, and the global row count) before the gradients; the residual's column sums and
+squared error (AuxK's variance, the FVU) before AuxK; and one all-reduce of the gradient buffers
+of ``latent_grads``, ``db_enc``, ``db_dec``, the fired counts and the AuxK loss before
+``adam_rows``, whose global norm (for clipping) is taken from the summed gradients.
 """
 
 from __future__ import annotations
@@ -144,10 +144,11 @@ class CpuStep:
         sse_rows = np.empty(n, np.float32)
         e_sums = ck.decode_residual(xn, b_dec, W_dec, idx, pv, e, sse_rows)
         sse = float(sse_rows.sum(dtype=np.float64))
+        l1_sum, l0_sum = float(np.maximum(pv, 0).sum(dtype=np.float64)), float((pv > 0).sum())
         all_e_sums = e_sums
-        if ranks.distributed:  # the global residual's moments
-            all_e_sums, sse = ranks.sum64(e_sums, sse)
-            sse = float(sse)
+        if ranks.distributed:  # the global residual's moments (and the code's sums, for the metrics)
+            all_e_sums, sse, l1_sum, l0_sum = ranks.sum64(e_sums, sse, l1_sum, l0_sum)
+            sse, l1_sum, l0_sum = float(sse), float(l1_sum), float(l0_sum)
 
         aux, aux_parts = 0.0, None
         if aux_on:
@@ -157,8 +158,9 @@ class CpuStep:
         grads = self._latent_grads(idx, pv, e, xc, gscale, np.float32(l1_coef / n_total), W_dec, aux_parts)
         dW_dec, dW_enc, db_enc, fired, sq = grads
         db_dec = gscale * e_sums.astype(np.float32) - db_enc @ W_enc
-        if ranks.distributed:  # this rank's shares of the gradients -> the global batch's
-            dW_dec, dW_enc, db_enc, db_dec, fired, sq = self._sum_grads(dW_dec, dW_enc, db_enc, db_dec, fired)
+        if ranks.distributed:  # this rank's shares of the gradients (and AuxK) -> the global batch's
+            dW_dec, dW_enc, db_enc, db_dec, fired, aux, sq = self._sum_grads(dW_dec, dW_enc, db_enc, db_dec,
+                                                                             fired, aux)
         gnorm = float(np.sqrt(sq + float(db_enc @ db_enc) + float(db_dec @ db_dec)))
         scale = clip_scale(gnorm, float(cfg.gradient_clip))
         self._adam(lr, scale, {"W_dec": dW_dec, "W_enc": dW_enc, "b_enc": db_enc, "b_dec": db_dec})
@@ -166,26 +168,22 @@ class CpuStep:
         threshold = int(cfg.dead_tokens_threshold)
         self.counter = count_since_fired(self.counter, fired, n_total, threshold)
         fvu = sse / total_var
-        pos = np.maximum(pv, 0)
-        l1_sum, l0_sum = float(pos.sum(dtype=np.float64)), float((pv > 0).sum())
-        if ranks.distributed:
-            l1_sum, l0_sum, aux = (float(v) for v in ranks.sum64(l1_sum, l0_sum, aux))
         l1 = l1_sum / n_total
         loss = fvu + l1_coef * l1 + cfg.aux_coef * aux
         return np.array([loss, fvu, sse / (n_total * d), aux, l1, l0_sum / n_total, gnorm,
                          dead_fraction(self.counter, threshold)])
 
-    def _sum_grads(self, dW_dec, dW_enc, db_enc, db_dec, fired):
-        """The gradients and fired counts summed over the ranks, and the summed weight gradients'
-        squared norm (what ``latent_grads`` returns for one process's)."""
-        ranks = self.ranks
-        dW_dec = ranks.sum_numpy(dW_dec)
-        sq = float(np.einsum("ij,ij->i", dW_dec, dW_dec).sum(dtype=np.float64))
+    def _sum_grads(self, dW_dec, dW_enc, db_enc, db_dec, fired, aux):
+        """The gradients, fired counts and AuxK loss summed over the ranks (one all-reduce), and the
+        summed weight gradients' squared norm (what ``latent_grads`` returns for one process's)."""
+        parts = [dW_dec, db_enc, db_dec.astype(np.float32), fired, np.array([aux], np.float32)]
         if dW_enc is not None:
-            dW_enc = ranks.sum_numpy(dW_enc)
-            sq += float(np.einsum("ij,ij->i", dW_enc, dW_enc).sum(dtype=np.float64))
-        db_enc, db_dec = ranks.sum_numpy(db_enc), ranks.sum_numpy(db_dec.astype(np.float32))
-        return dW_dec, dW_enc, db_enc, db_dec, ranks.sum_numpy(fired), sq
+            parts.append(dW_enc)
+        summed = self.ranks.sum_numpy_all(parts)
+        dW_dec, db_enc, db_dec, fired, aux_sum = summed[:5]
+        dW_enc = summed[5] if dW_enc is not None else None
+        sq = sum(float(np.einsum("ij,ij->i", g, g).sum(dtype=np.float64)) for g in (dW_dec, dW_enc) if g is not None)
+        return dW_dec, dW_enc, db_enc, db_dec, fired, float(aux_sum[0]), sq
 
     def _auxk(self, dead, a, xc, e, e_var, W_dec, aux_scale):
         """AuxK over the dead latents: loss and its gradient rows (columns, dW_dec, dW_enc, db_enc).

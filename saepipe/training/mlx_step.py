@@ -34,7 +34,15 @@ import mlx.core as mx  # saepipe/__init__ (imported first) has loaded the fast B
 from saepipe.parallel.ranks import Ranks
 from saepipe.sae.config import SAEConfig
 from saepipe.sae.sparse import decode_rows, row_chunks, to_dense, topk_indices
-from saepipe.training.state import AuxK, constrained_adam, global_rows, global_variance, rows_mean, update_dead_counter
+from saepipe.training.state import (
+    AuxK,
+    constrained_adam,
+    global_rows,
+    global_variance,
+    rows_mean,
+    sum_over_ranks,
+    update_dead_counter,
+)
 
 AUX_CAPACITY_MIN = 64
 """Smallest column bucket of AuxK: fewer buckets (compiled variants) for a handful of dead latents."""
@@ -238,11 +246,11 @@ def make_train_step(config: SAEConfig, d_hidden: int, k_aux: int, capacity: int 
             method=method, ranks=ranks, n_total=n_total)
         scalars = [parts.loss, parts.fvu, parts.mse, parts.aux, parts.l1, parts.l0]
         if ranks.distributed:
-            grads = {name: ranks.sum(g) for name, g in grads.items()}
-            scalars = list(ranks.sum(mx.stack(scalars)))
+            grads, scalars, counter, dead_fraction = sum_over_ranks(
+                ranks, grads, scalars, parts.indices, parts.values, counter, threshold, n_total)
+        else:
+            counter, dead_fraction = update_dead_counter(counter, parts.indices, parts.values, threshold)
         new_params, new_m, new_v, t, gnorm = constrained_adam(params, grads, m, v, t, lr, clip)
-        counter, dead_fraction = update_dead_counter(counter, parts.indices, parts.values, threshold,
-                                                     ranks, n_total)
         metrics = mx.stack([*scalars, gnorm, dead_fraction])
         return new_params, new_m, new_v, t, counter, metrics
 

@@ -23,7 +23,15 @@ import mlx.nn as nn
 from saepipe.parallel.ranks import Ranks
 from saepipe.sae.config import SAEConfig
 from saepipe.sae.sparse import to_dense, topk
-from saepipe.training.state import AuxK, constrained_adam, global_rows, global_variance, rows_mean, update_dead_counter
+from saepipe.training.state import (
+    AuxK,
+    constrained_adam,
+    global_rows,
+    global_variance,
+    rows_mean,
+    sum_over_ranks,
+    update_dead_counter,
+)
 
 
 def encode_select(
@@ -103,10 +111,11 @@ def make_reference_step(config: SAEConfig, d_hidden: int, k_aux: int, with_aux: 
         n_total = global_rows(x.shape[0], ranks) if ranks.distributed else None
         (loss, fvu, mse, aux, l1, l0, values, indices), grads = grad_fn(params, x, dead, aux_scale, n_total)
         if ranks.distributed:
-            grads = {name: ranks.sum(g) for name, g in grads.items()}
-            loss, fvu, mse, aux, l1, l0 = ranks.sum(mx.stack([loss, fvu, mse, aux, l1, l0]))
+            grads, (loss, fvu, mse, aux, l1, l0), counter, dead_fraction = sum_over_ranks(
+                ranks, grads, [loss, fvu, mse, aux, l1, l0], indices, values, counter, threshold, n_total)
+        else:
+            counter, dead_fraction = update_dead_counter(counter, indices, values, threshold)
         new_params, new_m, new_v, t, gnorm = constrained_adam(params, grads, m, v, t, lr, clip)
-        counter, dead_fraction = update_dead_counter(counter, indices, values, threshold, ranks, n_total)
         metrics = mx.stack([loss, fvu, mse, aux, l1, l0, gnorm, dead_fraction])
         return new_params, new_m, new_v, t, counter, metrics
 

@@ -20,8 +20,8 @@ only in how they compute the same loss and gradients. Everything else is defined
 Data-parallel training (``saepipe.parallel.ranks``): each rank steps on its part of the global
 batch. Everything a step divides by is global (``global_variance``, the global row count), so each
 rank's loss, gradients and metrics are its *share* of the global ones and sum over the ranks to
-exactly them; the steps all-sum the gradients before the update, and the fired counts before the
-dead counters, so every rank applies the identical update to identical state.
+exactly them; the steps all-sum the gradients, metric parts and fired counts in one message before
+the update (``sum_over_ranks``), so every rank applies the identical update to identical state.
 """
 
 from __future__ import annotations
@@ -220,17 +220,26 @@ def dead_fraction(counter: Any, threshold: int) -> Any:
 
 
 def update_dead_counter(counter: mx.array, indices: mx.array, values: mx.array,
-                        threshold: int, ranks: Ranks | None = None,
-                        n_total: mx.array | None = None) -> tuple[mx.array, mx.array]:
+                        threshold: int) -> tuple[mx.array, mx.array]:
     """Counters after a batch whose top-k codes are ``(values, indices)`` (every row is one token),
-    and the fraction of latents now dead. With ``ranks`` (several) the codes are this rank's part of
-    a global batch of ``n_total`` rows: the fired counts are summed over the ranks first."""
+    and the fraction of latents now dead."""
     fired = fired_counts(indices, values, counter.shape[0])
-    n_rows: Any = indices.size // indices.shape[-1]
-    if ranks is not None and ranks.distributed:
-        fired, n_rows = ranks.sum(fired), n_total
-    counter = count_since_fired(counter, fired, n_rows, threshold)
+    counter = count_since_fired(counter, fired, indices.size // indices.shape[-1], threshold)
     return counter, dead_fraction(counter, threshold)
+
+
+def sum_over_ranks(ranks: Ranks, grads: dict[str, mx.array], scalars: list[mx.array], indices: mx.array,
+                   values: mx.array, counter: mx.array, threshold: int,
+                   n_total: mx.array) -> tuple[dict[str, mx.array], list[mx.array], mx.array, mx.array]:
+    """A data-parallel MLX step's one all-reduce: this rank's gradients, metric parts (its shares of
+    the global ones) and fired counts summed over the ranks. Returns the global gradients and metric
+    parts, and the dead counters after the global batch of ``n_total`` rows with the dead fraction
+    (``update_dead_counter`` of the whole batch)."""
+    names = sorted(grads)  # the same order on every rank
+    fired = fired_counts(indices, values, counter.shape[0])
+    summed = ranks.sum_all([*(grads[n] for n in names), mx.stack(scalars), fired])
+    counter = count_since_fired(counter, summed[-1], n_total, threshold)
+    return dict(zip(names, summed, strict=False)), list(summed[-2]), counter, dead_fraction(counter, threshold)
 
 
 def count_dead(counter: Any, threshold: int) -> int:
@@ -270,4 +279,4 @@ def initial_state(source: ActivationSource, train_rows: np.ndarray, config: SAEC
 __all__ = ["ADAM_BETAS", "ADAM_EPS", "GEOMETRIC_MEDIAN_ROWS", "GRAD_NORM_EPS", "METRICS", "ROW_NORM_FLOOR",
            "VARIANCE_FLOOR", "AuxK", "StepRunner", "TrainState", "batch_variance", "clip_scale", "constrained_adam",
            "count_dead", "count_since_fired", "dead_fraction", "fired_counts", "geometric_median",
-           "global_rows", "global_variance", "initial_state", "rows_mean", "update_dead_counter"]
+           "global_rows", "global_variance", "initial_state", "rows_mean", "sum_over_ranks", "update_dead_counter"]
