@@ -94,13 +94,12 @@ def save(out: Path, name: str, rank: int, result) -> None:
 
 
 def main(out: Path) -> None:
-    from saepipe.activations.ranked_extract import (
-        extract_ranked,  # lazy: after the BLAS (the module docstring)
-    )
-    from saepipe.lm.model import tiny_random_model  # lazy: as above
-    from saepipe.parallel.ranks import Ranks  # lazy: as above
-    from saepipe.training.fit import fit_sae  # lazy: as above
-    from stages import train  # lazy: as above
+    # lazy: the test imports this module for its data and configs only
+    from saepipe.activations.ranked_extract import extract_ranked
+    from saepipe.lm.model import tiny_random_model
+    from saepipe.parallel.ranks import Ranks
+    from saepipe.training.fit import fit_sae
+    from stages import train
 
     ranks = Ranks.world()
     assert ranks.size == 2, f"run me with mlx.launch -n 2 (got {ranks})"
