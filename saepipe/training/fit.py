@@ -340,7 +340,8 @@ def _source_metadata(source: ActivationSource) -> dict[str, Any]:
     if not isinstance(manifest, dict):
         return {}
     keys = {"model_id": "model_name", "model_hash": "model_hash", "layer": "layer", "component": "component",
-            "site": "site", "digest": "activations_digest", "n_tokens": "activations_rows"}
+            "site": "site", "digest": "activations_digest", "n_tokens": "activations_rows",
+            "context_length": "context_length", "skip_special_tokens": "skip_special_tokens"}
     return {ours: manifest[theirs] for theirs, ours in keys.items() if manifest.get(theirs) is not None}
 
 
