@@ -14,7 +14,8 @@ What the collectives guarantee (what makes every rank apply the identical update
   every rank's values and adds them in rank order, in float64, so the result is the same bits on
   every rank (MLX's all_sum has no float64).
 - ``gather_bytes`` / ``broadcast_bytes``: raw bytes (JSON, packed float64) from every rank / from
-  rank 0, through ``all_gather`` of uint8 arrays.
+  rank 0, through an all-sum of a table each rank fills one row of (exact; every backend has
+  all-sum, not every one all-gather).
 - ``broadcast``: rank 0's arrays on every rank (an all_sum where the other ranks add zeros), e.g.
   the training state rank 0 read from its checkpoint.
 """
@@ -112,20 +113,24 @@ class Ranks:
         return out
 
     def _gather_fixed(self, data: bytes) -> list[bytes]:
-        """Every rank's ``data`` when all have the same length (one all_gather)."""
-        gathered = np.array(mx.distributed.all_gather(mx.array(np.frombuffer(data, np.uint8)), group=self.group))
-        return [part.tobytes() for part in gathered.reshape(self.size, -1)]
+        """Every rank's ``data`` when all have the same length: one all-sum of a (ranks, length)
+        int32 table in which each rank fills its own row (exact: the other rows add zeros). An
+        all-sum, not an all-gather, because every backend has it (ring, MPI, NCCL)."""
+        width = -(-len(data) // 4)
+        table = np.zeros((self.size, max(width, 1)), np.int32)
+        table[self.rank, :width] = np.frombuffer(data.ljust(4 * width, b"\0"), np.int32)
+        summed = np.array(mx.distributed.all_sum(mx.array(table), group=self.group))
+        return [summed[r].tobytes()[: len(data)] for r in range(self.size)]
 
     def gather_bytes(self, data: bytes) -> list[bytes]:
         """Every rank's ``data``, in rank order (lengths may differ)."""
         if self.group is None:
             return [bytes(data)]
-        lengths = np.array(mx.distributed.all_gather(mx.array(np.array([len(data)], np.int32)), group=self.group))
-        longest = int(lengths.max())
-        padded = np.zeros(max(longest, 1), np.uint8)
-        padded[: len(data)] = np.frombuffer(data, np.uint8)
-        gathered = np.array(mx.distributed.all_gather(mx.array(padded), group=self.group)).reshape(self.size, -1)
-        return [gathered[r, : int(lengths[r])].tobytes() for r in range(self.size)]
+        lengths = np.zeros(self.size, np.int32)
+        lengths[self.rank] = len(data)
+        lengths = np.array(mx.distributed.all_sum(mx.array(lengths), group=self.group))
+        parts = self._gather_fixed(bytes(data).ljust(int(lengths.max()), b"\0"))
+        return [part[: int(n)] for part, n in zip(parts, lengths, strict=True)]
 
     def broadcast_bytes(self, data: bytes | None) -> bytes:
         """Rank 0's ``data`` on every rank (the others pass anything, e.g. None)."""
