@@ -8,8 +8,8 @@ Reads ``sae:`` (SAEConfig), ``extract.layer``/``extract.component`` and ``model`
 history) and the dvclive folder ``<out>/live``. Checkpoints go to ``--checkpoints`` (default
 ``<out>/checkpoints``); a matching checkpoint is resumed, and it is removed once the SAE is saved.
 
-Data-parallel on several processes or machines: start it with ``mlx.launch`` (README, "Training on
-several machines"), e.g. ``mlx.launch -n 2 --backend ring -- python -m stages.train ...``; every rank
+Data-parallel on several processes or machines: start it with ``mlx.launch`` (README, "Several
+machines"), e.g. ``mlx.launch -n 2 --backend ring -- python -m stages.train ...``; every rank
 reads its part of each batch, rank 0 alone writes the outputs and checkpoints.
 """
 
