@@ -178,6 +178,23 @@ def test_a_single_process_rank_is_the_identity():
     assert ranks.gather_bytes(b"ab") == [b"ab"] and ranks.broadcast_bytes(b"ab") == b"ab"
 
 
+def test_a_plain_process_is_one_rank_without_asking_mlx(monkeypatch):
+    """No launcher variables: one rank, and MLX's init (which may start an MPI singleton) never runs."""
+    import mlx.core as mx  # lazy: only this test patches MLX
+
+    from saepipe.parallel import ranks as ranks_module  # lazy: as above
+
+    for name in ranks_module.LAUNCH_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+
+    def fail(*args, **kwargs):
+        raise AssertionError("mx.distributed.init called in a plain process")
+
+    monkeypatch.setattr(mx.distributed, "init", fail)
+    world = Ranks.world()
+    assert (world.size, world.rank, world.group) == (1, 0, None)
+
+
 def test_plan_ranks_splits_windows_by_rows():
     rows = np.array([10, 30, 20, 40, 5])
     # 100 rows wanted: windows 0-3 (the 4th only in part: 100 - 60 = 40 of its 40 rows)

@@ -23,6 +23,7 @@ What the collectives guarantee (what makes every rank apply the identical update
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,6 +31,10 @@ import mlx.core as mx
 import numpy as np
 
 log = logging.getLogger(__name__)
+
+LAUNCH_VARIABLES = ("MLX_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK")
+"""Environment variables that say a launcher started this process as one rank of several:
+``mlx.launch`` sets ``MLX_RANK`` (ring, NCCL, JACCL); ``mpirun`` the others (OpenMPI, MPICH, PMIx)."""
 
 
 class Ranks:
@@ -42,8 +47,10 @@ class Ranks:
 
     @classmethod
     def world(cls) -> Ranks:
-        """The group ``mlx.launch`` started this process in (a group of one without it)."""
-        if not mx.distributed.is_available():
+        """The group ``mlx.launch`` (or ``mpirun``) started this process in; a group of one in a
+        plain process, without asking MLX: its ``init`` would try MPI, which may start an MPI
+        singleton where OpenMPI is installed."""
+        if not mx.distributed.is_available() or not any(v in os.environ for v in LAUNCH_VARIABLES):
             return cls(None)
         return cls(mx.distributed.init())  # a second call returns the group the first one set up
 
@@ -181,4 +188,4 @@ class Ranks:
                 f"rank {r}: {p.tolist()}" for r, p in enumerate(parts)))
 
 
-__all__ = ["Ranks"]
+__all__ = ["LAUNCH_VARIABLES", "Ranks"]
