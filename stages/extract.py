@@ -3,7 +3,9 @@
     uv run python -m stages.extract --params params.yaml --texts data/prepare/texts.parquet --out data/extract
 
 Writes ``<out>/train/`` and ``<out>/eval/`` (Arrow shards + manifest.json each). An interrupted run
-resumes from its last complete shard when rerun with the same settings.
+resumes from its last complete shard when rerun with the same settings. Started by ``mlx.launch``
+on several ranks, each rank extracts a contiguous share of the texts into ``<split>/rank-<r>/``
+and rank 0 writes one manifest over all of them (``saepipe.activations.ranked_extract``).
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ import click
 
 from saepipe.activations.config import ExtractConfig
 from saepipe.activations.extract import extract
+from saepipe.activations.ranked_extract import extract_ranked
 from saepipe.lm.model import load_model
+from saepipe.parallel.ranks import Ranks
 from saepipe.runtime.params import model_spec, read_params, section
 
 
@@ -35,9 +39,15 @@ def main(params_path: Path, texts_path: Path, out_dir: Path) -> None:
         if not texts_path.exists():
             raise FileNotFoundError(f"texts file not found: {texts_path} (run the prepare stage first)")
         loaded = load_model(model_spec(params))
-        manifests = extract(loaded, texts_path, out_dir, config)
+        ranks = Ranks.world()
+        if ranks.distributed:
+            manifests = extract_ranked(loaded, texts_path, out_dir, config, ranks)
+        else:
+            manifests = extract(loaded, texts_path, out_dir, config)
     except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from e
+    if not ranks.is_main:
+        return
     for split, m in manifests.items():
         click.echo(f"{out_dir / split}: {m['n_tokens']} rows of {m['site']} ({m['dtype']}, "
                    f"{len(m['shards'])} shards, digest {m['digest']})")
