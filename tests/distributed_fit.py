@@ -5,7 +5,7 @@
 ``OUT_DIR`` holds what ``make_inputs`` wrote (texts and params). Every rank, in one launch (a launch
 costs seconds):
 
-1. trains the runs of ``RUNS`` on ``data()`` with ``config()`` (the test's one-process runs use the
+1. trains the runs of ``RUNS`` on ``data()`` with ``run_config(name)`` (the test's one-process runs use the
    same) and writes its weights to ``OUT_DIR/<run>-rank<r>.npz`` plus summary and history to
    ``<run>-rank<r>.json``; the ``resume`` run stops after ``STOP_AT`` steps (its checkpoint is
    copied to ``ckpt-at-stop/``) and is resumed by a second ``fit_sae`` call, with rank 1 given an
@@ -36,8 +36,8 @@ from saepipe.sae.config import SAEConfig  # noqa: E402
 STOP_AT = 5
 """Steps of the ``resume`` run before it is interrupted."""
 
-RUNS = {"cpu": "cpu", "sparse": "sparse", "reference": "reference", "resume": "cpu"}
-"""Each run's name and its kernels."""
+RUNS = {"cpu": "cpu", "sparse": "sparse", "reference": "reference", "resume": "cpu", "resample": "cpu"}
+"""Each run's name and its kernels (``resample``: with dead-latent resampling, see ``run_config``)."""
 
 WORDS = ["the", "cat", "sat", "on", "a", "mat", "while", "seven", "quick", "foxes", "jumped", "over", "lazy", "dogs"]
 
@@ -57,6 +57,12 @@ def config() -> SAEConfig:
     return SAEConfig(expansion_factor=4, k=4, batch_size=129, num_epochs=2, learning_rate=3e-3,
                      warmup_steps=2, dead_tokens_threshold=129, aux_coef=1 / 32, k_aux=8, gradient_clip=0.5,
                      l1_coefficient=1e-3, validation_split=0.1, seed=3, checkpoint_every=2)
+
+
+def run_config(name: str) -> SAEConfig:
+    """The config of run ``name``: ``config()``, with dead-latent resampling every 2 steps for
+    ``resample`` (rank 0 resamples, the other ranks receive its state)."""
+    return config().replace(resample_every=2) if name == "resample" else config()
 
 
 def extract_config() -> ExtractConfig:
@@ -103,8 +109,9 @@ def main(out: Path) -> None:
 
     ranks = Ranks.world()
     assert ranks.size == 2, f"run me with mlx.launch -n 2 (got {ranks})"
-    acts, cfg = data(), config()
+    acts = data()
     for name, kernels in RUNS.items():
+        cfg = run_config(name)
         if name == "resume":
             ckpt = out / ("ckpt" if ranks.is_main else "ckpt-rank1-empty")
             fit_sae(acts, cfg, kernels=kernels, ranks=ranks, progress=False, checkpoint_dir=ckpt, max_steps=STOP_AT)

@@ -70,12 +70,12 @@ def _weights(result) -> dict[str, np.ndarray]:
 @pytest.fixture(scope="module")
 def one_process() -> dict:
     """The runs of ``job.RUNS`` in this process (one rank)."""
-    acts, cfg = job.data(), job.config()
+    acts = job.data()
     runs = {}
     for name, kernels in job.RUNS.items():
         if name == "resume":
             continue  # an uninterrupted run reaches the same weights (tests/test_train.py): compare with "cpu"
-        runs[name] = fit_sae(acts, cfg, kernels=kernels, ranks=Ranks(), progress=False)
+        runs[name] = fit_sae(acts, job.run_config(name), kernels=kernels, ranks=Ranks(), progress=False)
     return runs
 
 
@@ -93,6 +93,8 @@ def test_two_ranks_reach_the_weights_of_one_process(launched, one_process, name)
     for metric in ("final_loss", "val/fvu", "train/aux_loss", "train/l1_loss", "train/grad_norm", "dead_fraction"):
         assert summary[metric] == pytest.approx(ref.summary[metric], rel=1e-4, abs=1e-6), metric
     assert ref.summary["train/aux_loss"] > 0  # AuxK ran: its global variance was exercised
+    if name == "resample":  # rank 0 resampled the same latents; rank 1 took its state
+        assert summary["resampled_latents"] == ref.summary["resampled_latents"] > 0
 
 
 def test_rank1_reads_rank0s_checkpoint(launched):
