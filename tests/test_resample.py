@@ -167,3 +167,14 @@ def test_resume_with_resampling_is_exact(tmp_path):
         np.testing.assert_allclose(_weights(resumed.sae)[name], value, rtol=0, atol=1e-6)
     assert resumed.summary["resampled_latents"] == full.summary["resampled_latents"]
     assert [m.get("resampled") for _, m in rec.steps] == [m.get("resampled") for _, m in full_rec.steps[12:]]
+
+
+def test_resampled_count_is_a_dvclive_metric_at_every_resampling(tmp_path):
+    x = _data(800, 16, seed=3)
+    cfg = SAEConfig(**{**SMALL, "num_epochs": 1, "dead_tokens_threshold": 64, "resample_every": 3})
+    result = fit_sae(x, cfg, live_dir=tmp_path / "live", log_every=10, progress=False)
+    rows = (tmp_path / "live" / "plots" / "metrics" / "resampled.tsv").read_text().split()
+    assert rows[0] == "step" and rows[1] == "resampled"
+    steps, counts = [int(s) for s in rows[2::2]], [float(c) for c in rows[3::2]]
+    assert steps == [3, 6, 9]  # logged although log_every is 10 (11 steps: none after the last one)
+    assert sum(counts) == result.summary["resampled_latents"] > 0
