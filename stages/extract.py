@@ -3,12 +3,12 @@
     uv run python -m stages.extract --params params.yaml --texts data/prepare/texts.parquet --out data/extract
 
 Writes ``<out>/train/`` and ``<out>/eval/`` (Arrow shards + manifest.json each). An interrupted run
-resumes from its last complete shard when rerun with the same settings.
+resumes from its last complete shard when rerun with the same settings. The texts are checked
+against the sha256 prepare recorded in the ``counts.json`` beside them.
 """
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import click
@@ -17,6 +17,8 @@ from saepipe.activations.config import ExtractConfig
 from saepipe.activations.extract import extract
 from saepipe.lm.model import load_model
 from saepipe.runtime.params import model_spec, read_params, section
+from saepipe.texts.prepare import verify_prepared
+from stages import stage_run
 
 
 @click.command()
@@ -28,16 +30,15 @@ from saepipe.runtime.params import model_spec, read_params, section
               type=click.Path(file_okay=False, path_type=Path), help="output folder (train/ and eval/)")
 def main(params_path: Path, texts_path: Path, out_dir: Path) -> None:
     """Extract activations of the site named in params.yaml."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
+    with stage_run("extract", out_dir):
         params = read_params(params_path)
         config = ExtractConfig.from_dict(section(params, "extract"))
+        spec = model_spec(params)
         if not texts_path.exists():
             raise FileNotFoundError(f"texts file not found: {texts_path} (run the prepare stage first)")
-        loaded = load_model(model_spec(params))
+        verify_prepared(texts_path)
+        loaded = load_model(spec)
         manifests = extract(loaded, texts_path, out_dir, config)
-    except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
-        raise click.ClickException(str(e)) from e
     for split, m in manifests.items():
         click.echo(f"{out_dir / split}: {m['n_tokens']} rows of {m['site']} ({m['dtype']}, "
                    f"{len(m['shards'])} shards, digest {m['digest']})")

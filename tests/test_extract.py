@@ -208,7 +208,7 @@ def test_take_and_chunks_agree(tiny_model, texts_path, tmp_path):
 
 @pytest.mark.parametrize(
     "kw, match",
-    [({"layer": 4}, "out of range"), ({"component": "resid"}, "unknown component")],
+    [({"layer": 4}, "out of range"), ({"component": "resid"}, r"extract\.component must be one of mlp, attn, output")],
 )
 def test_bad_site_errors(tiny_model, texts_path, tmp_path, kw, match):
     with pytest.raises(ValueError, match=match):

@@ -44,8 +44,27 @@ class NormStats:
 
     @classmethod
     def load(cls, path: Path) -> NormStats:
-        """Read a file written by ``save`` (and its JSON sidecar)."""
+        """Read a file written by ``save`` (and its JSON sidecar); the sidecar's digest must match the
+        tensors (a file changed or damaged since, or a sidecar of other stats, is an error naming it)."""
         path = Path(path)
-        tensors = load_file(str(path))
-        meta = json.loads(path.with_suffix(".json").read_text())
-        return cls(tensors["mean"], tensors["std"], float(meta["mean_norm"]), int(meta["n_rows"]))
+        sidecar = path.with_suffix(".json")
+        for p in (path, sidecar):
+            if not p.is_file():
+                raise FileNotFoundError(f"normalization stats file not found: {p} (run the normalize stage)")
+        try:
+            tensors = load_file(str(path))
+            meta = json.loads(sidecar.read_text())
+            stats = cls(np.asarray(tensors["mean"], dtype=np.float64), np.asarray(tensors["std"], dtype=np.float64),
+                        float(meta["mean_norm"]), int(meta["n_rows"]))
+        except Exception as err:  # safetensors, JSON and key errors alike: the files are not normalize's
+            raise ValueError(f"{path} (with {sidecar.name}) is not readable normalization stats ({err}): "
+                             "rerun normalize") from err
+        if stats.mean.ndim != 1 or stats.mean.shape != stats.std.shape:
+            raise ValueError(f"{path}: mean {stats.mean.shape} and std {stats.std.shape} must be equal-length vectors")
+        if meta.get("digest") not in (None, stats.digest()):
+            raise ValueError(f"{path} does not match the digest in {sidecar.name} (changed or damaged since "
+                             "normalize wrote it): rerun normalize")
+        if not (np.isfinite(stats.mean).all() and np.isfinite(stats.std).all() and (stats.std > 0).all()):
+            raise ValueError(f"{path} holds non-finite or non-positive statistics: rerun normalize (and check "
+                             "the activations for NaN/inf)")
+        return stats

@@ -17,6 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 _HASH_BLOCK = 1 << 22  # bytes read at a time when hashing: large enough to be I/O bound
 
 
@@ -65,6 +67,17 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def arrays_sha256(arrays: dict[str, Any]) -> str:
+    """sha256 of named arrays (name, dtype, shape and bytes, in name order): a checksum that files of
+    tensors carry in their header, so a reader notices a changed or damaged file."""
+    digest = hashlib.sha256()
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        digest.update(f"{name}:{a.dtype.str}:{a.shape}\n".encode())
+        digest.update(memoryview(a).cast("B"))
+    return digest.hexdigest()
+
+
 def write_metrics_json(path: Path, metrics: dict[str, Any]) -> Path:
     """Write a metrics dict for ``dvc metrics``: NaN/inf become null (DVC and strict JSON readers
     reject them), numpy/MLX scalars become floats."""
@@ -97,5 +110,5 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "file_sha256", "temporary_path",
+__all__ = ["arrays_sha256", "atomic_write", "atomic_write_bytes", "atomic_write_text", "file_sha256", "temporary_path",
            "write_metrics_json"]

@@ -188,28 +188,64 @@ def fit_sae(
     split = split_rows(source.n_rows, config.validation_split, config.seed)
     stats = _stats_for(source, config, stats, split)
     plan = _plan(source, config, split, stats, d_hidden, auxk, checkpoint_dir, max_steps, kernels)
-    state, position, resumed = _start(plan)
+    warnings = schedule_warnings(plan)
+    for warning in warnings:
+        log.warning("%s", warning)
+    state, position, logs = _start(plan)
     meta = {**_source_metadata(source), **(metadata or {})}
-    sink = _loggers(plan, meta, logger, live_dir, log_every, resumed=resumed)
+    sink = _loggers(plan, meta, logger, live_dir, log_every, resumed=logs is not None)
+    if logs is not None:
+        sink.restore(logs, position.step)
     try:
         with reuse_freed_memory():  # the step's big buffers are reused, not page-faulted in anew
             state, position, completed = _train_loop(plan, state, position, sink, progress)
     finally:
         sink.close()
-    summary = _summary(plan, position, state, completed)
+    summary = {**_summary(plan, position, state, completed), "warnings": warnings}
     return FitResult(_trained_sae(plan, state, stats, meta, summary), list(position.history), summary)
 
 
-def _start(plan: RunPlan) -> tuple[TrainState, Progress, bool]:
-    """The state and position to start from: a checkpoint of the same run, else a fresh start."""
+def _start(plan: RunPlan) -> tuple[TrainState, Progress, dict[str, Any] | None]:
+    """The state and position to start from (a checkpoint of the same run, else a fresh start), and
+    the loggers' state saved with the checkpoint (None for a fresh start)."""
     resumed = resume(plan.checkpoint_dir, plan.run_info)
     if resumed is not None:
-        state, position = resumed[0], Progress.from_json(resumed[1])
+        state, info = resumed
+        position = Progress.from_json(info["position"])
         log.info("resuming from %s at step %d", plan.checkpoint_dir, position.step)
-        return state, position, True
+        return state, position, info["logs"] or {}
     state = initial_state(plan.source, plan.split.train, plan.config, plan.source.d_model, plan.d_hidden,
                           plan.mean, plan.std)
-    return state, Progress(), False
+    return state, Progress(), None
+
+
+MIN_STEPS = 100
+"""Fewer optimisation steps than this is too short a run to train a TopK SAE (a warning)."""
+
+TIMINGS = ("train_seconds", "tok_per_s")
+"""Summary keys that measure the machine, not the SAE: in metrics.json only, never in the SAE file, so
+identical runs write byte-identical SAE files."""
+
+
+def schedule_warnings(plan: RunPlan) -> list[str]:
+    """What makes this run too short for its own settings (each logged as a warning, listed in the
+    summary as ``warnings``, and failing evaluate's ``schedule_ok`` health check)."""
+    config, n_train, total = plan.config, len(plan.split.train), plan.total_steps
+    out = []
+    if config.batch_size > n_train:
+        out.append(f"sae.batch_size={config.batch_size} is more than the {n_train} training rows: every step "
+                   f"uses all of them ({total} steps in all); lower sae.batch_size or extract more tokens")
+    if total <= config.warmup_steps:
+        out.append(f"the run has {total} steps but sae.warmup_steps={config.warmup_steps}: the learning rate "
+                   f"never reaches sae.learning_rate; lower warmup_steps or batch_size, or train longer")
+    if total < MIN_STEPS:
+        out.append(f"only {total} optimisation steps (< {MIN_STEPS}): too few to train a TopK SAE; lower "
+                   "sae.batch_size, raise sae.num_epochs or extract more tokens")
+    tokens = total * plan.batch_size
+    if config.aux_coef > 0 and tokens < config.dead_tokens_threshold:
+        out.append(f"sae.dead_tokens_threshold={config.dead_tokens_threshold} is more than the {tokens} tokens "
+                   "the run trains on: no latent can be found dead, so AuxK never acts")
+    return out
 
 
 def _trained_sae(plan: RunPlan, state: TrainState, stats: NormStats | None, meta: dict[str, Any],
@@ -219,7 +255,8 @@ def _trained_sae(plan: RunPlan, state: TrainState, stats: NormStats | None, meta
     sae = TopKSAE(plan.source.d_model, config.expansion_factor, config.k, tied_weights=config.tied_weights,
                   stats=stats, normalization=config.normalization)
     sae.update(dict(state.params))
-    sae.update_metadata(**meta, config=config.to_dict(), summary=summary, n_train_rows=len(plan.split.train),
+    untimed = {k: v for k, v in summary.items() if k not in TIMINGS}
+    sae.update_metadata(**meta, config=config.to_dict(), summary=untimed, n_train_rows=len(plan.split.train),
                         n_val_rows=len(plan.split.val))
     return sae
 
@@ -321,7 +358,7 @@ def _train_loop(plan: RunPlan, state: TrainState, position: Progress, sink: Mult
         for epoch in range(position.epoch, plan.config.num_epochs):
             n_dead, stopped = _run_epoch(plan, loop, position, epoch, n_dead)
             if stopped:
-                _checkpoint(plan, runner, position)
+                _checkpoint(plan, runner, position, sink)
                 return runner.state(), position, False
             _end_epoch(plan, loop, evaluate, position, epoch)
     finally:
@@ -345,7 +382,7 @@ def _run_epoch(plan: RunPlan, loop: _Loop, position: Progress, epoch: int, n_dea
         n_dead = _step(plan, loop, position, x, n_dead, started)
         every = plan.config.checkpoint_every
         if every and position.step % every == 0 and b + 1 < len(batches):  # epoch ends checkpoint anyway
-            _checkpoint(plan, loop.runner, position)
+            _checkpoint(plan, loop.runner, position, loop.sink)
     return n_dead, False
 
 
@@ -353,7 +390,7 @@ def _step(plan: RunPlan, loop: _Loop, position: Progress, x: mx.array, n_dead: i
     """One optimisation step, logged; returns the number of dead latents after it."""
     lr = learning_rate_at(position.step, plan.total_steps, plan.config)
     values = loop.runner.step(lr, x, plan.mean, plan.std, n_dead)
-    _check_finite(values, position.step + 1, plan.checkpoint_dir)
+    _check_finite(values, position.step + 1, plan.checkpoint_dir, x)
     record = dict(zip(METRICS, values.tolist(), strict=True))
     record["learning_rate"] = lr
     position.after_step(values.tolist(), started)
@@ -371,24 +408,34 @@ def _end_epoch(plan: RunPlan, loop: _Loop, evaluate: Any, position: Progress, ep
     entry = {"epoch": epoch, "step": position.step, **position.epoch_means(), **val}
     loop.sink.log_epoch(epoch, position.step, val)
     position.end_epoch(entry)
-    _checkpoint(plan, loop.runner, position)
+    _checkpoint(plan, loop.runner, position, loop.sink)
 
 
-def _checkpoint(plan: RunPlan, runner: StepRunner, position: Progress) -> None:
-    """Save the current state and position (when the run has a checkpoint folder); never a diverged one."""
+def _checkpoint(plan: RunPlan, runner: StepRunner, position: Progress, sink: MultiLogger) -> None:
+    """Save the current state, position and logs (when the run has a checkpoint folder); never a
+    diverged state."""
     if plan.checkpoint_dir is None:
         return
     current = runner.state()
     if not all_finite(current.params):
         raise TrainingDivergedError(f"non-finite weights after step {position.step}; "
                                     f"last good checkpoint kept in {plan.checkpoint_dir}")
-    save_checkpoint(plan.checkpoint_dir, current, {"run": plan.run_info, "position": position.to_json()})
+    save_checkpoint(plan.checkpoint_dir, current,
+                    {"run": plan.run_info, "position": position.to_json(), "logs": sink.state()})
 
 
-def _check_finite(values: np.ndarray, step: int, ckpt_dir: Path | None) -> None:
+def _check_finite(values: np.ndarray, step: int, ckpt_dir: Path | None, x: mx.array) -> None:
+    """Stop on a NaN/Inf metric, blaming the input batch when it holds one, else the optimisation."""
     bad = [name for name, val in zip(METRICS, values, strict=True) if not math.isfinite(val)]
     if bad:
         kept = f"; last good checkpoint kept in {ckpt_dir}" if ckpt_dir is not None else ""
+        finite = np.isfinite(np.asarray(x))
+        if not finite.all():
+            rows = int((~finite).any(axis=1).sum())
+            raise TrainingDivergedError(
+                f"the training activations hold NaN or inf ({rows} of the {finite.shape[0]} rows of the batch of "
+                f"step {step}): fix the input (check the model and the extract stage; extract.dtype float16 "
+                f"overflows above 65504), not the learning rate{kept}")
         raise TrainingDivergedError(
             f"training diverged at step {step}: {', '.join(bad)} is {values[METRICS.index(bad[0])]}"
             f" (try a lower learning_rate or gradient_clip){kept}")
@@ -409,4 +456,5 @@ def _summary(plan: RunPlan, position: Progress, state: TrainState, completed: bo
     return summary
 
 
-__all__ = ["FitResult", "Progress", "RunPlan", "TrainingDivergedError", "fit_sae"]
+__all__ = ["MIN_STEPS", "TIMINGS", "FitResult", "Progress", "RunPlan", "TrainingDivergedError", "fit_sae",
+           "schedule_warnings"]
