@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,6 +26,7 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     OSError,  # missing files, a full disk (ENOSPC), permissions
     FloatingPointError,  # training diverged (TrainingDivergedError)
     RuntimeError,  # StageBusyError; an unreachable hub dataset or model
+    sqlite3.OperationalError,  # DVC's state database (dvclive opens it) on a full disk
 )
 """Errors a stage reports as one line: they come from its inputs, params or machine, not from a bug."""
 

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file
 
-from saepipe.runtime.files import atomic_write, atomic_write_text
+from saepipe.runtime.files import atomic_write_text, write_safetensors
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,7 @@ class NormStats:
         """Write ``path`` (.safetensors) and a JSON sidecar ``path.with_suffix('.json')``."""
         path = Path(path)
         tensors = {"mean": self.mean.astype(np.float64), "std": self.std.astype(np.float64)}
-        atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
+        write_safetensors(path, tensors)
         meta = {"mean_norm": self.mean_norm, "n_rows": self.n_rows, "digest": self.digest(), **(extra or {})}
         atomic_write_text(path.with_suffix(".json"), json.dumps(meta, indent=2) + "\n")
 

@@ -5,8 +5,11 @@
     t.activations["model.model.layers.10.mlp"]   # (batch, seq, d_model) mx.array
 
 Names follow ``saepipe.lm.sites`` (``model.model.layers.{i}.mlp`` / ``.self_attn`` / the bare block
-for its output, also with the ``model.layers`` prefix), matched exactly. Texts are tokenized with
-BOS and right padded; ``lengths`` tells how many positions of each row are real.
+for its output, also with the ``model.layers`` prefix), matched exactly. Texts are tokenized as the
+model's tokenizer says (a BOS is added only when it adds one: the default SmolLM2 adds none, the tiny
+test models do) and right padded; ``lengths`` tells how many positions of each row are real, and
+``text_positions`` which of them hold text rather than BOS or other special tokens (the positions
+extraction stores and evaluation scores).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import numpy as np
 
 from saepipe.lm.forward import forward, unwrap_model
 from saepipe.lm.sites import COMPONENTS, Site, parse_site_name
-from saepipe.lm.tokens import tokenize_padded
+from saepipe.lm.tokens import excluded_token_ids, tokenize_padded
 
 
 class Activations(Mapping[str, mx.array]):
@@ -46,11 +49,15 @@ class Trace:
     """The result of ``trace``: token ids, lengths, logits (when computed) and activations."""
 
     def __init__(self, tokens: np.ndarray, lengths: np.ndarray, logits: mx.array | None,
-                 activations: Activations) -> None:
+                 activations: Activations, text_positions: np.ndarray | None = None) -> None:
         self.tokens = tokens
         """(batch, seq) int32 token ids, right padded."""
         self.lengths = lengths
         """(batch,) number of real (non-pad) positions of each row."""
+        if text_positions is None:
+            text_positions = np.arange(tokens.shape[1])[None, :] < lengths[:, None]
+        self.text_positions = text_positions
+        """(batch, seq) bool: real positions that hold text, not BOS/special tokens (nor padding)."""
         self.logits = logits
         """(batch, seq, vocab) logits, or None when only early layers were captured."""
         self.activations = activations
@@ -85,4 +92,6 @@ def trace(loaded: Any, texts: str | list[str], *, capture: Iterable[str] | None 
     tokens, lengths = tokenize_padded(loaded.tokenizer, texts)
     out = forward(module, mx.array(tokens), capture=sites,
                   stop_layer=None if capture is None or stop == n_layers - 1 else stop)
-    return Trace(tokens, lengths, out.logits, Activations(out.activations, n_layers))
+    real = np.arange(tokens.shape[1])[None, :] < lengths[:, None]
+    text = real & ~np.isin(tokens, excluded_token_ids(loaded.tokenizer, skip_special_tokens=True))
+    return Trace(tokens, lengths, out.logits, Activations(out.activations, n_layers), text)

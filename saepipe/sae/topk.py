@@ -27,10 +27,9 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from safetensors import safe_open
-from safetensors.numpy import save_file
 
 from saepipe.activations.stats import NormStats
-from saepipe.runtime.files import arrays_sha256, atomic_write
+from saepipe.runtime.files import arrays_sha256, write_safetensors
 from saepipe.runtime.version import __version__
 from saepipe.sae.compatibility import Reason, site_reasons
 from saepipe.sae.dictionary import Dictionary
@@ -208,7 +207,7 @@ class TopKSAE(nn.Module, Dictionary):
             tensors["norm_std"] = np.asarray(s.std, dtype=np.float64)
             header["stats"] = {"mean_norm": float(s.mean_norm), "n_rows": int(s.n_rows)}
         file_meta = {"format": FORMAT, "saepipe": json.dumps(header), _DIGEST_KEY: arrays_sha256(tensors)}
-        return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=file_meta))
+        return write_safetensors(path, tensors, file_meta)
 
     @classmethod
     def load(cls, path: str | Path) -> TopKSAE:

@@ -19,9 +19,8 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 from safetensors import safe_open
-from safetensors.numpy import save_file
 
-from saepipe.runtime.files import arrays_sha256, atomic_write
+from saepipe.runtime.files import arrays_sha256, write_safetensors
 from saepipe.training.state import TrainState
 
 log = logging.getLogger(__name__)
@@ -40,7 +39,7 @@ def save_checkpoint(directory: Path, state: TrainState, info: dict[str, Any]) ->
     tensors["adam_t"] = np.asarray(state.t).reshape(1)
     tensors["dead_counter"] = np.asarray(state.counter)
     header = {_HEADER_KEY: json.dumps(info), _DIGEST_KEY: arrays_sha256(tensors)}
-    return atomic_write(directory / CHECKPOINT_NAME, lambda tmp: save_file(tensors, str(tmp), metadata=header))
+    return write_safetensors(directory / CHECKPOINT_NAME, tensors, header)
 
 
 def load_checkpoint(directory: Path) -> tuple[TrainState, dict[str, Any]] | None:

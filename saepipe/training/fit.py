@@ -50,7 +50,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from saepipe.activations.normalize import fit_stats
-from saepipe.activations.sources import ActivationSource, as_source
+from saepipe.activations.sources import ActivationSource, ArraySource, as_source
 from saepipe.activations.stats import NormStats
 from saepipe.runtime.memory import reuse_freed_memory
 from saepipe.sae.config import SAEConfig
@@ -184,6 +184,8 @@ def fit_sae(
     """
     kernels = resolve_kernels(kernels)
     source = as_source(activations)
+    if isinstance(source, ArraySource):  # in memory: cheap to check whole (shards were checked by extract)
+        source.check_finite()
     d_hidden, auxk = _sizes(source, config)
     split = split_rows(source.n_rows, config.validation_split, config.seed)
     stats = _stats_for(source, config, stats, split)

@@ -61,7 +61,12 @@ def validate(source: ActivationSource, rows: np.ndarray, evaluate: Callable, par
     fired = np.zeros(d_hidden, dtype=np.int64)
     chunk = max(1, min(config.batch_size, MAX_CHUNK_ROWS))
     for start in range(0, len(rows), chunk):
-        sums, xsum, f = evaluate(params, mx.array(source.take(rows[start : start + chunk])), mean, std)
+        x = source.take(rows[start : start + chunk])
+        if not np.isfinite(x).all():
+            bad = rows[start + int(np.flatnonzero(~np.isfinite(x).all(axis=1))[0])]
+            raise ValueError(f"the validation rows hold NaN or inf (row {bad} of the activations): fix the input "
+                             "(check the model and the extract stage)")
+        sums, xsum, f = evaluate(params, mx.array(x), mean, std)
         s = np.array(sums, dtype=np.float64)
         sse, sq, l0, l1 = sse + s[0], sq + s[1], l0 + s[2], l1 + s[3]
         total += np.array(xsum, dtype=np.float64)
