@@ -97,9 +97,9 @@ def test_1_builtin_and_hub_sources_need_no_file(tmp_path):
 
     for source in ("builtin", "builtin:sotu", "Salesforce/wikitext", "wikitext"):
         check_local_source(source, tmp_path / "sources")
-    with pytest.raises(ParamsError, match="prepare.source"):
+    with pytest.raises(ParamsError, match=r"prepare\.source"):
         check_local_source("/etc/texts.txt", tmp_path / "sources")
-    with pytest.raises(ParamsError, match="prepare.source"):
+    with pytest.raises(ParamsError, match=r"prepare\.source"):
         check_local_source(str(tmp_path / "sources" / ".." / "x.jsonl"), tmp_path / "sources")
 
 
@@ -435,7 +435,7 @@ def test_6_train_refuses_changed_stats_and_texts_are_checked(tmp_path):
                                             PrepareCounts()), tmp_path / "prep")
     verify_prepared(texts)
     pq.write_table(pa.table({"id": [0], "text": ["other"], "source": ["s"], "split": ["train"]}), texts)
-    with pytest.raises(ValueError, match="does not match the sha256 recorded in .*counts.json.*rerun prepare"):
+    with pytest.raises(ValueError, match=r"does not match the sha256 recorded in .*counts\.json.*rerun prepare"):
         verify_prepared(texts)
 
 
