@@ -455,6 +455,37 @@ def test_7_the_sae_file_holds_no_timings_and_identical_runs_write_identical_byte
     assert set(json.loads((tmp_path / "a" / "headline.json").read_text())) == {"train_final_loss", "train_val_fvu"}
 
 
+# ------------------------------------------------------------------------------------ the Python API
+def test_api_arguments_are_checked(tiny_model, tmp_path):
+    from saepipe.api import InterpretableModel
+
+    model = InterpretableModel(tiny_model, cache_dir=tmp_path)
+    config = SAEConfig(**SMALL)
+    with pytest.raises(ParamsError, match=r"extract\.context_length must be an integer >= 2, got 1"):
+        model.train_sae(layer=1, dataset=["some text here"], config=config, context_length=1)
+    with pytest.raises(ParamsError, match=r"extract\.batch_size must be an integer >= 1, got 0"):
+        model.train_sae(layer=1, dataset=["some text here"], config=config, extract_batch_size=0)
+    with pytest.raises(ValueError, match="max_tokens must be >= 1"):
+        model.train_sae(layer=1, dataset=["some text here"], config=config, max_tokens=0)
+    with pytest.raises(TypeError, match="layer must be an integer"):
+        model.train_sae(layer="1", dataset=["some text here"], config=config)
+    x = _data(200)
+    with pytest.raises(ParamsError, match="log_every must be an integer >= 1"):
+        fit_sae(x, config, log_every=0, progress=False)
+    with pytest.raises(ParamsError, match="max_steps must be an integer >= 0 or null"):
+        fit_sae(x, config, max_steps=-1, progress=False)
+    with pytest.raises(ValueError, match="kernels must be one of"):
+        fit_sae(x, config, kernels="gpu", progress=False)
+    with pytest.raises(TypeError, match="config must be an SAEConfig"):
+        fit_sae(x, {"k": 4}, progress=False)
+    with pytest.raises(ValueError, match=r"k must be in 1\.\.d_hidden=64, got 65"):
+        TopKSAE(16, 4, 65)
+    with pytest.raises(ValueError, match="normalization must be one of"):
+        TopKSAE(16, 4, 4, stats=NormStats(np.zeros(16), np.ones(16), 1.0, 1), normalization="global")
+    with pytest.raises(ValueError, match="trace needs at least one text"):
+        model.trace([])
+
+
 # ------------------------------------------------------------------------------------------- 8. friction
 def test_8_extras_stay_installed(tmp_path):
     """`./saepipe.sh --extra wandb` is remembered: later plain calls sync with it (a stub uv records

@@ -86,6 +86,11 @@ class SAEConfig(ParamsSection):
     }
 
     def check_together(self) -> None:
+        """`sae.learning_rate` above 1 warns (Adam diverges there). Checked when the data is known
+        (``fit_sae``): `sae.k` <= d_hidden (error); a run too short for its settings warns and fails
+        evaluate's `schedule_ok` health check (`sae.batch_size` above the training rows,
+        `sae.warmup_steps` >= the steps, fewer than 100 steps, `sae.dead_tokens_threshold` above the
+        tokens trained on)."""
         if self.learning_rate > 1:
             log.warning("sae.learning_rate=%g is far above the usual 1e-4..1e-2 for Adam: expect divergence",
                         self.learning_rate)

@@ -51,6 +51,7 @@ class PrepareConfig(ParamsSection):
     }
 
     def check_together(self) -> None:
+        """`prepare.max_chars` must be >= `prepare.min_chars`."""
         if self.max_chars < self.min_chars:
             raise ParamsError("prepare.max_chars", self.max_chars, f">= prepare.min_chars ({self.min_chars})")
 

@@ -53,6 +53,7 @@ from saepipe.activations.normalize import fit_stats
 from saepipe.activations.sources import ActivationSource, ArraySource, as_source
 from saepipe.activations.stats import NormStats
 from saepipe.runtime.memory import reuse_freed_memory
+from saepipe.runtime.params import Int
 from saepipe.sae.config import SAEConfig
 from saepipe.sae.normalization import InputNormalizer
 from saepipe.sae.topk import TopKSAE
@@ -183,6 +184,10 @@ def fit_sae(
     (dense MLX ops), see ``saepipe.training.steps``.
     """
     kernels = resolve_kernels(kernels)
+    if not isinstance(config, SAEConfig):
+        raise TypeError(f"config must be an SAEConfig, not {type(config).__name__}")
+    log_every = Int(min=1).check("log_every", log_every)
+    max_steps = Int(min=0, optional=True).check("max_steps", max_steps)
     source = as_source(activations)
     if isinstance(source, ArraySource):  # in memory: cheap to check whole (shards were checked by extract)
         source.check_finite()
