@@ -18,6 +18,7 @@ from pathlib import Path
 import click
 
 from saepipe.runtime.locks import stage_lock
+from saepipe.runtime.params import ParamsError, model_kind, model_spec
 
 USER_ERRORS: tuple[type[BaseException], ...] = (
     ValueError,  # ParamsError, corrupt or stale inputs, impossible settings
@@ -36,6 +37,33 @@ def message(err: BaseException) -> str:
     if isinstance(err, KeyError) and err.args:
         return str(err.args[0])
     return str(err) or type(err).__name__
+
+
+def check_inside(key: str, value: str, folder: Path, what: str, stages: str) -> None:
+    """A local ``value`` (``key`` in params.yaml) must be inside ``folder``, a DVC dependency of
+    ``stages``; compared as written, so a symlink there may point anywhere (DVC hashes the target)."""
+    path = Path(os.path.abspath(Path(value).expanduser()))
+    root = Path(os.path.abspath(folder))
+    if path == root or root in path.parents:
+        return
+    raise ParamsError(
+        key, value, f"{what} under {folder}/",
+        f"DVC only reruns {stages} when their inputs change, and it watches {folder}/. Move it there (or "
+        f"symlink it: ln -s {path} {folder}/), set {key}: {folder}/{path.name}, and "
+        f"`dvc add {folder}/{path.name}` to share it through the DVC remote")
+
+
+MODELS_DIR = Path("data/models")
+"""Where local model files and folders live (a folder dep of extract and evaluate in dvc.yaml)."""
+
+
+def checked_model_spec(params: dict, models_dir: Path) -> str:
+    """``model:`` of params; a local .gguf file or folder must be inside ``models_dir`` (DVC watches it)."""
+    spec = model_spec(params)
+    if model_kind(spec) == "local":
+        check_inside("model", spec, models_dir, "default, a hub id, or a .gguf file or model folder",
+                     "extract and evaluate")
+    return spec
 
 
 @contextlib.contextmanager

@@ -29,10 +29,10 @@ from saepipe.evaluation.plots import (
 )
 from saepipe.lm import model as lm_model
 from saepipe.runtime.files import write_metrics_json
-from saepipe.runtime.params import model_spec, read_params, section
+from saepipe.runtime.params import read_params, section
 from saepipe.sae.topk import load_sae
 from saepipe.texts.prepare import read_split, verify_prepared
-from stages import stage_run
+from stages import MODELS_DIR, checked_model_spec, stage_run
 
 log = logging.getLogger("stages.evaluate")
 
@@ -102,14 +102,17 @@ def read_train_summary(path: Path | None) -> dict[str, Any]:
 @click.option("--train-metrics", type=click.Path(path_type=Path), default=None, help="train's metrics.json")
 @click.option("--train-live", type=click.Path(path_type=Path), default=None, help="train's dvclive folder")
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path))
+@click.option("--models", "models_dir", default=str(MODELS_DIR), show_default=True,
+              type=click.Path(file_okay=False, path_type=Path),
+              help="the folder a local model file or folder must be in (a dependency of the stage)")
 def main(params_path: Path, sae_path: Path, texts_path: Path, train_metrics: Path | None,
-         train_live: Path | None, out_dir: Path) -> None:
+         train_live: Path | None, out_dir: Path, models_dir: Path) -> None:
     """Score the SAE at the site of params.yaml's `extract:` on the eval split."""
     with stage_run("evaluate", out_dir):
         params = read_params(params_path)
         extract = ExtractConfig.from_dict(section(params, "extract"))
         config = EvaluateConfig.from_dict(section(params, "evaluate"))
-        spec = model_spec(params)
+        spec = checked_model_spec(params, models_dir)
         texts = read_eval_texts(texts_path)
         sae = load_sae(sae_path)
         loaded = lm_model.load_model(spec)

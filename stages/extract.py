@@ -2,7 +2,9 @@
 
     uv run python -m stages.extract --params params.yaml --texts data/prepare/texts.parquet --out data/extract
 
-Writes ``<out>/train/`` and ``<out>/eval/`` (Arrow shards + manifest.json each). An interrupted run
+Writes ``<out>/train/`` and ``<out>/eval/`` (Arrow shards + manifest.json each). A local model
+(``model:`` a .gguf file or a folder) must lie under ``--models`` (``data/models/``, a dependency of
+this stage and of evaluate), so DVC reruns them when it changes. An interrupted run
 resumes from its last complete shard when rerun with the same settings. The texts are checked
 against the sha256 prepare recorded in the ``counts.json`` beside them.
 """
@@ -16,9 +18,9 @@ import click
 from saepipe.activations.config import ExtractConfig
 from saepipe.activations.extract import extract
 from saepipe.lm.model import load_model
-from saepipe.runtime.params import model_spec, read_params, section
+from saepipe.runtime.params import read_params, section
 from saepipe.texts.prepare import verify_prepared
-from stages import stage_run
+from stages import MODELS_DIR, checked_model_spec, stage_run
 
 
 @click.command()
@@ -28,12 +30,15 @@ from stages import stage_run
               type=click.Path(dir_okay=False, path_type=Path), help="prepare's texts.parquet")
 @click.option("--out", "out_dir", default="data/extract", show_default=True,
               type=click.Path(file_okay=False, path_type=Path), help="output folder (train/ and eval/)")
-def main(params_path: Path, texts_path: Path, out_dir: Path) -> None:
+@click.option("--models", "models_dir", default=str(MODELS_DIR), show_default=True,
+              type=click.Path(file_okay=False, path_type=Path),
+              help="the folder a local model file or folder must be in (a dependency of the stage)")
+def main(params_path: Path, texts_path: Path, out_dir: Path, models_dir: Path) -> None:
     """Extract activations of the site named in params.yaml."""
     with stage_run("extract", out_dir):
         params = read_params(params_path)
         config = ExtractConfig.from_dict(section(params, "extract"))
-        spec = model_spec(params)
+        spec = checked_model_spec(params, models_dir)
         if not texts_path.exists():
             raise FileNotFoundError(f"texts file not found: {texts_path} (run the prepare stage first)")
         verify_prepared(texts_path)

@@ -12,16 +12,15 @@ prepare ever rerunning. A symlink there to a file elsewhere works too (DVC hashe
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import click
 
-from saepipe.runtime.params import ParamsError, read_params, section
+from saepipe.runtime.params import read_params, section
 from saepipe.texts.config import PrepareConfig
 from saepipe.texts.prepare import run_prepare, write_prepared
 from saepipe.texts.sources import source_kind
-from stages import stage_run
+from stages import check_inside, stage_run
 
 SOURCES_DIR = Path("data/sources")
 """Where local text files live (a folder dep of prepare in dvc.yaml, kept in git with its README)."""
@@ -29,16 +28,9 @@ SOURCES_DIR = Path("data/sources")
 
 def check_local_source(source: str, sources_dir: Path) -> None:
     """A local source must be inside ``sources_dir`` (compared as written: a symlink there may point anywhere)."""
-    if source_kind(source) != "local":
-        return
-    path = Path(os.path.abspath(Path(source).expanduser()))
-    root = Path(os.path.abspath(sources_dir))
-    if path != root and root not in path.parents:
-        raise ParamsError(
-            "prepare.source", source, f"a file or folder under {sources_dir}/ (or builtin, or a hub dataset name)",
-            f"DVC only reruns prepare when its inputs change, and it watches {sources_dir}/. Move the file there "
-            f"(or symlink it: ln -s {path} {sources_dir}/), set prepare.source: {sources_dir}/{path.name}, and "
-            f"`dvc add {sources_dir}/{path.name}` to share it through the DVC remote")
+    if source_kind(source) == "local":
+        check_inside("prepare.source", source, sources_dir,
+                     "builtin, a hub dataset name, or a file or folder", "prepare")
 
 
 @click.command()

@@ -1,5 +1,5 @@
 """A tiny saepipe project for tests that run real ``dvc repro``: the shipped dvc.yaml, tiny params,
-a tiny random Llama as a GGUF file and a few hundred texts under data/sources/.
+a tiny random Llama as a GGUF file under data/models/ and a few hundred texts under data/sources/.
 
 The stages' code comes from this checkout through PYTHONPATH (its code deps are dropped from the
 copied dvc.yaml, so numba's compiled kernels next to the code are reused); everything else (data,
@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FAULTS = ROOT / "tests" / "faults"
 
 TINY_PARAMS = {
-    "model": "tiny.gguf",
+    "model": "data/models/tiny.gguf",
     "prepare": {"source": "data/sources/texts.jsonl", "min_chars": 20, "max_chars": 200, "max_texts": 400,
                 "eval_fraction": 0.2, "seed": 0},
     "extract": {"layer": 1, "component": "mlp", "context_length": 48, "batch_size": 16, "dtype": "float32",
@@ -73,11 +73,11 @@ def make_project(folder: Path, params: dict | None = None) -> Path:
     (folder / "dvc.yaml").write_text(yaml.safe_dump(pipeline, sort_keys=False))
     (folder / "params.yaml").write_text(yaml.safe_dump(params or TINY_PARAMS, sort_keys=False))
     (folder / ".gitignore").write_text((ROOT / ".gitignore").read_text())
-    sources = folder / "data" / "sources"
-    sources.mkdir(parents=True)
-    shutil.copy(ROOT / "data" / "sources" / "README.md", sources / "README.md")
-    (sources / "texts.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts()))
-    write_tiny_gguf(folder / "tiny.gguf")
+    for name in ("sources", "models"):
+        (folder / "data" / name).mkdir(parents=True)
+        shutil.copy(ROOT / "data" / name / "README.md", folder / "data" / name / "README.md")
+    (folder / "data" / "sources" / "texts.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts()))
+    write_tiny_gguf(folder / "data" / "models" / "tiny.gguf")
     for cmd in (["git", "init", "-q"], ["git", "config", "user.email", "t@example.com"],
                 ["git", "config", "user.name", "t"], [sys.executable, "-m", "dvc", "init", "-q"],
                 [sys.executable, "-m", "dvc", "config", "core.autostage", "false"],

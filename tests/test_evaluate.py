@@ -222,7 +222,7 @@ def test_stage_end_to_end(tiny_model, tmp_path, monkeypatch):
     from stages.evaluate import main
 
     monkeypatch.setattr(saepipe.lm.model, "load_model", lambda spec, **kw: tiny_model)
-    params = {"model": "tiny", "extract": {"layer": LAYER, "component": "mlp", "context_length": 32,
+    params = {"model": "test/tiny", "extract": {"layer": LAYER, "component": "mlp", "context_length": 32,
                                            "skip_special_tokens": True},
               "evaluate": {"max_tokens": 120, "batch_size": 4}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))

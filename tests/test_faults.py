@@ -36,7 +36,7 @@ def outputs(project: Path) -> dict[str, bytes]:
     out = {}
     for path in sorted(data.rglob("*")):
         rel = path.relative_to(data).as_posix()
-        if not path.is_file() or rel.startswith(("sources/", "checkpoints/")) or path.name.endswith(".lock"):
+        if not path.is_file() or rel.startswith(("sources/", "models/", "checkpoints/")) or path.name.endswith(".lock"):
             continue
         content = path.read_bytes()
         if rel == "train/metrics.json":

@@ -80,7 +80,7 @@ def test_1_local_source_outside_data_sources_is_refused(tmp_path, monkeypatch):
     params = _params(tmp_path, prepare={"source": "mytexts.csv", "min_chars": 5})
     result = _run("prepare", "--params", params, "--out", "data/prepare")
     assert result.exit_code == 1
-    assert "prepare.source must be a file or folder under data/sources/" in result.output
+    assert "prepare.source must be builtin, a hub dataset name, or a file or folder under data/sources/" in result.output
     assert "ln -s" in result.output and "dvc add data/sources/mytexts.csv" in result.output
     assert not (tmp_path / "data" / "prepare").exists()
     # moved (or symlinked) there, it is read
@@ -90,6 +90,27 @@ def test_1_local_source_outside_data_sources_is_refused(tmp_path, monkeypatch):
     result = _run("prepare", "--params", params, "--out", "data/prepare")
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "data" / "prepare" / "counts.json").read_text())["read"] == 5
+
+
+def test_1_local_model_outside_data_models_is_refused(tmp_path, monkeypatch):
+    """A local .gguf file or model folder is read by extract and evaluate: it must be under
+    data/models/ (their folder dependency) for DVC to rerun them when it changes."""
+    from saepipe.runtime.params import model_kind
+    from stages import checked_model_spec
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "texts.parquet").write_bytes(b"")
+    params = _params(tmp_path, model="my-model.gguf")
+    for stage, args in (("extract", ["--texts", "texts.parquet", "--out", "data/extract"]),
+                        ("evaluate", ["--sae", "sae.safetensors", "--texts", "texts.parquet", "--out", "data/ev"])):
+        result = _run(stage, "--params", params, *args)
+        assert result.exit_code == 1, result.output
+        assert "model must be default, a hub id, or a .gguf file or model folder under data/models/" in result.output
+        assert "dvc add data/models/my-model.gguf" in result.output
+    assert [model_kind(s) for s in ("default", "org/name", "x.gguf", "./folder", "/abs/x", "a/b/c")] == \
+        ["default", "hub", "local", "local", "local", "local"]
+    assert checked_model_spec({"model": "data/models/x.gguf"}, Path("data/models")) == "data/models/x.gguf"
+    assert checked_model_spec({"model": "org/name"}, Path("data/models")) == "org/name"
 
 
 def test_1_builtin_and_hub_sources_need_no_file(tmp_path):

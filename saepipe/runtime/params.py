@@ -377,6 +377,17 @@ def model_spec(params: dict[str, Any]) -> str:
     return MODEL_RULE.check("model", params.get("model", DEFAULT_MODEL))
 
 
+def model_kind(spec: str) -> str:
+    """``"default"``, ``"local"`` (a .gguf file or a folder, existing or not) or ``"hub"`` (an
+    ``org/name`` id), as ``saepipe.lm.model.load_model`` reads ``spec``."""
+    if spec == DEFAULT_MODEL:
+        return "default"
+    path = Path(spec).expanduser()
+    if path.exists() or path.suffix.lower() == ".gguf" or spec.startswith((".", "/", "~")) or spec.count("/") != 1:
+        return "local"
+    return "hub"
+
+
 __all__ = ["DEFAULT_MODEL", "DEFAULT_PARAMS_FILE", "MODEL_RULE", "Bool", "Choice", "Encoding", "Float", "Int",
-           "ParamsError", "ParamsSection", "Rule", "Str", "StrList", "check_known_keys", "model_spec", "note",
+           "ParamsError", "ParamsSection", "Rule", "Str", "StrList", "check_known_keys", "model_kind", "model_spec", "note",
            "read_params", "section"]
