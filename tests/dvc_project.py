@@ -28,7 +28,7 @@ TINY_PARAMS = {
     "extract": {"layer": 1, "component": "mlp", "context_length": 48, "batch_size": 16, "dtype": "float32",
                 "max_tokens": 6000, "eval_max_tokens": 1500, "skip_special_tokens": True, "shard_rows": 1024},
     "normalize": {"chunk_rows": 1000},
-    "sae": {"expansion_factor": 4, "k": 8, "learning_rate": 0.003, "num_epochs": 2, "batch_size": 128,
+    "sae": {"expansion_factor": 4, "k": 8, "learning_rate": 0.003, "num_epochs": 2, "batch_size": 64,
             "warmup_steps": 5, "validation_split": 0.1, "checkpoint_every": 10, "dead_tokens_threshold": 2000,
             "seed": 0},
     "evaluate": {"max_tokens": 600, "batch_size": 16},

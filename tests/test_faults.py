@@ -23,8 +23,8 @@ from tests.dvc_project import ROOT, dvc, env, make_project
 KILLS = [  # (stage, fault): SIGKILL in the middle of each stage's work
     ("prepare", "saepipe.runtime.files:file_sha256:1:before"),  # texts.parquet written, counts.json not
     ("extract", "saepipe.activations.shards:write_shard:3:after"),  # 3 of 6 train shards written
-    ("normalize", "safetensors.numpy:save_file:1:after"),  # stats written to the temporary name
-    ("train", "saepipe.training.checkpoint:save_checkpoint:3:after"),  # step 30 of 168, logs past it
+    ("normalize", "saepipe.activations.stats:write_safetensors:1:after"),  # stats written, stats.json not
+    ("train", "saepipe.training.checkpoint:save_checkpoint:3:after"),  # step 30 of 168
     ("evaluate", "saepipe.evaluation.plots:write_html_report:1:before"),  # metrics and plots written
 ]
 
@@ -74,16 +74,18 @@ def test_sigkill_in_each_stage_then_repro_gives_the_uninterrupted_outputs(uninte
     last one left); the final outputs are byte-identical to an uninterrupted run: texts, shards,
     stats, SAE weights, metrics (train's timings aside) and the dvclive curves."""
     project = make_project(tmp_path / "project")
+    logs = []
     for stage, fault in KILLS:
         result = dvc(project, "repro", SAEPIPE_TEST_FAULT=fault)
         assert result.returncode != 0, f"the fault in {stage} did not fire: {result.stdout}"
         assert f"failed to reproduce '{stage}'" in result.stderr, result.stderr[-2000:]
         if stage == "train":  # a checkpoint was left to resume from
             assert (project / "data" / "checkpoints" / "train" / "checkpoint.safetensors").is_file()
-            assert "resuming" not in result.stderr
+        logs.append(result.stdout + result.stderr)
     result = dvc(project, "repro")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "resuming from data/checkpoints/train at step 30" in result.stderr
+    assert "resuming after 3 complete shards" in logs[2]  # the run after extract's kill
+    assert "resuming from data/checkpoints/train at step 30" in logs[4]  # the run after train's kill
     want, have = outputs(uninterrupted), outputs(project)
     assert sorted(have) == sorted(want)
     differ = [name for name in want if have[name] != want[name]]
