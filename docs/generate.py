@@ -32,6 +32,7 @@ TABLES = {  # params.yaml section -> "module:Class"
     "normalize": "saepipe.activations.config:NormalizeConfig",
     "sae": "saepipe.sae.config:SAEConfig",
     "evaluate": "saepipe.evaluation.config:EvaluateConfig",
+    "analyze": "saepipe.analysis.config:AnalysisConfig",
 }
 BLOCK = re.compile(r"(<!-- generated:(?P<name>[\w:.]+) -->\n)(?P<body>.*?)(<!-- end generated:(?P=name) -->)", re.S)
 

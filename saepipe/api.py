@@ -35,14 +35,14 @@ import pyarrow.parquet as pq
 from saepipe.activations.config import ExtractConfig
 from saepipe.activations.extract import extract_split
 from saepipe.activations.normalize import fit_stats
+from saepipe.explore import ExplorableSAE
 from saepipe.lm.model import LoadedModel, ModelInfo, load_model
 from saepipe.lm.sites import COMPONENTS, Site, check_site
 from saepipe.lm.tokens import excluded_token_ids
 from saepipe.lm.trace import Trace, trace
 from saepipe.runtime.files import atomic_write
 from saepipe.sae.config import SAEConfig
-from saepipe.sae.topk import TopKSAE
-from saepipe.sae.topk import load_sae as _load_sae_file
+from saepipe.texts.datasets import dataset_texts
 from saepipe.texts.prepare import prepared_table, read_split
 from saepipe.training.fit import fit_sae
 
@@ -70,40 +70,6 @@ class _Prepared(NamedTuple):
     texts_path: Path
     digest: str
     n_texts: int
-
-
-def dataset_texts(dataset: Any, text_column: str = "text") -> list[str]:
-    """The texts of ``dataset``: a list/iterable of strings (or of dicts with ``text_column``),
-    or a Hugging Face ``datasets.Dataset``. Errors name what was wrong; an empty dataset is an error."""
-    if isinstance(dataset, (str, bytes, Path)):
-        raise TypeError("dataset must be a list of strings or a datasets.Dataset, not a single "
-                        f"{type(dataset).__name__}; wrap one text in a list, or read a file with "
-                        "saepipe.texts.sources.load_texts")
-    columns = getattr(dataset, "column_names", None)
-    if isinstance(columns, dict):  # a datasets.DatasetDict
-        raise TypeError(f"dataset is a DatasetDict with splits {sorted(columns)}; pick one, "
-                        "e.g. dataset['train']")
-    if isinstance(columns, list) and hasattr(dataset, "select_columns"):  # a datasets.Dataset
-        if text_column not in columns:
-            raise ValueError(f"dataset has no column {text_column!r}; its columns are {columns} "
-                             "(pass text_column=...)")
-        dataset = dataset[text_column]
-    if not isinstance(dataset, Iterable):
-        raise TypeError(f"dataset must be a list of strings or a datasets.Dataset, not {type(dataset).__name__}")
-    texts = []
-    for i, item in enumerate(dataset):
-        if isinstance(item, dict):
-            if text_column not in item:
-                raise ValueError(f"dataset item {i} has no key {text_column!r} (keys: {sorted(item)})")
-            item = item[text_column]
-        if not isinstance(item, str):
-            raise TypeError(f"dataset item {i} is a {type(item).__name__}, expected a string")
-        texts.append(item)
-    if not texts:
-        raise ValueError("dataset is empty: train_sae needs at least one text")
-    if not any(t.strip() for t in texts):
-        raise ValueError(f"all {len(texts)} texts of the dataset are empty or whitespace")
-    return texts
 
 
 def texts_digest(texts: list[str]) -> str:
@@ -211,7 +177,7 @@ class InterpretableModel:
         progress: bool = True,
         checkpoint_dir: str | Path | None = None,
         live_dir: str | Path | None = None,
-    ) -> TopKSAE:
+    ) -> ExplorableSAE:
         """Train a TopK SAE on the ``component`` output of block ``layer`` over ``dataset``'s texts.
 
         ``dataset``: list of strings or a ``datasets.Dataset`` (column ``text_column``).
@@ -219,7 +185,8 @@ class InterpretableModel:
         ``context_length``: tokens per text (BOS included); ``max_tokens``: cap on activation rows
         (None: every non-special token of every text). ``extract_batch_size``: texts per forward.
         ``checkpoint_dir``/``live_dir``: resumable checkpoints / dvclive metrics, as in the train stage.
-        Returns the trained ``TopKSAE``; ``self.last_fit`` holds its history and summary.
+        Returns the trained SAE (an ``ExplorableSAE``: a ``TopKSAE`` bound to this model, with the
+        feature-analysis methods); ``self.last_fit`` holds its history and summary.
         """
         site = self._site(layer, component)
         config = SAEConfig() if config is None else config
@@ -256,13 +223,13 @@ class InterpretableModel:
         if path is not None:
             log.info("saved SAE to %s", path)
         self.last_fit = FitRecord(site, result.history, result.summary, shard_dir, path)
-        return result.sae
+        return ExplorableSAE.from_sae(result.sae, self)
 
     def load_sae(self, path: str | Path, *, layer: int | None = None, component: str | None = None,
-                 check: bool = True) -> TopKSAE:
+                 check: bool = True) -> ExplorableSAE:
         """Load an SAE file; with ``check`` raise ``IncompatibleSAEError`` if it was trained on another
         model (d_model, weights hash) or, when given, another ``layer``/``component``."""
-        sae = _load_sae_file(path)
+        sae = ExplorableSAE.load(path).bind(self)
         if check:
             self.check_sae(sae, layer, component)
         return sae
@@ -341,9 +308,10 @@ class InterpretableModel:
         return folder
 
 
-def load_sae(path: str | Path) -> TopKSAE:
-    """Load an SAE file written by ``TopKSAE.save`` / ``train_sae(save_path=...)``."""
-    return _load_sae_file(path)
+def load_sae(path: str | Path) -> ExplorableSAE:
+    """Load an SAE file written by ``TopKSAE.save`` / ``train_sae(save_path=...)`` (an ``ExplorableSAE``:
+    a ``TopKSAE`` with the feature-analysis methods; pass ``model=`` to them)."""
+    return ExplorableSAE.load(path)
 
 
 __all__ = ["FitRecord", "IncompatibleSAEError", "InterpretableModel", "count_rows", "dataset_texts",

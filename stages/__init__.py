@@ -62,7 +62,7 @@ def checked_model_spec(params: dict, models_dir: Path) -> str:
     spec = model_spec(params)
     if model_kind(spec) == "local":
         check_inside("model", spec, models_dir, "default, a hub id, or a .gguf file or model folder",
-                     "extract and evaluate")
+                     "the stages that read the model (extract, evaluate, analyze)")
     return spec
 
 

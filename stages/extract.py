@@ -2,10 +2,12 @@
 
     uv run python -m stages.extract --params params.yaml --texts data/prepare/texts.parquet --out data/extract
 
-Writes ``<out>/train/`` and ``<out>/eval/`` (Arrow shards + manifest.json each). A local model
-(``model:`` a .gguf file or a folder) must lie under ``--models`` (``data/models/``, a dependency of
-this stage and of evaluate), so DVC reruns them when it changes. An interrupted run
-resumes from its last complete shard when rerun with the same settings. The texts are checked
+Writes ``<out>/train/`` and ``<out>/eval/`` (Arrow shards + manifest.json each). An interrupted run
+resumes from its last complete shard when rerun with the same settings. Started by ``mlx.launch``
+on several ranks, each rank extracts a contiguous share of the texts into ``<split>/rank-<r>/``
+and rank 0 writes one manifest over all of them (``saepipe.activations.ranked_extract``). A local
+model (``model:`` a .gguf file or a folder) must lie under ``--models`` (``data/models/``, a
+dependency of this stage and of evaluate), so DVC reruns them when it changes. The texts are checked
 against the sha256 prepare recorded in the ``counts.json`` beside them.
 """
 
@@ -17,7 +19,9 @@ import click
 
 from saepipe.activations.config import ExtractConfig
 from saepipe.activations.extract import extract
+from saepipe.activations.ranked_extract import extract_ranked
 from saepipe.lm.model import load_model
+from saepipe.parallel.ranks import Ranks
 from saepipe.runtime.params import read_params, section
 from saepipe.texts.prepare import verify_prepared
 from stages import MODELS_DIR, checked_model_spec, stage_run
@@ -43,7 +47,13 @@ def main(params_path: Path, texts_path: Path, out_dir: Path, models_dir: Path) -
             raise FileNotFoundError(f"texts file not found: {texts_path} (run the prepare stage first)")
         verify_prepared(texts_path)
         loaded = load_model(spec)
-        manifests = extract(loaded, texts_path, out_dir, config)
+        ranks = Ranks.world()
+        if ranks.distributed:
+            manifests = extract_ranked(loaded, texts_path, out_dir, config, ranks)
+        else:
+            manifests = extract(loaded, texts_path, out_dir, config)
+    if not ranks.is_main:
+        return
     for split, m in manifests.items():
         click.echo(f"{out_dir / split}: {m['n_tokens']} rows of {m['site']} ({m['dtype']}, "
                    f"{len(m['shards'])} shards, digest {m['digest']})")

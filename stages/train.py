@@ -10,6 +10,10 @@ history), ``<out>/headline.json`` (the final training loss, for ``dvc exp show``
 folder ``<out>/live``. Checkpoints go to ``--checkpoints`` (default ``<out>/checkpoints``); a matching
 checkpoint is resumed (weights and the dvclive curves up to its step), and it is removed once the
 SAE is saved. The shards and stats are checked against their manifest and params before training.
+
+Data-parallel on several processes or machines: start it with ``mlx.launch`` (README, "Several
+machines"), e.g. ``mlx.launch -n 2 --backend ring -- python -m stages.train ...``; every rank
+reads its part of each batch, rank 0 alone writes the outputs and checkpoints.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import click
 from saepipe.activations.config import ExtractConfig
 from saepipe.activations.sources import as_source
 from saepipe.activations.stats import NormStats
+from saepipe.parallel.ranks import Ranks
 from saepipe.runtime.files import write_metrics_json
 from saepipe.runtime.params import model_spec, read_params, section
 from saepipe.sae.config import SAEConfig
@@ -94,9 +99,15 @@ def main(params_path: Path, acts_dir: Path, stats_path: Path | None, out_dir: Pa
         source = as_source(acts_dir)
         metadata = run_metadata(source, params)
         stats = load_stats(stats_path, source) if config.normalize_input else None
-        out_dir.mkdir(parents=True, exist_ok=True)
+        ranks = Ranks.world()
+        if ranks.distributed:
+            click.echo(f"rank {ranks.rank} of {ranks.size}", err=True)
+        if ranks.is_main:
+            out_dir.mkdir(parents=True, exist_ok=True)
         result = fit_sae(source, config, stats=stats, metadata=metadata, checkpoint_dir=ckpt_dir,
-                         live_dir=out_dir / "live", log_every=log_every)
+                         live_dir=out_dir / "live", log_every=log_every, ranks=ranks)
+        if not ranks.is_main:
+            return
         sae_path = result.sae.save(out_dir / SAE_FILE)
         write_metrics_json(out_dir / METRICS_FILE, {**result.summary, "history": result.history})
         write_metrics_json(out_dir / HEADLINE_FILE, headline(result.summary))

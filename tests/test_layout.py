@@ -17,6 +17,7 @@ LAYERS = {
     "saepipe.runtime": 0,
     "saepipe.lm": 1,
     "saepipe.texts": 1,
+    "saepipe.parallel": 1,
     "saepipe.activations": 2,
     "saepipe.sae": 3,
     "saepipe.training": 4,
@@ -24,6 +25,7 @@ LAYERS = {
     "saepipe.analysis": 6,
     "saepipe.dashboard": 6,
     "saepipe.api": 7,
+    "saepipe.explore": 7,
     "saepipe.cli": 7,
     "saepipe": 7,  # the package itself: the lazy public API
     "stages": 8,

@@ -60,8 +60,11 @@ def valid_values(rule: Rule) -> st.SearchStrategy:
         strategy = st.sampled_from(["utf-8", "latin-1", "cp1252", "utf-16", "UTF-8"])
     elif isinstance(rule, Str):
         strategy = st.text(min_size=1, max_size=20).filter(str.strip)
+    elif isinstance(rule, StrList) and rule.options is not None:
+        strategy = st.lists(st.sampled_from(rule.options), min_size=max(1, rule.min_items), unique=rule.unique,
+                            max_size=len(rule.options))
     elif isinstance(rule, StrList):
-        strategy = st.lists(st.text(max_size=8), max_size=3)
+        strategy = st.lists(st.text(max_size=8), min_size=rule.min_items, max_size=3)
     else:
         raise AssertionError(f"no strategy for {rule!r}")
     return st.one_of(strategy, st.none()) if rule.optional else strategy
@@ -103,9 +106,15 @@ def invalid_values(rule: Rule) -> st.SearchStrategy:
     if isinstance(rule, Str):
         return st.one_of(st.sampled_from(["", "   ", "\n"]), st.booleans(), containers, none)
     if isinstance(rule, StrList):
-        return st.one_of(st.integers(), st.booleans(), st.dictionaries(st.text(max_size=3), st.integers(),
-                                                                       min_size=1),
-                         st.lists(st.integers(), min_size=1, max_size=3))
+        bad = [st.integers(), st.booleans(), st.dictionaries(st.text(max_size=3), st.integers(), min_size=1),
+               st.lists(st.integers(), min_size=1, max_size=3)]
+        if rule.options is not None:
+            bad.append(st.lists(words.filter(lambda w: w not in rule.options), min_size=1, max_size=2))
+        if rule.unique and rule.options:
+            bad.append(st.sampled_from(rule.options).map(lambda o: [o, o]))
+        if rule.min_items:
+            bad.extend([st.just([]), st.none()])
+        return st.one_of(*bad)
     raise AssertionError(f"no strategy for {rule!r}")
 
 

@@ -141,3 +141,41 @@ def test_components_layers_and_tied_weights(model, texts, tmp_path):
     config = SAEConfig(tied_weights=True, expansion_factor=4, k=32, num_epochs=1, batch_size=128, warmup_steps=10)
     sae = model.train_sae(layer=10, dataset=few, config=config, context_length=32, progress=False)
     assert "W_enc" not in sae.parameters() and sae.tied_weights
+
+
+def test_phase2_feature_analysis_and_visualization(model, trained, texts, tmp_path):
+    """Coming Soon: Phase 2 > Feature Analysis, Feature Visualization (as written; a few texts)."""
+    import urllib.request
+
+    sae, _ = trained
+    texts = texts[:24]
+    # Find top features for text (Phase 2)
+    top_features = sae.analyze_text(
+        model,
+        prompt="Artificial intelligence is transforming society",
+        top_k=10
+    )
+    assert len(top_features) == 10 and len(top_features.per_token) == len(top_features.tokens) > 3
+    assert top_features[0].activation >= top_features[-1].activation > 0
+    # Find texts that activate a feature (Phase 2)
+    activating_texts = sae.get_top_activating_texts(
+        feature_idx=1234,
+        dataset=texts,
+        top_k=20
+    )
+    assert len(activating_texts) <= 20 and all(c.acts[c.center] == c.activation > 0 for c in activating_texts)
+    assert len({c.text_index for c in activating_texts}) == len(activating_texts)  # one context per text
+    # Visualize feature activations (Phase 2)
+    view = sae.visualize_feature(
+        feature_idx=1234,
+        model=model,
+        dataset=texts
+    )
+    assert "Feature 1234" in view._repr_html_() and view.save(tmp_path / "f.html").stat().st_size > 1000
+    # Interactive feature dashboard (Phase 2)
+    dashboard = sae.launch_dashboard(model=model, dataset=texts)
+    try:
+        assert dashboard.url.startswith("http://127.0.0.1:")
+        assert b"<html" in urllib.request.urlopen(dashboard.url + "feature.html", timeout=10).read().lower()
+    finally:
+        dashboard.stop()

@@ -185,18 +185,24 @@ def extract_split(
     *,
     max_shards: int | None = None,
     progress: bool = True,
+    text_range: tuple[int, int] | None = None,
+    max_rows: int | None = None,
 ) -> dict[str, Any] | None:
     """Write the shards and manifest of one split into ``out``; return the manifest.
 
     ``max_shards`` stops after writing that many new shards, leaving an unfinished (resumable)
-    folder without manifest, and returns None (used to test resumption).
+    folder without manifest, and returns None (used to test resumption). ``text_range``: only the
+    split's texts ``[start, stop)`` (one rank's share, ``saepipe.activations.ranked_extract``);
+    ``max_rows``: the row budget instead of the config's.
     """
     site = check_site(cfg.layer, cfg.component, loaded.info.num_layers)
     ids, texts = read_split(Path(texts_path), split)
+    if text_range is not None:
+        ids, texts = ids[text_range[0] : text_range[1]], texts[text_range[0] : text_range[1]]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     fingerprint = _fingerprint(loaded, cfg, split, _texts_digest(ids, texts))
-    max_rows = cfg.max_rows(split)
+    max_rows = cfg.max_rows(split) if max_rows is None else max_rows
 
     done = _finished_manifest(out, fingerprint, max_rows)
     if done is not None:
@@ -317,6 +323,17 @@ def _manifest(loaded: LoadedModel, cfg: ExtractConfig, site: Site, split: str,
         "fingerprint": fingerprint,
         "shards": [s._asdict() for s in shards],
     }
+
+
+def split_fingerprint(loaded: LoadedModel, cfg: ExtractConfig, split: str, ids: np.ndarray,
+                      texts: Sequence[str]) -> dict[str, Any]:
+    """The fingerprint ``extract_split`` records for these texts of ``split`` (what decides its rows)."""
+    return _fingerprint(loaded, cfg, split, _texts_digest(ids, texts))
+
+
+def finished_manifest(out: Path, fingerprint: dict[str, Any], max_rows: int) -> dict[str, Any] | None:
+    """``out``'s manifest when it was made with ``fingerprint`` and ``max_rows`` and its shards are intact."""
+    return _finished_manifest(Path(out), fingerprint, max_rows)
 
 
 def extract(loaded: LoadedModel, texts_path: Path, out: Path, cfg: ExtractConfig,

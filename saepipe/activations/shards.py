@@ -336,6 +336,18 @@ class ShardSource:
             for start in range(0, len(acts), chunk_rows):
                 yield np.asarray(acts[start : start + chunk_rows], dtype=np.float32)
 
+    def chunks_with_meta(self, chunk_rows: int) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
+        """``chunks`` with each chunk's metadata columns (``token_id``, ``doc_id``, ``position``):
+        views of the memory-mapped shards, so no whole column is ever read into memory."""
+        if chunk_rows <= 0:
+            raise ValueError(f"chunk_rows must be positive, got {chunk_rows}")
+        for acts, table in zip(self._acts, self._tables, strict=True):
+            meta = {name: table.column(name).chunk(0).to_numpy() for name in META_COLUMNS}
+            for start in range(0, len(acts), chunk_rows):
+                stop = start + chunk_rows
+                yield (np.asarray(acts[start:stop], dtype=np.float32),
+                       {name: col[start:stop] for name, col in meta.items()})
+
     def shard_arrays(self) -> list[np.ndarray]:
         """The memory-mapped (rows, d_model) arrays of each shard, in storage dtype."""
         return list(self._acts)

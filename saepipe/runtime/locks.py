@@ -29,10 +29,17 @@ class StageBusyError(RuntimeError):
     """Another process holds the stage's lock; the message names it and what to do."""
 
 
+RANK_VARIABLES = ("MLX_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
+"""What ``mlx.launch`` / ``mpirun`` set in each rank's environment (``saepipe.parallel.ranks``)."""
+
+
 def lock_path(out_dir: str | Path) -> Path:
-    """The lock file of a stage writing ``out_dir``: a hidden file next to it."""
+    """The lock file of a stage writing ``out_dir``: a hidden file next to it. The ranks of one
+    ``mlx.launch`` run the same stage together: each rank but 0 has a lock of its own (rank 0 and a
+    plain process share one, so a plain run and a launched one still exclude each other)."""
     out = Path(out_dir).resolve()
-    return out.parent / f".{out.name}.lock"
+    rank = next((os.environ[v] for v in RANK_VARIABLES if os.environ.get(v, "").strip() not in ("", "0")), None)
+    return out.parent / (f".{out.name}.lock" if rank is None else f".{out.name}.rank{rank.strip()}.lock")
 
 
 @contextlib.contextmanager
@@ -69,4 +76,4 @@ def _busy_message(stage: str, path: Path) -> str:
             f"dvc, its stage went on running: wait for it to finish, or stop it (kill {pid}), then run again")
 
 
-__all__ = ["StageBusyError", "lock_path", "stage_lock"]
+__all__ = ["RANK_VARIABLES", "StageBusyError", "lock_path", "stage_lock"]

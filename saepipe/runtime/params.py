@@ -262,20 +262,30 @@ class Encoding(Str):
 
 @dataclasses.dataclass(frozen=True)
 class StrList(Rule):
-    """A list of strings, kept as a tuple (a single string becomes a list of one, with a warning)."""
+    """A list of strings, kept as a tuple (a single string becomes a list of one, with a warning);
+    optionally of ``options`` only, at least ``min_items`` long, without repeats (``unique``)."""
 
+    options: tuple[str, ...] | None = None
+    min_items: int = 0
+    unique: bool = False
     optional: bool = False
 
     def describe(self) -> str:
-        return "a list of strings"
+        what = "a list of " + ("strings" if self.options is None else "names from " + ", ".join(self.options))
+        if self.min_items:
+            what = f"a list of at least {self.min_items} " + what.removeprefix("a list of ")
+        return what + (", each once" if self.unique else "")
 
     def check(self, key: str, value: Any) -> tuple[str, ...]:
-        if value is None:
+        if value is None and not self.min_items:
             return ()
         if isinstance(value, str):
             note(key, value, [value], "a single string where a list is expected")
-            return (value,)
+            value = [value]
         if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+            raise ParamsError(key, value, self.describe())
+        if (len(value) < self.min_items or (self.options is not None and not set(value) <= set(self.options))
+                or (self.unique and len(set(value)) != len(value))):
             raise ParamsError(key, value, self.describe())
         return tuple(value)
 
