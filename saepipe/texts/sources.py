@@ -284,8 +284,8 @@ def resolve_dataset_revision(name: str, revision: str | None = None) -> str | No
     itself when the hub is unreachable (a cached copy is used then; warned once)."""
     reason = hub_unreachable()
     if reason is not None:
-        log.warning("the Hugging Face hub is unreachable (%s): using the locally cached copy of dataset %r, "
-                    "at revision %s", reason, name, revision or "unknown (not pinned)")
+        log.warning("the Hugging Face hub is unreachable (%s): reading dataset %r from the local cache only "
+                    "(revision %s)", reason, name, revision or "not pinned: whatever is cached")
         return revision
     from huggingface_hub import HfApi  # lazy: only hub datasets need it
 
