@@ -54,7 +54,7 @@ def check_inside(key: str, value: str, folder: Path, what: str, stages: str) -> 
 
 
 MODELS_DIR = Path("data/models")
-"""Where local model files and folders live (a folder dep of extract and evaluate in dvc.yaml)."""
+"""Where local model files and folders live (a folder dep of extract, evaluate and analyze in dvc.yaml)."""
 
 
 def checked_model_spec(params: dict, models_dir: Path) -> str:
