@@ -5,12 +5,14 @@
 Writes ``<out>/train/`` and ``<out>/eval/`` (Arrow shards + manifest.json each). An interrupted run
 resumes from its last complete shard when rerun with the same settings. Started by ``mlx.launch``
 on several ranks, each rank extracts a contiguous share of the texts into ``<split>/rank-<r>/``
-and rank 0 writes one manifest over all of them (``saepipe.activations.ranked_extract``).
+and rank 0 writes one manifest over all of them (``saepipe.activations.ranked_extract``). A local
+model (``model:`` a .gguf file or a folder) must lie under ``--models`` (``data/models/``, a
+dependency of this stage and of evaluate), so DVC reruns them when it changes. The texts are checked
+against the sha256 prepare recorded in the ``counts.json`` beside them.
 """
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import click
@@ -20,7 +22,9 @@ from saepipe.activations.extract import extract
 from saepipe.activations.ranked_extract import extract_ranked
 from saepipe.lm.model import load_model
 from saepipe.parallel.ranks import Ranks
-from saepipe.runtime.params import model_spec, read_params, section
+from saepipe.runtime.params import read_params, section
+from saepipe.texts.prepare import verify_prepared
+from stages import MODELS_DIR, checked_model_spec, stage_run
 
 
 @click.command()
@@ -30,22 +34,24 @@ from saepipe.runtime.params import model_spec, read_params, section
               type=click.Path(dir_okay=False, path_type=Path), help="prepare's texts.parquet")
 @click.option("--out", "out_dir", default="data/extract", show_default=True,
               type=click.Path(file_okay=False, path_type=Path), help="output folder (train/ and eval/)")
-def main(params_path: Path, texts_path: Path, out_dir: Path) -> None:
+@click.option("--models", "models_dir", default=str(MODELS_DIR), show_default=True,
+              type=click.Path(file_okay=False, path_type=Path),
+              help="the folder a local model file or folder must be in (a dependency of the stage)")
+def main(params_path: Path, texts_path: Path, out_dir: Path, models_dir: Path) -> None:
     """Extract activations of the site named in params.yaml."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
+    with stage_run("extract", out_dir):
         params = read_params(params_path)
         config = ExtractConfig.from_dict(section(params, "extract"))
+        spec = checked_model_spec(params, models_dir)
         if not texts_path.exists():
             raise FileNotFoundError(f"texts file not found: {texts_path} (run the prepare stage first)")
-        loaded = load_model(model_spec(params))
+        verify_prepared(texts_path)
+        loaded = load_model(spec)
         ranks = Ranks.world()
         if ranks.distributed:
             manifests = extract_ranked(loaded, texts_path, out_dir, config, ranks)
         else:
             manifests = extract(loaded, texts_path, out_dir, config)
-    except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
-        raise click.ClickException(str(e)) from e
     if not ranks.is_main:
         return
     for split, m in manifests.items():

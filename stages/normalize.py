@@ -2,19 +2,21 @@
 
     uv run python -m stages.normalize --params params.yaml --acts data/extract/train --out data/normalize
 
-Writes ``<out>/stats.safetensors`` and ``<out>/stats.json`` (with the shard manifest digest).
+Writes ``<out>/stats.safetensors`` and ``<out>/stats.json`` (with the shard manifest digest). The
+shards are checked against their manifest, and the manifest against params.yaml's site
+(``extract.layer``/``extract.component``), also when the stage runs outside DVC.
 """
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import click
 
-from saepipe.activations.config import NormalizeConfig
+from saepipe.activations.config import ExtractConfig, NormalizeConfig
 from saepipe.activations.normalize import STATS_FILE, normalize
 from saepipe.runtime.params import read_params, section
+from stages import stage_run
 
 
 @click.command()
@@ -26,12 +28,13 @@ from saepipe.runtime.params import read_params, section
               type=click.Path(file_okay=False, path_type=Path), help="output folder")
 def main(params_path: Path, acts_dir: Path, out_dir: Path) -> None:
     """Fit normalization statistics on extracted activations."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        config = NormalizeConfig.from_dict(section(read_params(params_path), "normalize"))
-        stats = normalize(acts_dir, out_dir, config.chunk_rows)
-    except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
-        raise click.ClickException(str(e)) from e
+    with stage_run("normalize", out_dir):
+        params = read_params(params_path)
+        config = NormalizeConfig.from_dict(section(params, "normalize"))
+        extract = section(params, "extract")  # the site the shards must hold, when params name one
+        site = ExtractConfig.from_dict(extract)
+        stats = normalize(acts_dir, out_dir, config.chunk_rows, layer=site.layer if "layer" in extract else None,
+                          component=site.component if "component" in extract else None)
     click.echo(f"{out_dir / STATS_FILE}: {stats.n_rows} rows, mean norm {stats.mean_norm:.4g}, "
                f"digest {stats.digest()}")
 

@@ -4,9 +4,12 @@
         --stats data/normalize/stats.safetensors --out data/train
 
 Reads ``sae:`` (SAEConfig), ``extract.layer``/``extract.component`` and ``model``. Writes
-``<out>/sae.safetensors`` (the SAE file), ``<out>/metrics.json`` (final summary and per-epoch
-history) and the dvclive folder ``<out>/live``. Checkpoints go to ``--checkpoints`` (default
-``<out>/checkpoints``); a matching checkpoint is resumed, and it is removed once the SAE is saved.
+``<out>/sae.safetensors`` (the SAE file: weights and what they were trained on, no timings, so
+identical runs write identical files), ``<out>/metrics.json`` (final summary with timings, per-epoch
+history), ``<out>/headline.json`` (the final training loss, for ``dvc exp show``) and the dvclive
+folder ``<out>/live``. Checkpoints go to ``--checkpoints`` (default ``<out>/checkpoints``); a matching
+checkpoint is resumed (weights and the dvclive curves up to its step), and it is removed once the
+SAE is saved. The shards and stats are checked against their manifest and params before training.
 
 Data-parallel on several processes or machines: start it with ``mlx.launch`` (README, "Several
 machines"), e.g. ``mlx.launch -n 2 --backend ring -- python -m stages.train ...``; every rank
@@ -16,12 +19,12 @@ reads its part of each batch, rank 0 alone writes the outputs and checkpoints.
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from typing import Any
 
 import click
 
+from saepipe.activations.config import ExtractConfig
 from saepipe.activations.sources import as_source
 from saepipe.activations.stats import NormStats
 from saepipe.parallel.ranks import Ranks
@@ -30,16 +33,18 @@ from saepipe.runtime.params import model_spec, read_params, section
 from saepipe.sae.config import SAEConfig
 from saepipe.training.checkpoint import CHECKPOINT_NAME
 from saepipe.training.fit import fit_sae
+from stages import stage_run
 
 SAE_FILE = "sae.safetensors"
 METRICS_FILE = "metrics.json"
+HEADLINE_FILE = "headline.json"
 
 
 def run_metadata(source: Any, params: dict[str, Any]) -> dict[str, Any]:
     """SAE metadata from params; a shard folder's manifest must name the same site (fit_sae adds the
     manifest's model identity and digest itself)."""
-    extract = section(params, "extract")  # its site only: the stage does not depend on extraction's code
-    layer, component = int(extract["layer"]), str(extract["component"])
+    site = ExtractConfig.from_dict(section(params, "extract"))  # its site only (checked, defaults filled)
+    layer, component = site.layer, site.component
     meta: dict[str, Any] = {"layer": layer, "component": component, "model_name": model_spec(params)}
     manifest = getattr(source, "manifest", None)
     if manifest:
@@ -47,6 +52,8 @@ def run_metadata(source: Any, params: dict[str, Any]) -> dict[str, Any]:
             raise ValueError(
                 f"activations were extracted at layer {manifest.get('layer')} {manifest.get('component')!r} "
                 f"but params say extract.layer={layer}, extract.component={component!r}: rerun extract")
+        if manifest.get("split") not in (None, "train"):
+            raise ValueError(f"{source.folder} holds the {manifest['split']!r} split; train reads the train split")
         del meta["model_name"]  # the manifest's model_id names the weights actually read
     return meta
 
@@ -55,15 +62,18 @@ def load_stats(path: Path | None, source: Any) -> NormStats | None:
     """Stats from ``path`` (None: fit during training); stale stats for other shards are an error."""
     if path is None:
         return None
-    if not path.exists():
-        raise FileNotFoundError(f"stats file not found: {path} (run the normalize stage, or omit --stats)")
-    stats = NormStats.load(path)
+    stats = NormStats.load(path)  # checks the file against its sidecar's digest
     sidecar = json.loads(path.with_suffix(".json").read_text())
     manifest = getattr(source, "manifest", None) or {}
     want, have = manifest.get("digest"), sidecar.get("manifest_digest")
     if want and have and want != have:
         raise ValueError(f"{path} was fit on other activations (manifest {have}, these are {want}): rerun normalize")
     return stats
+
+
+def headline(summary: dict[str, Any]) -> dict[str, Any]:
+    """The few training figures ``dvc exp show`` lists (named apart from evaluate's metrics)."""
+    return {"train_final_loss": summary.get("final_loss"), "train_val_fvu": summary.get("val/fvu")}
 
 
 @click.command()
@@ -82,31 +92,28 @@ def load_stats(path: Path | None, source: Any) -> NormStats | None:
 def main(params_path: Path, acts_dir: Path, stats_path: Path | None, out_dir: Path,
          ckpt_dir: Path | None, log_every: int) -> None:
     """Train a TopK SAE and write it with its metrics."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     ckpt_dir = ckpt_dir or out_dir / "checkpoints"
-    try:
+    with stage_run("train", out_dir):
         params = read_params(params_path)
         config = SAEConfig.from_dict(section(params, "sae"))
         source = as_source(acts_dir)
         metadata = run_metadata(source, params)
         stats = load_stats(stats_path, source) if config.normalize_input else None
-    except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
-        raise click.ClickException(str(e)) from e
-    ranks = Ranks.world()
-    if ranks.distributed:
-        click.echo(f"rank {ranks.rank} of {ranks.size}", err=True)
-    if ranks.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    result = fit_sae(source, config, stats=stats, metadata=metadata, checkpoint_dir=ckpt_dir,
-                     live_dir=out_dir / "live", log_every=log_every, ranks=ranks)
-    if not ranks.is_main:
-        return
-    sae_path = result.sae.save(out_dir / SAE_FILE)
-    metrics = {**result.summary, "history": result.history}
-    write_metrics_json(out_dir / METRICS_FILE, metrics)
-    (ckpt_dir / CHECKPOINT_NAME).unlink(missing_ok=True)
-    if ckpt_dir.is_dir() and not any(ckpt_dir.iterdir()):
-        ckpt_dir.rmdir()
+        ranks = Ranks.world()
+        if ranks.distributed:
+            click.echo(f"rank {ranks.rank} of {ranks.size}", err=True)
+        if ranks.is_main:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        result = fit_sae(source, config, stats=stats, metadata=metadata, checkpoint_dir=ckpt_dir,
+                         live_dir=out_dir / "live", log_every=log_every, ranks=ranks)
+        if not ranks.is_main:
+            return
+        sae_path = result.sae.save(out_dir / SAE_FILE)
+        write_metrics_json(out_dir / METRICS_FILE, {**result.summary, "history": result.history})
+        write_metrics_json(out_dir / HEADLINE_FILE, headline(result.summary))
+        (ckpt_dir / CHECKPOINT_NAME).unlink(missing_ok=True)
+        if ckpt_dir.is_dir() and not any(ckpt_dir.iterdir()):
+            ckpt_dir.rmdir()
     s = result.summary
     click.echo(f"{sae_path}: d_hidden {result.sae.d_hidden}, k {config.k}; {s['steps']} steps, "
                f"val FVU {s.get('val/fvu', float('nan')):.4f}, L0 {s.get('val/l0', float('nan')):.1f}, "

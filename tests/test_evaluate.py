@@ -192,11 +192,14 @@ def test_d_model_mismatch_is_an_error(tiny_model):
 
 def test_health_checks():
     good = {"l0": 31.0, "dead_fraction": 0.05, "fvu": 0.2}
-    h = health_checks(good, {"history": [{"train/loss": 2.0}, {"train/loss": 0.5}]}, k=32)
+    h = health_checks(good, {"history": [{"train/loss": 2.0}, {"train/loss": 0.5}], "warnings": []}, k=32)
     assert all(c["ok"] for c in h.values()), h
     bad = {"l0": 20.0, "dead_fraction": 0.5, "fvu": float("nan")}
-    h = health_checks(bad, {"history": [{"train/loss": 0.5}, {"train/loss": 0.6}]}, k=32)
+    short = ["the run has 2 steps but sae.warmup_steps=50: ..."]
+    h = health_checks(bad, {"history": [{"train/loss": 0.5}, {"train/loss": 0.6}], "warnings": short}, k=32)
     assert not any(c["ok"] for c in h.values()), h
+    assert h["schedule_ok"]["value"] == short
+    assert not health_checks(good, {}, k=32)["schedule_ok"]["ok"]  # not recorded: not passed
     assert h["no_nan"]["value"] == ["fvu"]
     assert not health_checks(good, {}, k=32)["loss_decreased"]["ok"]  # unknown: not passed
     # the per-step curve wins over a one-epoch history: noisy but decreasing on average
@@ -219,7 +222,7 @@ def test_stage_end_to_end(tiny_model, tmp_path, monkeypatch):
     from stages.evaluate import main
 
     monkeypatch.setattr(saepipe.lm.model, "load_model", lambda spec, **kw: tiny_model)
-    params = {"model": "tiny", "extract": {"layer": LAYER, "component": "mlp", "context_length": 32,
+    params = {"model": "test/tiny", "extract": {"layer": LAYER, "component": "mlp", "context_length": 32,
                                            "skip_special_tokens": True},
               "evaluate": {"max_tokens": 120, "batch_size": 4}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))

@@ -208,7 +208,7 @@ def test_take_and_chunks_agree(tiny_model, texts_path, tmp_path):
 
 @pytest.mark.parametrize(
     "kw, match",
-    [({"layer": 4}, "out of range"), ({"component": "resid"}, "unknown component")],
+    [({"layer": 4}, "out of range"), ({"component": "resid"}, r"extract\.component must be one of mlp, attn, output")],
 )
 def test_bad_site_errors(tiny_model, texts_path, tmp_path, kw, match):
     with pytest.raises(ValueError, match=match):
@@ -246,7 +246,7 @@ def test_stage_cli(tiny_model, texts_path, tmp_path, monkeypatch):
     import stages.extract as stage
 
     params = tmp_path / "params.yaml"
-    params.write_text("model: tiny\nextract:\n  layer: 2\n  component: attn\n  context_length: 16\n"
+    params.write_text("model: test/tiny\nextract:\n  layer: 2\n  component: attn\n  context_length: 16\n"
                       "  max_tokens: 30\n  eval_max_tokens: 10\n  shard_rows: 8\n")
     monkeypatch.setattr(stage, "load_model", lambda spec: tiny_model)
     result = CliRunner().invoke(stage.main, ["--params", str(params), "--texts", str(texts_path),

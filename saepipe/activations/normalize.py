@@ -10,6 +10,7 @@ order: the same bits on every rank, and as one process when ``rows`` are given.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -17,7 +18,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from saepipe.activations.config import check_chunk_rows
-from saepipe.activations.shards import ShardSource
+from saepipe.activations.shards import ShardSource, check_manifest
 from saepipe.activations.sources import as_source, take_in_chunks
 from saepipe.activations.stats import NormStats
 from saepipe.parallel.ranks import Ranks
@@ -92,14 +93,21 @@ def fit_stats(activations: Any, chunk_rows: int = 65536, rows: np.ndarray | None
     rows with indices ``rows`` only when given (e.g. the training rows of a split). ``ranks``
     (several): each rank reads a contiguous share of the chunks and all merge every chunk's moments
     in order (identical to one process for given ``rows``; without, chunks are ``chunk_rows`` rows
-    of the whole source instead of per shard, equal up to rounding)."""
-    check_chunk_rows(chunk_rows)
+    of the whole source instead of per shard, equal up to rounding). NaN or inf in the rows is an
+    error that blames the input."""
+    chunk_rows = check_chunk_rows(chunk_rows)
     source = as_source(activations)
     if ranks is not None and ranks.distributed:
-        return to_stats(_ranked_moments(source, np.arange(source.n_rows) if rows is None else rows,
-                                        chunk_rows, ranks))
-    chunks = source.chunks(chunk_rows) if rows is None else take_in_chunks(source, rows, chunk_rows)
-    return to_stats(reduce_moments(chunks))
+        moments = _ranked_moments(source, np.arange(source.n_rows) if rows is None else rows, chunk_rows, ranks)
+    else:
+        chunks = source.chunks(chunk_rows) if rows is None else take_in_chunks(source, rows, chunk_rows)
+        moments = reduce_moments(chunks)
+    if not (np.isfinite(moments.mean).all() and np.isfinite(moments.m2).all() and math.isfinite(moments.norm_sum)):
+        bad = int((~np.isfinite(moments.mean)).sum())
+        raise ValueError(f"the activations hold non-finite values (NaN or inf; {bad} of {len(moments.mean)} "
+                         "dimensions affected): they cannot be normalized or trained on. Check the model and "
+                         "the extract stage (extract.dtype float16 overflows above 65504)")
+    return to_stats(moments)
 
 
 def _ranked_moments(source: Any, rows: np.ndarray, chunk_rows: int, ranks: Ranks) -> Moments:
@@ -122,9 +130,12 @@ def _ranked_moments(source: Any, rows: np.ndarray, chunk_rows: int, ranks: Ranks
     return total
 
 
-def normalize(acts_dir: Path, out: Path, chunk_rows: int = 65536) -> NormStats:
-    """Fit on a shard folder; write ``out/stats.safetensors`` + ``stats.json`` naming the manifest."""
+def normalize(acts_dir: Path, out: Path, chunk_rows: int = 65536, *, layer: int | None = None,
+              component: str | None = None) -> NormStats:
+    """Fit on a shard folder (checked against its manifest, and against ``layer``/``component`` and the
+    train split when given); write ``out/stats.safetensors`` + ``stats.json`` naming the manifest."""
     source = ShardSource(Path(acts_dir))
+    check_manifest(source.manifest, Path(acts_dir), layer=layer, component=component, split="train")
     stats = fit_stats(source, chunk_rows)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

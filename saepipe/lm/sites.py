@@ -33,7 +33,10 @@ def check_site(layer: int, component: str, num_layers: int) -> Site:
     """Validate a site against a model with ``num_layers`` blocks; errors say what is valid."""
     if component not in COMPONENTS:
         raise ValueError(f"unknown component {component!r}; valid components: {', '.join(COMPONENTS)}")
-    if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < num_layers:
+    if not isinstance(layer, int) or isinstance(layer, bool):
+        raise TypeError(f"layer must be an integer (0..{num_layers - 1} for this model), got {layer!r} "
+                        f"({type(layer).__name__})")
+    if not 0 <= layer < num_layers:
         raise ValueError(f"layer {layer!r} is out of range; this model has layers 0..{num_layers - 1}")
     return Site(layer, component)
 

@@ -17,9 +17,12 @@ While a ``with`` block is open the trace is its model's current trace (``current
 how ``model.output`` and ``sae.steer(model=...)`` of the Python API find it.
 
 Names follow ``saepipe.lm.sites`` (``model.model.layers.{i}.mlp`` / ``.self_attn`` / the bare block
-for its output, also with the ``model.layers`` prefix), matched exactly. Texts are tokenized with
-BOS and right padded; ``lengths`` tells how many positions of each row are real. Captured
-activations are the outputs after any edit at that site.
+for its output, also with the ``model.layers`` prefix), matched exactly. Texts are tokenized as the
+model's tokenizer says (a BOS is added only when it adds one: the default SmolLM2 adds none, the tiny
+test models do) and right padded; ``lengths`` tells how many positions of each row are real, and
+``text_positions`` which of them hold text rather than BOS or other special tokens (the positions
+extraction stores and evaluation scores). Captured activations are the outputs after any edit at
+that site.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import numpy as np
 
 from saepipe.lm.forward import Edit, chain, forward, unwrap_model
 from saepipe.lm.sites import COMPONENTS, Site, check_site, parse_site_name
-from saepipe.lm.tokens import tokenize_padded
+from saepipe.lm.tokens import excluded_token_ids, tokenize_padded
 
 
 class TracePendingError(RuntimeError):
@@ -147,12 +150,16 @@ class Trace:
     logits (when computed) and activations (see the module docstring)."""
 
     def __init__(self, loaded: Any, tokens: np.ndarray, lengths: np.ndarray, sites: list[Site],
-                 stop_layer: int | None) -> None:
+                 stop_layer: int | None, text_positions: np.ndarray | None = None) -> None:
         self.module = unwrap_model(loaded)
         self.tokens = tokens
         """(batch, seq) int32 token ids, right padded."""
         self.lengths = lengths
         """(batch,) number of real (non-pad) positions of each row."""
+        if text_positions is None:
+            text_positions = np.arange(tokens.shape[1])[None, :] < lengths[:, None]
+        self.text_positions = text_positions
+        """(batch, seq) bool: real positions that hold text, not BOS/special tokens (nor padding)."""
         self.num_layers = len(self.module.model.layers)
         self._sites = sites
         self._stop_layer = stop_layer
@@ -273,7 +280,9 @@ def trace(loaded: Any, texts: str | list[str], *, capture: Iterable[str] | None 
             raise ValueError("capture names no site")
     tokens, lengths = tokenize_padded(loaded.tokenizer, texts)
     stop = None if capture is None else max(s.layer for s in sites)
-    return Trace(loaded, tokens, lengths, sites, stop)
+    real = np.arange(tokens.shape[1])[None, :] < lengths[:, None]
+    text = real & ~np.isin(tokens, excluded_token_ids(loaded.tokenizer, skip_special_tokens=True))
+    return Trace(loaded, tokens, lengths, sites, stop, text)
 
 
 __all__ = ["Activations", "Saved", "Trace", "TraceOutput", "TracePendingError", "current_trace", "trace"]

@@ -7,11 +7,16 @@ mutates it at run time; derived values are computed by functions that take it.
 from __future__ import annotations
 
 import dataclasses
-import math
+import logging
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from saepipe.runtime.params import ParamsSection
+from saepipe.runtime.params import Bool, Choice, Float, Int, ParamsSection, Str, StrList
+
+log = logging.getLogger(__name__)
+
+MAX_SEED = 2**32 - 1
+"""Largest seed (MLX's and numpy's generators both take it)."""
 
 
 @dataclass(frozen=True)
@@ -77,47 +82,32 @@ class SAEConfig(ParamsSection):
     checkpoint_every: int = 500
     """Save a resumable checkpoint every this many steps (0: only at epoch ends)."""
 
-    def __post_init__(self) -> None:
-        if isinstance(self.wandb_tags, list):
-            object.__setattr__(self, "wandb_tags", tuple(self.wandb_tags))
-        _check(self.expansion_factor >= 1, "expansion_factor must be >= 1")
-        _check(self.k >= 1, "k must be >= 1")
-        _check(self.learning_rate > 0, "learning_rate must be > 0")
-        _check(self.num_epochs >= 1, "num_epochs must be >= 1")
-        _check(self.batch_size >= 1, "batch_size must be >= 1")
-        _check(self.warmup_steps >= 0, "warmup_steps must be >= 0")
-        _check(0.0 <= self.validation_split < 1.0, "validation_split must be in [0, 1)")
-        _check(self.gradient_clip >= 0, "gradient_clip must be >= 0 (0 disables it)")
-        _check(self.lr_decay in ("cosine", "linear", "constant"),
-               f"lr_decay must be cosine, linear or constant, not {self.lr_decay!r}")
-        _check(self.dead_tokens_threshold >= 1, "dead_tokens_threshold must be >= 1")
-        _check(_is_int(self.resample_every) and self.resample_every >= 0,
-               f"resample_every must be an integer >= 0 (0 turns resampling off), not {self.resample_every!r}")
-        _check(self.resample_window is None or (_is_int(self.resample_window) and self.resample_window >= 1),
-               f"resample_window must be None or an integer >= 1 (tokens), not {self.resample_window!r}")
-        _check(isinstance(self.resample_scale, (int, float)) and not isinstance(self.resample_scale, bool)
-               and math.isfinite(self.resample_scale) and self.resample_scale > 0,
-               f"resample_scale must be a finite number > 0, not {self.resample_scale!r}")
-        _check(self.normalization in ("scalar", "per_dim"),
-               f"normalization must be scalar or per_dim, not {self.normalization!r}")
+    RULES: ClassVar = {
+        "expansion_factor": Int(min=1), "k": Int(min=1), "learning_rate": Float(min=0, min_open=True),
+        "num_epochs": Int(min=1), "batch_size": Int(min=1), "warmup_steps": Int(min=0),
+        "validation_split": Float(min=0, max=1, max_open=True), "normalize_input": Bool(),
+        "tied_weights": Bool(), "gradient_clip": Float(min=0), "use_wandb": Bool(),
+        "wandb_project": Str(optional=True), "wandb_name": Str(optional=True), "wandb_tags": StrList(),
+        "normalization": Choice(("scalar", "per_dim")), "lr_decay": Choice(("cosine", "linear", "constant")),
+        "min_lr_ratio": Float(min=0, max=1), "k_aux": Int(min=1, optional=True), "aux_coef": Float(min=0),
+        "dead_tokens_threshold": Int(min=1), "resample_every": Int(min=0),
+        "resample_window": Int(min=1, optional=True), "resample_scale": Float(min=0, min_open=True),
+        "l1_coefficient": Float(min=0), "seed": Int(min=0, max=MAX_SEED),
+        "checkpoint_every": Int(min=0),
+    }
 
-    def to_dict(self) -> dict[str, Any]:
-        """The config as plain values; ``wandb_tags`` as a list, as YAML and JSON write it."""
-        d = dataclasses.asdict(self)
-        d["wandb_tags"] = list(self.wandb_tags)
-        return d
+    def check_together(self) -> None:
+        """`sae.learning_rate` above 1 warns (Adam diverges there). Checked when the data is known
+        (``fit_sae``): `sae.k` <= d_hidden (error); a run too short for its settings warns and fails
+        evaluate's `schedule_ok` health check (`sae.batch_size` above the training rows,
+        `sae.warmup_steps` >= the steps, fewer than 100 steps, `sae.dead_tokens_threshold` above the
+        tokens trained on)."""
+        if self.learning_rate > 1:
+            log.warning("sae.learning_rate=%g is far above the usual 1e-4..1e-2 for Adam: expect divergence",
+                        self.learning_rate)
 
     def replace(self, **changes: Any) -> SAEConfig:
         return dataclasses.replace(self, **changes)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ValueError(f"SAEConfig: {message}")
 
 
 __all__ = ["SAEConfig"]

@@ -64,10 +64,11 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from saepipe.activations.normalize import fit_stats
-from saepipe.activations.sources import ActivationSource, as_source
+from saepipe.activations.sources import ActivationSource, ArraySource, as_source
 from saepipe.activations.stats import NormStats
 from saepipe.parallel.ranks import Ranks
 from saepipe.runtime.memory import reuse_freed_memory
+from saepipe.runtime.params import Int
 from saepipe.sae.config import SAEConfig
 from saepipe.sae.normalization import InputNormalizer
 from saepipe.sae.topk import TopKSAE, init_params
@@ -206,15 +207,26 @@ def fit_sae(
     process alone); every rank passes the same arguments and the same data.
     """
     kernels = resolve_kernels(kernels)
+    if not isinstance(config, SAEConfig):
+        raise TypeError(f"config must be an SAEConfig, not {type(config).__name__}")
+    log_every = Int(min=1).check("log_every", log_every)
+    max_steps = Int(min=0, optional=True).check("max_steps", max_steps)
     ranks = ranks if ranks is not None else Ranks.world()
     source = as_source(activations)
+    if isinstance(source, ArraySource):  # in memory: cheap to check whole (shards were checked by extract)
+        source.check_finite()
     d_hidden, auxk = _sizes(source, config)
     split = split_rows(source.n_rows, config.validation_split, config.seed)
     stats = _stats_for(source, config, stats, split, ranks)
     plan = _plan(source, config, split, stats, d_hidden, auxk, checkpoint_dir, max_steps, kernels, ranks)
-    state, position, resumed = _start(plan)
+    warnings = schedule_warnings(plan)
+    for warning in warnings if ranks.is_main else ():
+        log.warning("%s", warning)
+    state, position, logs = _start(plan)
     meta = {**_source_metadata(source), **(metadata or {})}
-    sink = _loggers(plan, meta, logger, live_dir, log_every, resumed=resumed)
+    sink = _loggers(plan, meta, logger, live_dir, log_every, resumed=logs is not None)
+    if logs is not None:
+        sink.restore(logs, position.step)
     try:
         with reuse_freed_memory():  # the step's big buffers are reused, not page-faulted in anew
             state, position, completed = _train_loop(plan, state, position, sink, progress and ranks.is_main)
@@ -222,19 +234,23 @@ def fit_sae(
         sink.close()
     if ranks.distributed:
         ranks.check_same("the final weights", _checksums(state))
-    summary = _summary(plan, position, state, completed)
+    summary = {**_summary(plan, position, state, completed), "warnings": warnings}
     return FitResult(_trained_sae(plan, state, stats, meta, summary), list(position.history), summary)
 
 
-def _start(plan: RunPlan) -> tuple[TrainState, Progress, bool]:
-    """The state and position to start from: a checkpoint of the same run, else a fresh start.
-    With several ranks rank 0 decides and the others receive its state and position."""
+def _start(plan: RunPlan) -> tuple[TrainState, Progress, dict[str, Any] | None]:
+    """The state and position to start from (a checkpoint of the same run, else a fresh start), and
+    the loggers' files saved with the checkpoint (None for a fresh start; ``{}`` on ranks other than
+    0, which log nothing). With several ranks rank 0 decides and the others receive its state and
+    position."""
     ranks = plan.ranks
     if not ranks.is_main:
         return _receive_start(plan)
     resumed = resume(plan.checkpoint_dir, plan.run_info)
+    logs = None
     if resumed is not None:
-        state, position = resumed[0], Progress.from_json(resumed[1])
+        state, info = resumed
+        position, logs = Progress.from_json(info["position"]), info["logs"] or {}
         log.info("resuming from %s at step %d", plan.checkpoint_dir, position.step)
     else:
         state = initial_state(plan.source, plan.split.train, plan.config, plan.source.d_model, plan.d_hidden,
@@ -243,10 +259,10 @@ def _start(plan: RunPlan) -> tuple[TrainState, Progress, bool]:
     if ranks.distributed:
         ranks.broadcast_bytes(json.dumps({"position": position.to_json(), "resumed": resumed is not None}).encode())
         ranks.broadcast(_state_arrays(state))
-    return state, position, resumed is not None
+    return state, position, logs
 
 
-def _receive_start(plan: RunPlan) -> tuple[TrainState, Progress, bool]:
+def _receive_start(plan: RunPlan) -> tuple[TrainState, Progress, dict[str, Any] | None]:
     """Rank 0's start (see ``_start``) on another rank."""
     header = json.loads(plan.ranks.broadcast_bytes(None))
     params = init_params(plan.source.d_model, plan.d_hidden, plan.config.tied_weights, plan.config.seed)
@@ -255,7 +271,36 @@ def _receive_start(plan: RunPlan) -> tuple[TrainState, Progress, bool]:
     arrays = plan.ranks.broadcast(_state_arrays(like))
     state = TrainState({n: arrays[f"params.{n}"] for n in params}, {n: arrays[f"m.{n}"] for n in params},
                        {n: arrays[f"v.{n}"] for n in params}, arrays["t"], arrays["counter"])
-    return state, Progress.from_json(header["position"]), bool(header["resumed"])
+    return state, Progress.from_json(header["position"]), {} if header["resumed"] else None
+
+
+MIN_STEPS = 100
+"""Fewer optimisation steps than this is too short a run to train a TopK SAE (a warning)."""
+
+TIMINGS = ("train_seconds", "tok_per_s")
+"""Summary keys that measure the machine, not the SAE: in metrics.json only, never in the SAE file, so
+identical runs write byte-identical SAE files."""
+
+
+def schedule_warnings(plan: RunPlan) -> list[str]:
+    """What makes this run too short for its own settings (each logged as a warning, listed in the
+    summary as ``warnings``, and failing evaluate's ``schedule_ok`` health check)."""
+    config, n_train, total = plan.config, len(plan.split.train), plan.total_steps
+    out = []
+    if config.batch_size > n_train:
+        out.append(f"sae.batch_size={config.batch_size} is more than the {n_train} training rows: every step "
+                   f"uses all of them ({total} steps in all); lower sae.batch_size or extract more tokens")
+    if total <= config.warmup_steps:
+        out.append(f"the run has {total} steps but sae.warmup_steps={config.warmup_steps}: the learning rate "
+                   f"never reaches sae.learning_rate; lower warmup_steps or batch_size, or train longer")
+    if total < MIN_STEPS:
+        out.append(f"only {total} optimisation steps (< {MIN_STEPS}): too few to train a TopK SAE; lower "
+                   "sae.batch_size, raise sae.num_epochs or extract more tokens")
+    tokens = total * plan.batch_size
+    if config.aux_coef > 0 and tokens < config.dead_tokens_threshold:
+        out.append(f"sae.dead_tokens_threshold={config.dead_tokens_threshold} is more than the {tokens} tokens "
+                   "the run trains on: no latent can be found dead, so AuxK never acts")
+    return out
 
 
 def _state_arrays(state: TrainState) -> dict[str, mx.array]:
@@ -271,7 +316,8 @@ def _trained_sae(plan: RunPlan, state: TrainState, stats: NormStats | None, meta
     sae = TopKSAE(plan.source.d_model, config.expansion_factor, config.k, tied_weights=config.tied_weights,
                   stats=stats, normalization=config.normalization)
     sae.update(dict(state.params))
-    sae.update_metadata(**meta, config=config.to_dict(), summary=summary, n_train_rows=len(plan.split.train),
+    untimed = {k: v for k, v in summary.items() if k not in TIMINGS}
+    sae.update_metadata(**meta, config=config.to_dict(), summary=untimed, n_train_rows=len(plan.split.train),
                         n_val_rows=len(plan.split.val))
     return sae
 
@@ -378,7 +424,7 @@ def _train_loop(plan: RunPlan, state: TrainState, position: Progress, sink: Mult
         for epoch in range(position.epoch, plan.config.num_epochs):
             n_dead, stopped = _run_epoch(plan, loop, position, epoch, n_dead)
             if stopped:
-                _checkpoint(plan, runner, position)
+                _checkpoint(plan, runner, position, sink)
                 return runner.state(), position, False
             _end_epoch(plan, loop, evaluate, position, epoch)
     finally:
@@ -402,7 +448,7 @@ def _run_epoch(plan: RunPlan, loop: _Loop, position: Progress, epoch: int, n_dea
         n_dead = _step(plan, loop, position, x, n_dead, started)
         every = plan.config.checkpoint_every
         if every and position.step % every == 0 and b + 1 < len(batches):  # epoch ends checkpoint anyway
-            _checkpoint(plan, loop.runner, position)
+            _checkpoint(plan, loop.runner, position, loop.sink)
     return n_dead, False
 
 
@@ -411,7 +457,7 @@ def _step(plan: RunPlan, loop: _Loop, position: Progress, x: mx.array, n_dead: i
     number of dead latents after it."""
     lr = learning_rate_at(position.step, plan.total_steps, plan.config)
     values = loop.runner.step(lr, x, plan.mean, plan.std, n_dead)
-    _check_finite(values, position.step + 1, plan.checkpoint_dir)
+    _check_finite(values, position.step + 1, plan.checkpoint_dir, x)
     record = dict(zip(METRICS, values.tolist(), strict=True))
     record["learning_rate"] = lr
     position.after_step(values.tolist(), started)
@@ -459,12 +505,12 @@ def _end_epoch(plan: RunPlan, loop: _Loop, evaluate: Any, position: Progress, ep
     entry = {"epoch": epoch, "step": position.step, **position.epoch_means(), **val}
     loop.sink.log_epoch(epoch, position.step, val)
     position.end_epoch(entry)
-    _checkpoint(plan, loop.runner, position)
+    _checkpoint(plan, loop.runner, position, loop.sink)
 
 
-def _checkpoint(plan: RunPlan, runner: StepRunner, position: Progress) -> None:
-    """Save the current state and position (when the run has a checkpoint folder; rank 0 only, after
-    checking that every rank holds the same weights); never a diverged one."""
+def _checkpoint(plan: RunPlan, runner: StepRunner, position: Progress, sink: MultiLogger) -> None:
+    """Save the current state, position and logs (when the run has a checkpoint folder; rank 0 only,
+    after checking that every rank holds the same weights); never a diverged one."""
     if plan.checkpoint_dir is None:
         return
     current = runner.state()
@@ -474,7 +520,8 @@ def _checkpoint(plan: RunPlan, runner: StepRunner, position: Progress) -> None:
         raise TrainingDivergedError(f"non-finite weights after step {position.step}; "
                                     f"last good checkpoint kept in {plan.checkpoint_dir}")
     if plan.ranks.is_main:
-        save_checkpoint(plan.checkpoint_dir, current, {"run": plan.run_info, "position": position.to_json()})
+        save_checkpoint(plan.checkpoint_dir, current,
+                        {"run": plan.run_info, "position": position.to_json(), "logs": sink.state()})
 
 
 def _checksums(state: TrainState) -> list[float]:
@@ -486,10 +533,18 @@ def _checksums(state: TrainState) -> list[float]:
     return out
 
 
-def _check_finite(values: np.ndarray, step: int, ckpt_dir: Path | None) -> None:
+def _check_finite(values: np.ndarray, step: int, ckpt_dir: Path | None, x: mx.array) -> None:
+    """Stop on a NaN/Inf metric, blaming the input batch when it holds one, else the optimisation."""
     bad = [name for name, val in zip(METRICS, values, strict=True) if not math.isfinite(val)]
     if bad:
         kept = f"; last good checkpoint kept in {ckpt_dir}" if ckpt_dir is not None else ""
+        finite = np.isfinite(np.asarray(x))
+        if not finite.all():
+            rows = int((~finite).any(axis=1).sum())
+            raise TrainingDivergedError(
+                f"the training activations hold NaN or inf ({rows} of the {finite.shape[0]} rows of the batch of "
+                f"step {step}): fix the input (check the model and the extract stage; extract.dtype float16 "
+                f"overflows above 65504), not the learning rate{kept}")
         raise TrainingDivergedError(
             f"training diverged at step {step}: {', '.join(bad)} is {values[METRICS.index(bad[0])]}"
             f" (try a lower learning_rate or gradient_clip){kept}")
@@ -512,4 +567,5 @@ def _summary(plan: RunPlan, position: Progress, state: TrainState, completed: bo
     return summary
 
 
-__all__ = ["FitResult", "Progress", "RunPlan", "TrainingDivergedError", "fit_sae"]
+__all__ = ["MIN_STEPS", "TIMINGS", "FitResult", "Progress", "RunPlan", "TrainingDivergedError", "fit_sae",
+           "schedule_warnings"]

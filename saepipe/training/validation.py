@@ -67,7 +67,12 @@ def validate(source: ActivationSource, rows: np.ndarray, evaluate: Callable, par
     chunk = max(1, min(config.batch_size, MAX_CHUNK_ROWS))
     mine = ranks.part(rows)
     for start in range(0, len(mine), chunk):
-        sums, xsum, f = evaluate(params, mx.array(source.take(mine[start : start + chunk])), mean, std)
+        x = source.take(mine[start : start + chunk])
+        if not np.isfinite(x).all():
+            bad = mine[start + int(np.flatnonzero(~np.isfinite(x).all(axis=1))[0])]
+            raise ValueError(f"the validation rows hold NaN or inf (row {bad} of the activations): fix the input "
+                             "(check the model and the extract stage)")
+        sums, xsum, f = evaluate(params, mx.array(x), mean, std)
         s = np.array(sums, dtype=np.float64)
         sse, sq, l0, l1 = sse + s[0], sq + s[1], l0 + s[2], l1 + s[3]
         total += np.array(xsum, dtype=np.float64)
