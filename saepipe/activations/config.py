@@ -14,14 +14,21 @@ from saepipe.runtime.params import ParamsSection
 
 @dataclass(frozen=True)
 class ExtractConfig(ParamsSection):
-    """The ``extract:`` section of params.yaml."""
+    """The ``extract:`` section of params.yaml: how texts become activation rows. Which sites are
+    stored is ``sweep.sites`` (``saepipe.lm.sites.parse_site_ids``), all captured in one pass."""
 
     SECTION: ClassVar[str] = "extract"  # its params.yaml section
 
-    layer: int = 6
-    """Block whose component output is stored (0-based)."""
-    component: str = "mlp"
-    """mlp | attn | output (residual stream after the block)."""
+    @classmethod
+    def from_dict(cls, values):  # noqa: ANN001, ANN206  (ParamsSection.from_dict's signature)
+        """Build from the section; the pre-sweep keys ``layer``/``component`` say where sites went."""
+        moved = sorted({"layer", "component"} & set(values))
+        if moved:
+            raise ValueError(f"extract.{'/'.join(moved)} moved to sweep.sites: write `sweep: {{sites: "
+                             f"[{values.get('layer', 6)}.{values.get('component', 'mlp')}]}}` instead (README, "
+                             f"'Sweeps')")
+        return super().from_dict(values)
+
     context_length: int = 128
     """Texts are truncated to this many tokens (BOS included)."""
     batch_size: int = 8
