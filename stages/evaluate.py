@@ -1,5 +1,10 @@
 """Stage evaluate: score the trained SAE on the held-out texts; write metrics, plots and a report.
 
+    python -m stages.evaluate --params params.yaml --site 6.mlp --sae data/train/6.mlp/default/sae.safetensors \
+        --texts data/prepare/texts.parquet --out data/evaluate/6.mlp/default
+
+The site is ``--site`` (layer.component) or, without it, the one the SAE file records.
+
 Outputs in ``--out``: ``metrics.json`` (flat scalars for ``dvc metrics show/diff`` plus ``health``),
 ``density.csv`` (log10 feature-density histogram), ``plots/*.png`` and ``report.html`` (offline).
 """
@@ -26,6 +31,7 @@ from saepipe.evaluation.plots import (
     write_html_report,
 )
 from saepipe.lm import model as lm_model
+from saepipe.lm.sites import Site, parse_site_id
 from saepipe.runtime.files import write_metrics_json
 from saepipe.runtime.params import model_spec, read_params, section
 from saepipe.sae.topk import load_sae
@@ -42,6 +48,16 @@ def read_eval_texts(path: Path) -> list[str]:
         return read_split(path, "eval")[1]
     except (ValueError, KeyError) as err:
         raise click.ClickException(str(err)) from err
+
+
+def sae_site(sae: Any, site: str | None) -> Site:
+    """``site`` parsed, or the site the SAE file records when ``site`` is None."""
+    if site is not None:
+        return parse_site_id(site)
+    meta = getattr(sae, "metadata", None) or {}
+    if meta.get("layer") is None or meta.get("component") is None:
+        raise ValueError("the SAE file records no site: pass --site layer.component")
+    return Site(int(meta["layer"]), str(meta["component"]))
 
 
 def _check_site(sae: Any, loaded: Any, layer: int, component: str) -> None:
@@ -72,25 +88,30 @@ def _write_outputs(out_dir: Path, result: EvalResult, metrics: dict[str, Any], h
 
 @click.command()
 @click.option("--params", "params_path", default="params.yaml", show_default=True, type=click.Path(path_type=Path))
+@click.option("--site", default=None, help="layer.component the SAE reads (default: the one its file records)")
 @click.option("--sae", "sae_path", required=True, type=click.Path(path_type=Path), help="trained SAE file")
 @click.option("--texts", "texts_path", required=True, type=click.Path(path_type=Path), help="prepare's texts.parquet")
 @click.option("--train-metrics", type=click.Path(path_type=Path), default=None, help="train's metrics.json")
 @click.option("--train-live", type=click.Path(path_type=Path), default=None, help="train's dvclive folder")
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path))
-def main(params_path: Path, sae_path: Path, texts_path: Path, train_metrics: Path | None,
+def main(params_path: Path, site: str | None, sae_path: Path, texts_path: Path, train_metrics: Path | None,
          train_live: Path | None, out_dir: Path) -> None:
-    """Score the SAE at the site of params.yaml's `extract:` on the eval split."""
+    """Score the SAE at its site on the eval split."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     params = read_params(params_path)
-    extract = ExtractConfig.from_dict(section(params, "extract"))
-    config = EvaluateConfig.from_dict(section(params, "evaluate"))
-    sae = load_sae(sae_path)
+    try:
+        extract = ExtractConfig.from_dict(section(params, "extract"))
+        config = EvaluateConfig.from_dict(section(params, "evaluate"))
+        sae = load_sae(sae_path)
+        where = sae_site(sae, site)
+    except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
+        raise click.ClickException(str(e)) from e
     loaded = lm_model.load_model(model_spec(params))
-    _check_site(sae, loaded, extract.layer, extract.component)
+    _check_site(sae, loaded, where.layer, where.component)
     texts = read_eval_texts(texts_path)
 
     result = evaluate_sae(
-        loaded, sae, texts, layer=extract.layer, component=extract.component, max_tokens=config.max_tokens,
+        loaded, sae, texts, layer=where.layer, component=where.component, max_tokens=config.max_tokens,
         batch_size=config.batch_size, context_length=extract.context_length,
         skip_special_tokens=extract.skip_special_tokens,
     )
