@@ -7,6 +7,8 @@
 #   ./saepipe.sh --extra wandb <cmd ...>   install it and remember it (in .saepipe/extras)
 #   ./saepipe.sh --no-extras <cmd ...>     forget every remembered extra
 #   SAEPIPE_EXTRAS="wandb" ./saepipe.sh    add extras for this call only
+# NVIDIA GPUs on Linux: `--extra cuda12` (or cuda13) swaps MLX's CPU backend for its CUDA one (the
+# dependency groups of pyproject.toml: `cpu` by default, exactly one of cpu/cuda12/cuda13).
 # Set-up (idempotent, quick when already done, no root needed): uv (from PyPI if missing), then
 # `uv sync --frozen`. On Linux the first `import saepipe` then proves the bundled OpenBLAS builds on
 # this CPU in a child process and loads the fastest that passes (saepipe/runtime/blas.py).
@@ -65,7 +67,12 @@ while [ $# -gt 0 ]; do
   esac
 done
 extras=()
-for name in $(cat "$EXTRAS_FILE" 2>/dev/null) ${SAEPIPE_EXTRAS:-}; do extras+=(--extra "$name"); done
+for name in $(cat "$EXTRAS_FILE" 2>/dev/null) ${SAEPIPE_EXTRAS:-}; do
+  case "$name" in
+    cuda12|cuda13) extras+=(--no-group cpu --group "$name") ;;  # an MLX backend: a dependency group
+    *) extras+=(--extra "$name") ;;
+  esac
+done
 
 ensure_uv
 "${UV[@]}" sync --frozen --quiet "${extras[@]}"

@@ -4,6 +4,7 @@
     saepipe run STAGE [DVC_ARGS]...      reproduce one stage and what it needs
     saepipe info                         versions, platform, BLAS, training kernels, params file
     saepipe params [SECTION]             the params the stages see (params.yaml over the defaults)
+    saepipe export --format saelens --out DIR [--sae FILE]   an SAE in another library's format
 
 The stages themselves stay ``python -m stages.<name>`` entry points that DVC calls (``dvc.yaml``);
 this command drives DVC in the project folder (the nearest folder above the current one that has
@@ -12,7 +13,9 @@ a ``dvc.yaml``), so it works from any subfolder.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
+import json
 import os
 import platform
 import subprocess
@@ -195,6 +198,41 @@ def params(section: str | None, params_path: Path | None) -> None:
     shown = effective if section is None else {section: effective[section]}
     click.echo(f"# {path}" + ("" if section is None else f" ({section})"))
     click.echo(yaml.safe_dump(shown, sort_keys=False, default_flow_style=None).rstrip())
+
+
+@main.command(short_help="Write an SAE in another library's format (SAELens).")
+@click.option("--format", "fmt", type=click.Choice(["saelens"]), default="saelens", show_default=True,
+              help="target format")
+@click.option("--sae", "sae_path", default="data/train/6.mlp/default/sae.safetensors", show_default=True,
+              type=click.Path(dir_okay=False, path_type=Path),
+              help="saepipe SAE file (a relative path that is not in the current folder is read from the project)")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="folder to write (cfg.json + sae_weights.safetensors)")
+@click.option("--model-name", default=None, help="metadata.model_name (default: the model the SAE was trained on)")
+@click.option("--dataset-path", default=None, help="metadata.dataset_path (e.g. a Hugging Face dataset id)")
+@click.option("--hook-name", default=None, help="metadata.hook_name (default: mapped from the SAE's site)")
+def export(fmt: str, sae_path: Path, out_dir: Path, model_name: str | None, dataset_path: str | None,
+           hook_name: str | None) -> None:
+    """Export an SAE so another library loads it: `--format saelens` writes SAELens's layout
+    (cfg.json + sae_weights.safetensors; load with `SAE.load_from_disk(DIR)`), the input
+    normalization folded into the weights and the site mapped to a TransformerLens hook name
+    (layer L's mlp -> blocks.L.hook_mlp_out, attn -> hook_attn_out, output -> hook_resid_post)."""
+    from saepipe.sae.export import export_saelens  # lazy: loads MLX (keeps --help instant)
+    from saepipe.sae.topk import TopKSAE  # lazy: as above
+
+    if not sae_path.is_absolute() and not sae_path.exists():
+        with contextlib.suppress(click.ClickException):  # outside a project: keep the path as given
+            sae_path = project_root() / sae_path
+    overrides = {k: v for k, v in (("model_name", model_name), ("dataset_path", dataset_path),
+                                   ("hook_name", hook_name)) if v is not None}
+    try:
+        sae = TopKSAE.load(sae_path)
+        out = export_saelens(sae, out_dir, **overrides)
+    except (ValueError, FileNotFoundError) as err:
+        raise click.ClickException(str(err)) from err
+    cfg = json.loads((out / "cfg.json").read_text())
+    click.echo(f"{out}: SAELens {cfg['architecture']} SAE, d_in {cfg['d_in']}, d_sae {cfg['d_sae']}, "
+               f"k {cfg['k']}, hook {cfg['metadata']['hook_name']} (from {sae_path})")
 
 
 def effective_params(raw: dict[str, Any]) -> dict[str, Any]:

@@ -7,6 +7,9 @@ Reads ``model``, ``extract:`` (how texts become rows) and ``sweep.sites`` (which
 manifest.json each) and ``<out>/extract.json`` (what the pass did). Each batch runs once, to the
 deepest site, and every site is read from that pass. An interrupted run resumes from its last
 complete shards when rerun with the same settings; a site already extracted is not run again.
+Started by ``mlx.launch`` on several ranks, each rank extracts a contiguous share of the texts
+(every site) into ``<site>/<split>/rank-<r>/`` and rank 0 writes one manifest per site and split
+over all of them (``saepipe.activations.ranked_extract``).
 """
 
 from __future__ import annotations
@@ -19,8 +22,10 @@ import click
 
 from saepipe.activations.config import ExtractConfig
 from saepipe.activations.extract import PASS_FILE, extract
+from saepipe.activations.ranked_extract import extract_ranked
 from saepipe.lm.model import load_model
 from saepipe.lm.sites import parse_site_ids
+from saepipe.parallel.ranks import Ranks
 from saepipe.runtime.params import model_spec, read_params, section
 
 
@@ -42,16 +47,23 @@ def main(params_path: Path, texts_path: Path, out_dir: Path) -> None:
         if not texts_path.exists():
             raise FileNotFoundError(f"texts file not found: {texts_path} (run the prepare stage first)")
         loaded = load_model(model_spec(params))
-        manifests = extract(loaded, texts_path, out_dir, config, sites)
+        ranks = Ranks.world()
+        if ranks.distributed:
+            manifests = extract_ranked(loaded, texts_path, out_dir, config, sites, ranks)
+        else:
+            manifests = extract(loaded, texts_path, out_dir, config, sites)
     except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from e
+    if not ranks.is_main:
+        return
     for site, splits in manifests.items():
         for split, m in splits.items():
             click.echo(f"{out_dir / site.id / split}: {m['n_tokens']} rows of {m['site']} ({m['dtype']}, "
                        f"{len(m['shards'])} shards, digest {m['digest']})")
     for split, p in json.loads((out_dir / PASS_FILE).read_text()).items():
         if p["sites_run"]:
-            click.echo(f"{split}: one pass to layer {p['stop_layer']} for {', '.join(p['sites_run'])}: "
+            on = f" on {p['ranks']} ranks" if p.get("ranks", 1) > 1 else ""
+            click.echo(f"{split}: one pass to layer {p['stop_layer']} for {', '.join(p['sites_run'])}{on}: "
                        f"{p['batches']} batches, {p['rows']} rows per site in {p['seconds']:.1f} s"
                        + (f" (reused: {', '.join(p['sites_reused'])})" if p["sites_reused"] else ""))
         else:

@@ -9,6 +9,10 @@ Reads ``sae:`` (SAEConfig) with the overrides of ``sweep.variants.<variant>`` on
 ``<out>/sae.safetensors`` (the SAE file), ``<out>/metrics.json`` (final summary and per-epoch
 history) and the dvclive folder ``<out>/live``. Checkpoints go to ``--checkpoints`` (default
 ``<out>/checkpoints``); a matching checkpoint is resumed, and it is removed once the SAE is saved.
+
+Data-parallel on several processes or machines: start it with ``mlx.launch`` (README, "Several
+machines"), e.g. ``mlx.launch -n 2 --backend ring -- python -m stages.train ...``; every rank
+reads its part of each batch, rank 0 alone writes the outputs and checkpoints.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import click
 from saepipe.activations.sources import as_source
 from saepipe.activations.stats import NormStats
 from saepipe.lm.sites import parse_site_id
+from saepipe.parallel.ranks import Ranks
 from saepipe.runtime.files import write_metrics_json
 from saepipe.runtime.params import model_spec, read_params, section
 from saepipe.sae.config import SAEConfig, variant_config
@@ -97,9 +102,15 @@ def main(params_path: Path, site: str | None, variant: str | None, acts_dir: Pat
         stats = load_stats(stats_path, source) if config.normalize_input else None
     except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from e
-    out_dir.mkdir(parents=True, exist_ok=True)
+    ranks = Ranks.world()
+    if ranks.distributed:
+        click.echo(f"rank {ranks.rank} of {ranks.size}", err=True)
+    if ranks.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
     result = fit_sae(source, config, stats=stats, metadata=metadata, checkpoint_dir=ckpt_dir,
-                     live_dir=out_dir / "live", log_every=log_every)
+                     live_dir=out_dir / "live", log_every=log_every, ranks=ranks)
+    if not ranks.is_main:
+        return
     sae_path = result.sae.save(out_dir / SAE_FILE)
     metrics = {**result.summary, "history": result.history}
     write_metrics_json(out_dir / METRICS_FILE, metrics)

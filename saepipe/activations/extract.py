@@ -210,16 +210,20 @@ def extract_split(
     site: Site | tuple[int, str] | str,
     max_shards: int | None = None,
     progress: bool = True,
+    text_range: tuple[int, int] | None = None,
+    max_rows: int | None = None,
 ) -> dict[str, Any] | None:
     """Write the shards and manifest of one site's split into ``out``; return the manifest.
 
     ``site``: a ``Site``, a ``(layer, component)`` pair or an id such as ``"6.mlp"``.
     ``max_shards`` stops after writing that many new shards, leaving an unfinished (resumable)
-    folder without manifest, and returns None (used to test resumption).
+    folder without manifest, and returns None (used to test resumption). ``text_range``: only the
+    split's texts ``[start, stop)`` (one rank's share, ``saepipe.activations.ranked_extract``);
+    ``max_rows``: the row budget instead of the config's.
     """
     site = parse_site_id(site) if isinstance(site, str) else Site(*site)
     manifests = extract_sites(loaded, texts_path, {site: out}, cfg, split, max_shards=max_shards,
-                              progress=progress)
+                              progress=progress, text_range=text_range, max_rows=max_rows)
     return None if manifests is None else manifests[0][site]
 
 
@@ -232,19 +236,24 @@ def extract_sites(
     *,
     max_shards: int | None = None,
     progress: bool = True,
+    text_range: tuple[int, int] | None = None,
+    max_rows: int | None = None,
 ) -> tuple[dict[Site, dict[str, Any]], PassStats] | None:
     """Write one split of several sites, each into its folder of ``outs``, from one forward pass per
     batch (to the deepest site); return each site's manifest and what the pass did.
 
     Sites already complete for these settings are not run. ``max_shards`` stops (like a kill) as
     soon as any site has written that many new shards, leaving resumable folders, and returns None.
+    ``text_range`` and ``max_rows``: as in ``extract_split``.
     """
     outs = {check_site(s[0], s[1], loaded.info.num_layers): Path(o) for s, o in outs.items()}
     if not outs:
         raise ValueError("no sites to extract")
     ids, texts = read_split(Path(texts_path), split)
+    if text_range is not None:
+        ids, texts = ids[text_range[0] : text_range[1]], texts[text_range[0] : text_range[1]]
     digest = _texts_digest(ids, texts)
-    max_rows = cfg.max_rows(split)
+    max_rows = cfg.max_rows(split) if max_rows is None else max_rows
     fingerprints = {site: _fingerprint(loaded, cfg, site, split, digest) for site in outs}
 
     manifests: dict[Site, dict[str, Any]] = {}
@@ -399,22 +408,28 @@ def _manifest(loaded: LoadedModel, cfg: ExtractConfig, site: Site, split: str,
     }
 
 
+def split_fingerprint(loaded: LoadedModel, cfg: ExtractConfig, site: Site, split: str, ids: np.ndarray,
+                      texts: Sequence[str]) -> dict[str, Any]:
+    """The fingerprint ``extract_split`` records for ``site`` and these texts of ``split`` (what
+    decides its rows)."""
+    return _fingerprint(loaded, cfg, Site(*site), split, _texts_digest(ids, texts))
+
+
+def finished_manifest(out: Path, fingerprint: dict[str, Any], max_rows: int) -> dict[str, Any] | None:
+    """``out``'s manifest when it was made with ``fingerprint`` and ``max_rows`` and its shards are intact."""
+    return _finished_manifest(Path(out), fingerprint, max_rows)
+
+
 PASS_FILE = "extract.json"
 """What the last ``extract`` run did per split (sites run and reused, batches, seconds), next to the site folders."""
 
 
-def extract(loaded: LoadedModel, texts_path: Path, out: Path, cfg: ExtractConfig, sites: list[Site],
-            *, progress: bool = True) -> dict[Site, dict[str, dict[str, Any]]]:
-    """Extract both splits of every site into ``out/<site id>/{train,eval}`` (one forward pass per
-    batch for all sites); return the manifests by site and split.
-
-    ``out`` ends up holding exactly these site folders and ``extract.json``: folders of sites no
+def prepare_site_folders(out: Path, sites: list[Site]) -> None:
+    """Make ``out`` hold only the folders of ``sites`` (and ``extract.json``): folders of sites no
     longer listed are removed (a DVC output keeps them in its cache), and a one-site folder of the
-    layout before sweeps (``out/train``, ``out/eval``) is moved to its site's place when its
-    manifest matches, so upgrading does not extract again.
-    """
+    layout before sweeps (``out/train``, ``out/eval``) is moved to its site's place, so upgrading
+    does not extract again (its manifest is then checked like any other)."""
     out = Path(out)
-    sites = [check_site(s[0], s[1], loaded.info.num_layers) for s in sites]
     out.mkdir(parents=True, exist_ok=True)
     _adopt_flat_layout(out, sites)
     keep = {s.id for s in sites} | {PASS_FILE}
@@ -422,6 +437,17 @@ def extract(loaded: LoadedModel, texts_path: Path, out: Path, cfg: ExtractConfig
         if path.name not in keep:
             log.info("%s: not a listed site; removed", path)
             shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def extract(loaded: LoadedModel, texts_path: Path, out: Path, cfg: ExtractConfig, sites: list[Site],
+            *, progress: bool = True) -> dict[Site, dict[str, dict[str, Any]]]:
+    """Extract both splits of every site into ``out/<site id>/{train,eval}`` (one forward pass per
+    batch for all sites, ``extract_sites``); return the manifests by site and split. ``out`` is
+    first tidied by ``prepare_site_folders``; ``out/extract.json`` records what each split's pass did.
+    """
+    out = Path(out)
+    sites = [check_site(s[0], s[1], loaded.info.num_layers) for s in sites]
+    prepare_site_folders(out, sites)
     result: dict[Site, dict[str, dict[str, Any]]] = {site: {} for site in sites}
     passes = {}
     for split in SPLITS:
@@ -432,8 +458,13 @@ def extract(loaded: LoadedModel, texts_path: Path, out: Path, cfg: ExtractConfig
         for site, manifest in manifests.items():
             result[site][split] = manifest
         passes[split] = stats._asdict()
-    atomic_write_bytes(out / PASS_FILE, json.dumps(passes, indent=2).encode())
+    write_passes(out, passes)
     return result
+
+
+def write_passes(out: Path, passes: dict[str, dict[str, Any]]) -> None:
+    """``out/extract.json``: per split, what the pass did (``PassStats`` as a dict)."""
+    atomic_write_bytes(Path(out) / PASS_FILE, json.dumps(passes, indent=2).encode())
 
 
 def _adopt_flat_layout(out: Path, sites: list[Site]) -> None:

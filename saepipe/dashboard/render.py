@@ -184,7 +184,7 @@ def _context_row(
     meta: str,
 ) -> str:
     out = [
-        f'<div class="ctx"><span class="ctx-v" title="{esc("max activation " + fmt(max_act) + (" · " + meta if meta else ""))}">'
+        f'<div class="ctx"><span class="ctx-v" title="{esc("activation of the marked token " + fmt(max_act) + (" · " + meta if meta else ""))}">'
         f'{esc(fmt(max_act))}</span><span class="ctx-t">'
     ]
     for i, tok in enumerate(tokens):
@@ -536,7 +536,7 @@ def render_feature_html(
         for kind, items in rest:
             mxs = [e["max"] for e in items]
             body.append(
-                f'<h3>{esc(_kind_label(kind, nq))}<span class="range">max activation {esc(fmt(min(mxs)))} \u2013 '
+                f'<h3>{esc(_kind_label(kind, nq))}<span class="range">marked-token activation {esc(fmt(min(mxs)))} \u2013 '
                 f"{esc(fmt(max(mxs)))}</span></h3>{rows(items)}"
             )
         main.append(

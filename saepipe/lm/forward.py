@@ -217,7 +217,7 @@ def _parallel_parts(batch: int) -> int:
     OpenBLAS's 2-thread GEMMs stall whenever a core is busy elsewhere; rows split over
     per-core streams with single-threaded BLAS use every core for all of it (bit-identical rows).
     """
-    if mx.default_device() != mx.cpu or not blas_threads.can_set_threads():
+    if not on_cpu() or not blas_threads.can_set_threads():
         return 1
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(1, min(batch, cores))
@@ -250,9 +250,17 @@ def _causal_softmax(scores: mx.array, keep: mx.array, scale: mx.array) -> mx.arr
     return e / mx.sum(e, axis=-1, keepdims=True)
 
 
+def on_cpu() -> bool:
+    """Whether MLX computes on the CPU, where the CPU formulations here apply (per-core streams, the
+    fast exp, the unfused attention). On a GPU mlx-lm's own modules are the fast path (fused
+    scaled-dot-product attention) and everything runs on the default GPU stream."""
+    return mx.default_device() == mx.cpu
+
+
 def _attention(attn: Any, x: mx.array) -> mx.array:
-    """Causal self-attention of an mlx-lm Llama ``Attention`` (its own ``__call__`` otherwise)."""
-    if type(attn) is not llama.Attention or x.dtype != mx.float32:
+    """Causal self-attention of an mlx-lm Llama ``Attention`` (its own ``__call__`` otherwise, and on
+    a GPU)."""
+    if type(attn) is not llama.Attention or x.dtype != mx.float32 or not on_cpu():
         return attn(x, mask="causal")
     b, t, _ = x.shape
     h, kv = attn.n_heads, attn.n_kv_heads
@@ -270,7 +278,7 @@ def _attention(attn: Any, x: mx.array) -> mx.array:
 
 
 def _mlp(mlp: Any, x: mx.array) -> mx.array:
-    """SwiGLU MLP of an mlx-lm Llama ``MLP`` with the fast fused activation."""
-    if type(mlp) is not llama.MLP or x.dtype != mx.float32:
+    """SwiGLU MLP of an mlx-lm Llama ``MLP`` with the fast fused activation (on a CPU)."""
+    if type(mlp) is not llama.MLP or x.dtype != mx.float32 or not on_cpu():
         return mlp(x)
     return mlp.down_proj(_swiglu(mlp.gate_proj(x), mlp.up_proj(x)))

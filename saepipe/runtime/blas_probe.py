@@ -122,7 +122,7 @@ def race(libraries: list[str], rounds: int = 7) -> dict[str, float]:
             start = time.perf_counter()
             _sgemm(lib, a, b, c, trans_b=False, alpha=1.0, beta=0.0)
             times.append(time.perf_counter() - start)
-    return {path: round(2 * size**3 / float(np.median(times)) / 1e9, 1)
+    return {path: float(f"{2 * size**3 / float(np.median(times)) / 1e9:.4g}")
             for path, times in zip(libraries, seconds, strict=True)}
 
 

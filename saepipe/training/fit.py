@@ -32,11 +32,22 @@ Kernels (same math, see ``saepipe.training.steps``): on a CPU ``fit_sae`` runs
 ``saepipe.training.mlx_step.make_train_step``; both are tested against the dense reference step
 ``saepipe.training.reference`` (``kernels="reference"``). What all steps share (state, update, dead
 counters, AuxK) is ``saepipe.training.state``.
+
+Data-parallel (``ranks``: the ``mx.distributed`` group ``mlx.launch`` started, see the README): the
+run plan, the seeded batch order and the schedule are the same on every rank; each rank reads its
+contiguous part of every global batch (``Ranks.part``), the steps all-sum what the update needs
+(``saepipe.training.state``), so every rank holds the weights one process would reach with the same
+global batch and seed (up to float rounding). Normalization stats (when fit here) and validation
+are split over the ranks too. Rank 0 alone reads the checkpoint it resumes from (the state and
+position are broadcast to the others: no shared filesystem needed for checkpoints), writes
+checkpoints, logs (dvclive, W&B, the given ``logger``) and shows progress; every rank returns the
+same ``FitResult`` and the caller saves it on rank 0. A checkpoint resumes with any number of ranks.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import time
@@ -52,10 +63,11 @@ from tqdm.auto import tqdm
 from saepipe.activations.normalize import fit_stats
 from saepipe.activations.sources import ActivationSource, as_source
 from saepipe.activations.stats import NormStats
+from saepipe.parallel.ranks import Ranks
 from saepipe.runtime.memory import reuse_freed_memory
 from saepipe.sae.config import SAEConfig
 from saepipe.sae.normalization import InputNormalizer
-from saepipe.sae.topk import TopKSAE
+from saepipe.sae.topk import TopKSAE, init_params
 from saepipe.training.checkpoint import all_finite, resume, save_checkpoint
 from saepipe.training.schedule import Split, epoch_batches, learning_rate_at, split_rows
 from saepipe.training.state import METRICS, AuxK, StepRunner, TrainState, count_dead, initial_state
@@ -102,6 +114,8 @@ class RunPlan(NamedTuple):
     checkpoint_dir: Path | None
     max_steps: int | None
     kernels: str
+    ranks: Ranks
+    """This process's rank (a single process: ``Ranks()``)."""
 
 
 @dataclass
@@ -170,6 +184,7 @@ def fit_sae(
     max_steps: int | None = None,
     progress: bool = True,
     kernels: str = "auto",
+    ranks: Ranks | None = None,
 ) -> FitResult:
     """Train a TopK SAE on ``activations`` ((n, d_model) array, shard folder or ActivationSource).
 
@@ -180,36 +195,67 @@ def fit_sae(
     ``log_every``: steps between logged step metrics. ``max_steps``: stop after this many steps in
     total (checkpointing when ``checkpoint_dir`` is set; the schedule still spans the full run).
     ``kernels``: "auto" (default: the fastest for this device), "cpu", "sparse" or "reference"
-    (dense MLX ops), see ``saepipe.training.steps``.
+    (dense MLX ops), see ``saepipe.training.steps``. ``ranks``: data-parallel training over an
+    ``mx.distributed`` group (default ``Ranks.world()``: the group ``mlx.launch`` started, else this
+    process alone); every rank passes the same arguments and the same data.
     """
     kernels = resolve_kernels(kernels)
+    ranks = ranks if ranks is not None else Ranks.world()
     source = as_source(activations)
     d_hidden, auxk = _sizes(source, config)
     split = split_rows(source.n_rows, config.validation_split, config.seed)
-    stats = _stats_for(source, config, stats, split)
-    plan = _plan(source, config, split, stats, d_hidden, auxk, checkpoint_dir, max_steps, kernels)
+    stats = _stats_for(source, config, stats, split, ranks)
+    plan = _plan(source, config, split, stats, d_hidden, auxk, checkpoint_dir, max_steps, kernels, ranks)
     state, position, resumed = _start(plan)
     meta = {**_source_metadata(source), **(metadata or {})}
     sink = _loggers(plan, meta, logger, live_dir, log_every, resumed=resumed)
     try:
         with reuse_freed_memory():  # the step's big buffers are reused, not page-faulted in anew
-            state, position, completed = _train_loop(plan, state, position, sink, progress)
+            state, position, completed = _train_loop(plan, state, position, sink, progress and ranks.is_main)
     finally:
         sink.close()
+    if ranks.distributed:
+        ranks.check_same("the final weights", _checksums(state))
     summary = _summary(plan, position, state, completed)
     return FitResult(_trained_sae(plan, state, stats, meta, summary), list(position.history), summary)
 
 
 def _start(plan: RunPlan) -> tuple[TrainState, Progress, bool]:
-    """The state and position to start from: a checkpoint of the same run, else a fresh start."""
+    """The state and position to start from: a checkpoint of the same run, else a fresh start.
+    With several ranks rank 0 decides and the others receive its state and position."""
+    ranks = plan.ranks
+    if not ranks.is_main:
+        return _receive_start(plan)
     resumed = resume(plan.checkpoint_dir, plan.run_info)
     if resumed is not None:
         state, position = resumed[0], Progress.from_json(resumed[1])
         log.info("resuming from %s at step %d", plan.checkpoint_dir, position.step)
-        return state, position, True
-    state = initial_state(plan.source, plan.split.train, plan.config, plan.source.d_model, plan.d_hidden,
-                          plan.mean, plan.std)
-    return state, Progress(), False
+    else:
+        state = initial_state(plan.source, plan.split.train, plan.config, plan.source.d_model, plan.d_hidden,
+                              plan.mean, plan.std)
+        position = Progress()
+    if ranks.distributed:
+        ranks.broadcast_bytes(json.dumps({"position": position.to_json(), "resumed": resumed is not None}).encode())
+        ranks.broadcast(_state_arrays(state))
+    return state, position, resumed is not None
+
+
+def _receive_start(plan: RunPlan) -> tuple[TrainState, Progress, bool]:
+    """Rank 0's start (see ``_start``) on another rank."""
+    header = json.loads(plan.ranks.broadcast_bytes(None))
+    params = init_params(plan.source.d_model, plan.d_hidden, plan.config.tied_weights, plan.config.seed)
+    zeros = {n: mx.zeros_like(p) for n, p in params.items()}
+    like = TrainState(params, zeros, dict(zeros), mx.array(0.0), mx.zeros((plan.d_hidden,), dtype=mx.int32))
+    arrays = plan.ranks.broadcast(_state_arrays(like))
+    state = TrainState({n: arrays[f"params.{n}"] for n in params}, {n: arrays[f"m.{n}"] for n in params},
+                       {n: arrays[f"v.{n}"] for n in params}, arrays["t"], arrays["counter"])
+    return state, Progress.from_json(header["position"]), bool(header["resumed"])
+
+
+def _state_arrays(state: TrainState) -> dict[str, mx.array]:
+    """A ``TrainState`` as one flat dict of arrays (what ``Ranks.broadcast`` sends)."""
+    arrays = {f"{group}.{n}": a for group in ("params", "m", "v") for n, a in getattr(state, group).items()}
+    return {**arrays, "t": state.t, "counter": state.counter}
 
 
 def _trained_sae(plan: RunPlan, state: TrainState, stats: NormStats | None, meta: dict[str, Any],
@@ -225,13 +271,13 @@ def _trained_sae(plan: RunPlan, state: TrainState, stats: NormStats | None, meta
 
 
 def _stats_for(source: ActivationSource, config: SAEConfig, stats: NormStats | None,
-               split: Split) -> NormStats | None:
+               split: Split, ranks: Ranks) -> NormStats | None:
     """The stats the run normalizes with: None without ``normalize_input``, else the given ones
-    (checked against the data) or ones fit on the training rows."""
+    (checked against the data) or ones fit on the training rows (split over the ranks)."""
     if not config.normalize_input:
         return None
     if stats is None:
-        return fit_stats(source, _READ_ROWS, rows=split.train)
+        return fit_stats(source, _READ_ROWS, rows=split.train, ranks=ranks)
     if np.asarray(stats.mean).shape != (source.d_model,):
         raise ValueError(f"stats are for d_model {np.asarray(stats.mean).shape[0]}, activations have {source.d_model}")
     return stats
@@ -247,7 +293,8 @@ def _sizes(source: ActivationSource, config: SAEConfig) -> tuple[int, AuxK]:
 
 
 def _plan(source: ActivationSource, config: SAEConfig, split: Split, stats: NormStats | None, d_hidden: int,
-          auxk: AuxK, checkpoint_dir: str | Path | None, max_steps: int | None, kernels: str) -> RunPlan:
+          auxk: AuxK, checkpoint_dir: str | Path | None, max_steps: int | None, kernels: str,
+          ranks: Ranks) -> RunPlan:
     d_model, n_rows = source.d_model, source.n_rows
     batch_size = min(config.batch_size, len(split.train))
     steps_per_epoch = len(split.train) // batch_size
@@ -263,14 +310,17 @@ def _plan(source: ActivationSource, config: SAEConfig, split: Split, stats: Norm
         d_hidden=d_hidden, auxk=auxk, batch_size=batch_size, steps_per_epoch=steps_per_epoch,
         total_steps=steps_per_epoch * config.num_epochs, run_info=run_info,
         checkpoint_dir=Path(checkpoint_dir) if checkpoint_dir is not None else None,
-        max_steps=max_steps, kernels=kernels,
+        max_steps=max_steps, kernels=kernels, ranks=ranks,
     )
 
 
 def _loggers(plan: RunPlan, meta: dict[str, Any], logger: TrainLogger | None, live_dir: str | Path | None,
              log_every: int, *, resumed: bool) -> MultiLogger:
-    """The loggers of the run (the caller's, dvclive, W&B), with the run's configuration logged."""
+    """The loggers of the run (the caller's, dvclive, W&B), with the run's configuration logged;
+    none on ranks other than 0."""
     config = plan.config
+    if not plan.ranks.is_main:
+        return MultiLogger([])
     loggers: list[TrainLogger] = [logger] if logger is not None else []
     if live_dir is not None:
         loggers.append(DVCLiveLogger(live_dir, log_every=log_every, resume=resumed))
@@ -290,7 +340,8 @@ def _source_metadata(source: ActivationSource) -> dict[str, Any]:
     if not isinstance(manifest, dict):
         return {}
     keys = {"model_id": "model_name", "model_hash": "model_hash", "layer": "layer", "component": "component",
-            "site": "site", "digest": "activations_digest", "n_tokens": "activations_rows"}
+            "site": "site", "digest": "activations_digest", "n_tokens": "activations_rows",
+            "context_length": "context_length", "skip_special_tokens": "skip_special_tokens"}
     return {ours: manifest[theirs] for theirs, ours in keys.items() if manifest.get(theirs) is not None}
 
 
@@ -311,7 +362,7 @@ class _Loop(NamedTuple):
 def _train_loop(plan: RunPlan, state: TrainState, position: Progress, sink: MultiLogger,
                 show_progress: bool) -> tuple[TrainState, Progress, bool]:
     """Epochs of steps from ``position``; returns (state, position, completed)."""
-    runner = make_runner(plan.config, plan.d_hidden, plan.auxk, plan.kernels, state)
+    runner = make_runner(plan.config, plan.d_hidden, plan.auxk, plan.kernels, state, plan.ranks)
     evaluate = make_eval(plan.config, plan.d_hidden, plan.kernels)
     n_dead = count_dead(state.counter, plan.config.dead_tokens_threshold)
     bar = tqdm(total=plan.total_steps * plan.batch_size, initial=position.step * plan.batch_size, unit="tok",
@@ -332,7 +383,7 @@ def _train_loop(plan: RunPlan, state: TrainState, position: Progress, sink: Mult
 
 def _run_epoch(plan: RunPlan, loop: _Loop, position: Progress, epoch: int, n_dead: int) -> tuple[int, bool]:
     """The steps of ``epoch`` from ``position.batch`` on; returns (dead latents, stopped at max_steps)."""
-    batches = epoch_batches(plan.split.train, plan.config.seed, epoch, plan.batch_size)
+    batches = [plan.ranks.part(b) for b in epoch_batches(plan.split.train, plan.config.seed, epoch, plan.batch_size)]
     start = position.batch
     pending: Future | None = loop.reader.submit(plan.source.take, batches[start]) if start < len(batches) else None
     for b in range(start, len(batches)):
@@ -367,7 +418,7 @@ def _step(plan: RunPlan, loop: _Loop, position: Progress, x: mx.array, n_dead: i
 def _end_epoch(plan: RunPlan, loop: _Loop, evaluate: Any, position: Progress, epoch: int) -> None:
     """Validate, log, record the epoch in the history and checkpoint."""
     val = validate(plan.source, plan.split.val, evaluate, loop.runner.state().params, plan.mean, plan.std,
-                   plan.d_hidden, plan.config)
+                   plan.d_hidden, plan.config, plan.ranks)
     entry = {"epoch": epoch, "step": position.step, **position.epoch_means(), **val}
     loop.sink.log_epoch(epoch, position.step, val)
     position.end_epoch(entry)
@@ -375,14 +426,27 @@ def _end_epoch(plan: RunPlan, loop: _Loop, evaluate: Any, position: Progress, ep
 
 
 def _checkpoint(plan: RunPlan, runner: StepRunner, position: Progress) -> None:
-    """Save the current state and position (when the run has a checkpoint folder); never a diverged one."""
+    """Save the current state and position (when the run has a checkpoint folder; rank 0 only, after
+    checking that every rank holds the same weights); never a diverged one."""
     if plan.checkpoint_dir is None:
         return
     current = runner.state()
+    if plan.ranks.distributed:
+        plan.ranks.check_same(f"the weights after step {position.step}", _checksums(current))
     if not all_finite(current.params):
         raise TrainingDivergedError(f"non-finite weights after step {position.step}; "
                                     f"last good checkpoint kept in {plan.checkpoint_dir}")
-    save_checkpoint(plan.checkpoint_dir, current, {"run": plan.run_info, "position": position.to_json()})
+    if plan.ranks.is_main:
+        save_checkpoint(plan.checkpoint_dir, current, {"run": plan.run_info, "position": position.to_json()})
+
+
+def _checksums(state: TrainState) -> list[float]:
+    """Order-sensitive float64 checksums of the weights and dead counters (ranks compare them)."""
+    out = []
+    for a in [*(state.params[n] for n in sorted(state.params)), state.counter]:
+        flat = np.asarray(a, dtype=np.float64).reshape(-1)
+        out.append(float(flat @ np.cos(np.arange(flat.size) * 0.618)))
+    return out
 
 
 def _check_finite(values: np.ndarray, step: int, ckpt_dir: Path | None) -> None:

@@ -16,6 +16,12 @@ only in how they compute the same loss and gradients. Everything else is defined
   pre-activations of the dead latents only, without ``b_dec``; ``scale = min(n_dead / k_aux, 1)``.
   It runs only while some latent is dead (and ``aux_coef > 0``).
 - ``METRICS``: what a step reports, in order.
+
+Data-parallel training (``saepipe.parallel.ranks``): each rank steps on its part of the global
+batch. Everything a step divides by is global (``global_variance``, the global row count), so each
+rank's loss, gradients and metrics are its *share* of the global ones and sum over the ranks to
+exactly them; the steps all-sum the gradients, metric parts and fired counts in one message before
+the update (``sum_over_ranks``), so every rank applies the identical update to identical state.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import mlx.core as mx
 import numpy as np
 
 from saepipe.activations.sources import ActivationSource
+from saepipe.parallel.ranks import Ranks
 from saepipe.sae.config import SAEConfig
 from saepipe.sae.topk import init_params
 
@@ -84,6 +91,29 @@ def batch_variance(x: mx.array) -> mx.array:
     """``sum ||x - mean_batch(x)||^2`` over the rows of ``x``, floored: what FVU (x the inputs) and
     AuxK (x the residual) divide by."""
     return mx.maximum(mx.square(x - x.mean(axis=0)).sum(), VARIANCE_FLOOR)
+
+
+def global_rows(n_rows: int, ranks: Ranks) -> mx.array:
+    """The number of rows of the global batch (int32 scalar) when each rank holds ``n_rows``."""
+    return ranks.sum(mx.array(n_rows, dtype=mx.int32))
+
+
+def global_variance(x: mx.array, ranks: Ranks, n_total: mx.array | None = None) -> mx.array:
+    """``batch_variance`` of the global batch whose rows ``x`` are this rank's part (two passes, like
+    ``batch_variance``: the global mean first); ``batch_variance(x)`` itself on a single process."""
+    if not ranks.distributed:
+        return batch_variance(x)
+    n = (global_rows(x.shape[0], ranks) if n_total is None else n_total).astype(x.dtype)
+    mean = ranks.sum(x.sum(axis=0)) / n
+    return mx.maximum(ranks.sum(mx.square(x - mean).sum()), VARIANCE_FLOOR)
+
+
+def rows_mean(per_row: mx.array, ranks: Ranks, n_total: mx.array | None) -> mx.array:
+    """This rank's share of the global batch mean of ``per_row`` (its sum over the ranks is the mean);
+    ``per_row.mean()`` on a single process."""
+    if not ranks.distributed:
+        return per_row.mean()
+    return per_row.sum() / n_total.astype(per_row.dtype)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -198,6 +228,20 @@ def update_dead_counter(counter: mx.array, indices: mx.array, values: mx.array,
     return counter, dead_fraction(counter, threshold)
 
 
+def sum_over_ranks(ranks: Ranks, grads: dict[str, mx.array], scalars: list[mx.array], indices: mx.array,
+                   values: mx.array, counter: mx.array, threshold: int,
+                   n_total: mx.array) -> tuple[dict[str, mx.array], list[mx.array], mx.array, mx.array]:
+    """A data-parallel MLX step's one all-reduce: this rank's gradients, metric parts (its shares of
+    the global ones) and fired counts summed over the ranks. Returns the global gradients and metric
+    parts, and the dead counters after the global batch of ``n_total`` rows with the dead fraction
+    (``update_dead_counter`` of the whole batch)."""
+    names = sorted(grads)  # the same order on every rank
+    fired = fired_counts(indices, values, counter.shape[0])
+    summed = ranks.sum_all([*(grads[n] for n in names), mx.stack(scalars), fired])
+    counter = count_since_fired(counter, summed[-1], n_total, threshold)
+    return dict(zip(names, summed, strict=False)), list(summed[-2]), counter, dead_fraction(counter, threshold)
+
+
 def count_dead(counter: Any, threshold: int) -> int:
     """How many latents are dead."""
     return int((np.asarray(counter) >= threshold).sum())
@@ -235,4 +279,4 @@ def initial_state(source: ActivationSource, train_rows: np.ndarray, config: SAEC
 __all__ = ["ADAM_BETAS", "ADAM_EPS", "GEOMETRIC_MEDIAN_ROWS", "GRAD_NORM_EPS", "METRICS", "ROW_NORM_FLOOR",
            "VARIANCE_FLOOR", "AuxK", "StepRunner", "TrainState", "batch_variance", "clip_scale", "constrained_adam",
            "count_dead", "count_since_fired", "dead_fraction", "fired_counts", "geometric_median",
-           "initial_state", "update_dead_counter"]
+           "global_rows", "global_variance", "initial_state", "rows_mean", "sum_over_ranks", "update_dead_counter"]

@@ -209,7 +209,7 @@
   SAE.contextRow = function (e, scale) {
     var meta = [e.split, e.doc >= 0 ? 'doc ' + e.doc : null].filter(Boolean).join(' · ');
     var row = h('div', { class: 'ctx' });
-    row.appendChild(h('span', { class: 'ctx-v', title: 'max activation ' + fmt(e.max) + (meta ? ' · ' + meta : ''), text: fmt(e.max) }));
+    row.appendChild(h('span', { class: 'ctx-v', title: 'activation of the marked token ' + fmt(e.max) + (meta ? ' · ' + meta : ''), text: fmt(e.max) }));
     var t = h('span', { class: 'ctx-t' });
     for (var i = 0; i < e.tokens.length; i++) {
       var tok = e.tokens[i], act = e.acts[i];

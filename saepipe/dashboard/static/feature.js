@@ -97,7 +97,7 @@
       rest.forEach(function (g) {
         var mx = g.items.map(function (e) { return e.max; });
         body.push(h('h3', null, [SAE.kindLabel(g.kind, nq),
-          h('span', { class: 'range', text: 'max activation ' + fmt(Math.min.apply(null, mx)) + ' – ' + fmt(Math.max.apply(null, mx)) })]));
+          h('span', { class: 'range', text: 'marked-token activation ' + fmt(Math.min.apply(null, mx)) + ' – ' + fmt(Math.max.apply(null, mx)) })]));
         body.push(contexts(g.items, scale));
       });
       main.appendChild(card('Samples across the activation range', rest.length + ' intervals', body, 'h-quant'));
