@@ -20,7 +20,7 @@ class ExtractConfig(ParamsSection):
     SECTION: ClassVar[str] = "extract"  # its params.yaml section
 
     @classmethod
-    def from_dict(cls, values):  # noqa: ANN001, ANN206  (ParamsSection.from_dict's signature)
+    def from_dict(cls, values):
         """Build from the section; the pre-sweep keys ``layer``/``component`` say where sites went."""
         moved = sorted({"layer", "component"} & set(values))
         if moved:
