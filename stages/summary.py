@@ -5,8 +5,8 @@
 Reads ``sweep:`` (which (site, variant) runs exist) and each run's
 ``<evaluate>/<site>/<variant>/metrics.json``. Writes ``<out>/runs.csv``, ``runs.md`` (the table),
 ``pareto.png`` (FVU and CE-loss score against L0 and width) and ``index.html`` (table + plot +
-links to each run's report and dashboard; opens offline). Prints the table, or for a one-run
-sweep that run's headline metrics.
+links to each run's report and dashboard; opens offline). Prints the table (``saepipe repro``
+prints a one-run sweep's headline metrics after it).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from saepipe.evaluation.summary import collect_runs, headline, markdown_table, write_summary
+from saepipe.evaluation.summary import collect_runs, markdown_table, write_summary
 from saepipe.runtime.params import read_params, section
 from saepipe.sae.config import SweepConfig
 
@@ -35,12 +35,7 @@ def main(params_path: Path, evaluate_dir: Path, out_dir: Path) -> None:
     except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from e
     paths = write_summary(runs, out_dir)
-    if len(runs) == 1:
-        run = runs[0]
-        for line in headline(run.metrics, evaluate_dir / run.site / run.variant / "metrics.json"):
-            click.echo(line)
-    else:
-        click.echo(markdown_table(runs).rstrip())
+    click.echo(markdown_table(runs).rstrip())
     click.echo(f"summary of {len(runs)} run(s): {paths['index.html']} (offline), {paths['pareto.png']}, "
                f"{paths['runs.csv']}")
 

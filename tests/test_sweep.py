@@ -246,3 +246,16 @@ def test_full_sweep_2_layers_2_components_2_k(tmp_path):
           f"({passes['train']['batches']} + {passes['eval']['batches']} batches) for {', '.join(FULL_SWEEP['sites'])}\n"
           f"{table}\nsummary: {path / 'data' / 'summary' / 'index.html'}")
     assert changed_stages(path) == set()
+
+
+def test_remote_extras_are_declared_and_locked():
+    """README's `./saepipe.sh --extra s3` (gs, azure, ssh): each extra pulls DVC's plugin for that
+    storage, and uv.lock has it (`uv sync --frozen --extra s3` needs no resolution)."""
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    extras = tomllib.loads((root / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    lock = (root / "uv.lock").read_text()
+    for name in ("s3", "gs", "azure", "ssh"):
+        assert extras[name] == [f"dvc[{name}]"]
+        assert f'name = "dvc-{name}"' in lock, f"uv.lock lacks dvc-{name}: run `uv lock`"
