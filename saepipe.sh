@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One entry point that sets everything up, then runs what you ask:
-#   ./saepipe.sh repro        run the whole pipeline (prepare -> ... -> evaluate) on the embedded defaults
+#   ./saepipe.sh repro        run the whole pipeline (prepare -> ... -> summary) on the embedded defaults
 #   ./saepipe.sh test         run the test suite
 #   ./saepipe.sh <cmd ...>    run any command inside the project environment (e.g. dvc exp run -S sae.k=64)
 # Optional extras (pyproject's [project.optional-dependencies], e.g. wandb) stay installed across calls:
@@ -79,8 +79,7 @@ ensure_uv
 
 cmd="${1:-repro}"; [ $# -gt 0 ] && shift
 case "$cmd" in
-  repro) "${UV[@]}" run --frozen "${extras[@]}" dvc repro "$@"
-         "${UV[@]}" run --frozen "${extras[@]}" python -m stages.summary ;;
+  repro) "${UV[@]}" run --frozen "${extras[@]}" saepipe repro "$@" ;;  # dvc repro, then the results
   test)  ensure_test_tools
          "${UV[@]}" run --frozen "${extras[@]}" pytest "$@" ;;
   *)     "${UV[@]}" run --frozen "${extras[@]}" "$cmd" "$@" ;;

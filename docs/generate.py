@@ -27,6 +27,7 @@ DOC = ROOT / "docs" / "saepipe.md"
 DOCS = (DOC, ROOT / "docs" / "robustness.md")
 
 TABLES = {  # params.yaml section -> "module:Class"
+    "sweep": "saepipe.sae.config:SweepConfig",
     "prepare": "saepipe.texts.config:PrepareConfig",
     "extract": "saepipe.activations.config:ExtractConfig",
     "normalize": "saepipe.activations.config:NormalizeConfig",
@@ -58,6 +59,8 @@ def yaml_value(value: Any) -> str:
         return str(value).lower()
     if isinstance(value, (tuple, list)):
         return "[" + ", ".join(yaml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {yaml_value(v)}" for k, v in value.items()) + "}"
     return str(value)
 
 

@@ -223,8 +223,7 @@ class InterpretableModel:
             raise ValueError(f"SAEConfig.k={config.k} exceeds d_hidden={d_hidden} "
                              f"(d_model {self.d_model} x expansion_factor {config.expansion_factor})")
         prepared = self._prepare(dataset_texts(dataset, text_column))
-        ecfg = ExtractConfig(layer=site.layer, component=site.component, context_length=context_length,
-                             batch_size=extract_batch_size)
+        ecfg = ExtractConfig(context_length=context_length, batch_size=extract_batch_size)
         rows = self._row_count(prepared, ecfg)
         if rows == 0:
             raise ValueError(f"the {prepared.n_texts} texts give no token rows (only special tokens)")
@@ -235,7 +234,8 @@ class InterpretableModel:
         ecfg = dataclasses.replace(ecfg, max_tokens=rows)
         shard_dir = self._shard_dir(prepared, ecfg, site)
         log.info("train_sae %s: %d texts -> %d activation rows in %s", site.name, prepared.n_texts, rows, shard_dir)
-        manifest = extract_split(self.loaded, prepared.texts_path, shard_dir, ecfg, "train", progress=progress)
+        manifest = extract_split(self.loaded, prepared.texts_path, shard_dir, ecfg, "train", site=site,
+                                 progress=progress)
         stats = fit_stats(shard_dir) if config.normalize_input else None
         metadata = {
             "layer": site.layer, "component": site.component, "site": site.name,

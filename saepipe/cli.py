@@ -33,14 +33,15 @@ import yaml
 from saepipe.activations.config import ExtractConfig, NormalizeConfig
 from saepipe.analysis.config import AnalysisConfig
 from saepipe.evaluation.config import EvaluateConfig
-from saepipe.evaluation.summary import METRICS_PATH, headline, read_metrics
+from saepipe.evaluation.summary import results_lines
 from saepipe.runtime import blas
 from saepipe.runtime.params import DEFAULT_PARAMS_FILE, ParamsSection, model_spec, read_params
 from saepipe.runtime.version import __version__
-from saepipe.sae.config import SAEConfig
+from saepipe.sae.config import SAEConfig, SweepConfig
 from saepipe.texts.config import PrepareConfig
 
 SECTIONS: dict[str, type[ParamsSection]] = {
+    "sweep": SweepConfig,
     "prepare": PrepareConfig,
     "extract": ExtractConfig,
     "normalize": NormalizeConfig,
@@ -79,16 +80,19 @@ def _stage_names(root: Path) -> list[str]:
 def main() -> None:
     """Train and study TopK sparse autoencoders on language-model activations (MLX + DVC).
 
-    The pipeline (prepare -> extract -> normalize -> train -> evaluate) is a DVC pipeline in
-    dvc.yaml, configured by params.yaml; a stage reruns only when its code, params or inputs
-    change. Run these inside the project folder (or any folder below it).
+    The pipeline (prepare -> extract -> normalize -> train -> evaluate -> analyze -> dashboard,
+    then summary) is a DVC pipeline in dvc.yaml, configured by params.yaml; its sweep: section
+    says which sites and SAE variants are trained (one train@<site>-<variant> per pair). A stage
+    reruns only when its code, params or inputs change. Run these inside the project folder (or
+    any folder below it).
     """
 
 
 @main.command(context_settings=PASS_THROUGH, short_help="Reproduce the pipeline, then print the headline metrics.")
 @click.argument("dvc_args", nargs=-1, type=click.UNPROCESSED)
 def repro(dvc_args: tuple[str, ...]) -> None:
-    """Reproduce the whole pipeline, then print the headline metrics.
+    """Reproduce the whole pipeline, then print the results: the headline metrics of a one-run
+    sweep, or the summary table of every run.
 
     DVC_ARGS go to `dvc repro` as they are, e.g. `saepipe repro --force` or `saepipe repro --dry`.
     To change a setting for one experiment use `dvc exp run -S sae.k=64`.
@@ -97,10 +101,18 @@ def repro(dvc_args: tuple[str, ...]) -> None:
     status = _dvc(["repro", *dvc_args], root)
     if status != 0:
         raise SystemExit(status)
-    metrics_path = root / METRICS_PATH
-    if metrics_path.exists():
-        for line in headline(read_metrics(metrics_path), METRICS_PATH):
-            click.echo(line)
+    for line in _results(root):
+        click.echo(line)
+
+
+def _results(root: Path) -> list[str]:
+    """The results lines of the project's sweep; none when the pipeline has not produced them (e.g.
+    after ``--dry``)."""
+    try:
+        sweep = SweepConfig.from_dict(read_params(root / DEFAULT_PARAMS_FILE).get("sweep") or {})
+        return results_lines(sweep.runs(), root)
+    except FileNotFoundError:
+        return []
 
 
 @main.command(context_settings=PASS_THROUGH, short_help="Reproduce one stage and the stages it needs.")
@@ -109,13 +121,15 @@ def repro(dvc_args: tuple[str, ...]) -> None:
 def run(stage: str, dvc_args: tuple[str, ...]) -> None:
     """Reproduce STAGE and the stages it needs (those whose outputs it reads), nothing after it.
 
-    STAGE is one of dvc.yaml's stages: prepare, extract, normalize, train, evaluate. DVC_ARGS go to
+    STAGE is one of dvc.yaml's stages (prepare, extract, normalize, train, evaluate, analyze,
+    dashboard, summary): a matrix stage by its name runs for every site/variant, or one of them
+    by DVC's name, e.g. `train@6.mlp-default` (`dvc stage list` lists them). DVC_ARGS go to
     `dvc repro STAGE` as they are, e.g. `saepipe run train --dry` (show what would run) or
     `saepipe run train --single-item` (STAGE only, even if a stage before it is out of date).
     """
     root = project_root()
     names = _stage_names(root)
-    if stage not in names:
+    if stage.partition("@")[0] not in names:
         raise click.BadParameter(f"{stage!r} is not a stage of dvc.yaml; choose from {', '.join(names)}",
                                  param_hint="STAGE")
     status = _dvc(["repro", stage, *dvc_args], root)
@@ -193,7 +207,7 @@ def params(section: str | None, params_path: Path | None) -> None:
 @main.command(short_help="Write an SAE in another library's format (SAELens).")
 @click.option("--format", "fmt", type=click.Choice(["saelens"]), default="saelens", show_default=True,
               help="target format")
-@click.option("--sae", "sae_path", default="data/train/sae.safetensors", show_default=True,
+@click.option("--sae", "sae_path", default="data/train/6.mlp/default/sae.safetensors", show_default=True,
               type=click.Path(dir_okay=False, path_type=Path),
               help="saepipe SAE file (a relative path that is not in the current folder is read from the project)")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),

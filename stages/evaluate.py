@@ -1,5 +1,10 @@
 """Stage evaluate: score the trained SAE on the held-out texts; write metrics, plots and a report.
 
+    python -m stages.evaluate --params params.yaml --site 6.mlp --sae data/train/6.mlp/default/sae.safetensors \
+        --texts data/prepare/texts.parquet --out data/evaluate/6.mlp/default
+
+The site is ``--site`` (layer.component) or, without it, the one the SAE file records.
+
 Outputs in ``--out``: ``metrics.json`` (every metric, flat scalars plus ``health``), ``headline.json``
 (the few metrics ``dvc exp show`` and ``dvc metrics`` list), ``density.csv`` (log10 feature-density
 histogram), ``plots/*.png`` and ``report.html`` (offline). The texts are checked against prepare's
@@ -28,6 +33,7 @@ from saepipe.evaluation.plots import (
     write_html_report,
 )
 from saepipe.lm import model as lm_model
+from saepipe.lm.sites import Site, parse_site_id
 from saepipe.runtime.files import write_metrics_json
 from saepipe.runtime.params import read_params, section
 from saepipe.sae.topk import load_sae
@@ -55,6 +61,16 @@ def read_eval_texts(path: Path) -> list[str]:
         raise FileNotFoundError(f"texts file not found: {path} (run the prepare stage)")
     verify_prepared(path)
     return read_split(path, "eval")[1]
+
+
+def sae_site(sae: Any, site: str | None) -> Site:
+    """``site`` parsed, or the site the SAE file records when ``site`` is None."""
+    if site is not None:
+        return parse_site_id(site)
+    meta = getattr(sae, "metadata", None) or {}
+    if meta.get("layer") is None or meta.get("component") is None:
+        raise ValueError("the SAE file records no site: pass --site layer.component")
+    return Site(int(meta["layer"]), str(meta["component"]))
 
 
 def _check_site(sae: Any, loaded: Any, layer: int, component: str) -> None:
@@ -97,6 +113,7 @@ def read_train_summary(path: Path | None) -> dict[str, Any]:
 
 @click.command()
 @click.option("--params", "params_path", default="params.yaml", show_default=True, type=click.Path(path_type=Path))
+@click.option("--site", default=None, help="layer.component the SAE reads (default: the one its file records)")
 @click.option("--sae", "sae_path", required=True, type=click.Path(path_type=Path), help="trained SAE file")
 @click.option("--texts", "texts_path", required=True, type=click.Path(path_type=Path), help="prepare's texts.parquet")
 @click.option("--train-metrics", type=click.Path(path_type=Path), default=None, help="train's metrics.json")
@@ -105,9 +122,9 @@ def read_train_summary(path: Path | None) -> dict[str, Any]:
 @click.option("--models", "models_dir", default=str(MODELS_DIR), show_default=True,
               type=click.Path(file_okay=False, path_type=Path),
               help="the folder a local model file or folder must be in (a dependency of the stage)")
-def main(params_path: Path, sae_path: Path, texts_path: Path, train_metrics: Path | None,
+def main(params_path: Path, site: str | None, sae_path: Path, texts_path: Path, train_metrics: Path | None,
          train_live: Path | None, out_dir: Path, models_dir: Path) -> None:
-    """Score the SAE at the site of params.yaml's `extract:` on the eval split."""
+    """Score the SAE at its site on the eval split."""
     with stage_run("evaluate", out_dir):
         params = read_params(params_path)
         extract = ExtractConfig.from_dict(section(params, "extract"))
@@ -115,11 +132,12 @@ def main(params_path: Path, sae_path: Path, texts_path: Path, train_metrics: Pat
         spec = checked_model_spec(params, models_dir)
         texts = read_eval_texts(texts_path)
         sae = load_sae(sae_path)
+        where = sae_site(sae, site)
         loaded = lm_model.load_model(spec)
-        _check_site(sae, loaded, extract.layer, extract.component)
+        _check_site(sae, loaded, where.layer, where.component)
 
         result = evaluate_sae(
-            loaded, sae, texts, layer=extract.layer, component=extract.component, max_tokens=config.max_tokens,
+            loaded, sae, texts, layer=where.layer, component=where.component, max_tokens=config.max_tokens,
             batch_size=config.batch_size, context_length=extract.context_length,
             skip_special_tokens=extract.skip_special_tokens,
         )

@@ -1,9 +1,11 @@
-"""Stage `train`: fit a TopK SAE on the extracted train activations.
+"""Stage `train`: fit a TopK SAE on the extracted train activations of one site.
 
-    uv run python -m stages.train --params params.yaml --acts data/extract/train \
-        --stats data/normalize/stats.safetensors --out data/train
+    uv run python -m stages.train --params params.yaml --site 6.mlp --variant default \
+        --acts data/extract/6.mlp/train --stats data/normalize/6.mlp/stats.safetensors \
+        --out data/train/6.mlp/default
 
-Reads ``sae:`` (SAEConfig), ``extract.layer``/``extract.component`` and ``model``. Writes
+Reads ``sae:`` (SAEConfig) with the overrides of ``sweep.variants.<variant>`` on top (without
+``--variant``: ``sae:`` as is) and ``model``; the site is the shards' (``--site`` must match it). Writes
 ``<out>/sae.safetensors`` (the SAE file: weights and what they were trained on, no timings, so
 identical runs write identical files), ``<out>/metrics.json`` (final summary with timings, per-epoch
 history), ``<out>/headline.json`` (the final training loss, for ``dvc exp show``) and the dvclive
@@ -24,13 +26,13 @@ from typing import Any
 
 import click
 
-from saepipe.activations.config import ExtractConfig
 from saepipe.activations.sources import as_source
 from saepipe.activations.stats import NormStats
+from saepipe.lm.sites import parse_site_id
 from saepipe.parallel.ranks import Ranks
 from saepipe.runtime.files import write_metrics_json
 from saepipe.runtime.params import model_spec, read_params, section
-from saepipe.sae.config import SAEConfig
+from saepipe.sae.config import SAEConfig, variant_config
 from saepipe.training.checkpoint import CHECKPOINT_NAME
 from saepipe.training.fit import fit_sae
 from stages import stage_run
@@ -40,22 +42,23 @@ METRICS_FILE = "metrics.json"
 HEADLINE_FILE = "headline.json"
 
 
-def run_metadata(source: Any, params: dict[str, Any]) -> dict[str, Any]:
-    """SAE metadata from params; a shard folder's manifest must name the same site (fit_sae adds the
-    manifest's model identity and digest itself)."""
-    site = ExtractConfig.from_dict(section(params, "extract"))  # its site only (checked, defaults filled)
-    layer, component = site.layer, site.component
-    meta: dict[str, Any] = {"layer": layer, "component": component, "model_name": model_spec(params)}
-    manifest = getattr(source, "manifest", None)
-    if manifest:
-        if (manifest.get("layer"), manifest.get("component")) != (layer, component):
-            raise ValueError(
-                f"activations were extracted at layer {manifest.get('layer')} {manifest.get('component')!r} "
-                f"but params say extract.layer={layer}, extract.component={component!r}: rerun extract")
-        if manifest.get("split") not in (None, "train"):
-            raise ValueError(f"{source.folder} holds the {manifest['split']!r} split; train reads the train split")
-        del meta["model_name"]  # the manifest's model_id names the weights actually read
-    return meta
+def run_metadata(source: Any, params: dict[str, Any], site: str | None = None) -> dict[str, Any]:
+    """SAE metadata: the site of the shards' manifest, which must be ``site`` when given (fit_sae adds
+    the manifest's model identity and digest itself). Rows without a manifest need ``site``."""
+    manifest = getattr(source, "manifest", None) or {}
+    if not manifest:
+        if site is None:
+            raise ValueError("these activations have no manifest naming their site: pass --site layer.component")
+        layer, component = parse_site_id(site)
+        return {"layer": layer, "component": component, "model_name": model_spec(params)}
+    have = (manifest.get("layer"), manifest.get("component"))
+    if site is not None and parse_site_id(site) != have:
+        raise ValueError(f"activations were extracted at {have[0]}.{have[1]} but --site is {site}: "
+                         f"pass that site's shards (data/extract/{site}/train) or rerun extract")
+    if manifest.get("split") not in (None, "train"):
+        raise ValueError(f"{source.folder} holds the {manifest['split']!r} split; train reads the train split")
+    # the manifest's model_id names the weights actually read
+    return {"layer": int(have[0]), "component": str(have[1])}
 
 
 def load_stats(path: Path | None, source: Any) -> NormStats | None:
@@ -79,25 +82,31 @@ def headline(summary: dict[str, Any]) -> dict[str, Any]:
 @click.command()
 @click.option("--params", "params_path", default="params.yaml", show_default=True,
               type=click.Path(dir_okay=False, path_type=Path), help="params file with `sae:`, `extract:`, `model:`")
-@click.option("--acts", "acts_dir", default="data/extract/train", show_default=True,
+@click.option("--site", default=None, help="the site of --acts (layer.component, e.g. 6.mlp), checked against its manifest")
+@click.option("--variant", default=None, help="a name of params.yaml's sweep.variants (its sae: overrides apply)")
+@click.option("--acts", "acts_dir", default="data/extract/6.mlp/train", show_default=True,
               type=click.Path(file_okay=False, path_type=Path), help="train shard folder")
 @click.option("--stats", "stats_path", default=None, type=click.Path(dir_okay=False, path_type=Path),
               help="normalization stats (.safetensors from normalize); fit on the train rows when omitted")
-@click.option("--out", "out_dir", default="data/train", show_default=True,
+@click.option("--out", "out_dir", default="data/train/6.mlp/default", show_default=True,
               type=click.Path(file_okay=False, path_type=Path), help="output folder")
 @click.option("--checkpoints", "ckpt_dir", default=None, type=click.Path(file_okay=False, path_type=Path),
               help="checkpoint folder (default <out>/checkpoints)")
 @click.option("--log-every", default=10, show_default=True, type=click.IntRange(min=1),
               help="steps between logged training metrics")
-def main(params_path: Path, acts_dir: Path, stats_path: Path | None, out_dir: Path,
-         ckpt_dir: Path | None, log_every: int) -> None:
+def main(params_path: Path, site: str | None, variant: str | None, acts_dir: Path, stats_path: Path | None,
+         out_dir: Path, ckpt_dir: Path | None, log_every: int) -> None:
     """Train a TopK SAE and write it with its metrics."""
     ckpt_dir = ckpt_dir or out_dir / "checkpoints"
     with stage_run("train", out_dir):
         params = read_params(params_path)
-        config = SAEConfig.from_dict(section(params, "sae"))
+        sae = section(params, "sae")
+        if variant is None:
+            config = SAEConfig.from_dict(sae)
+        else:
+            config = variant_config(sae, section(params, "sweep").get("variants"), variant)
         source = as_source(acts_dir)
-        metadata = run_metadata(source, params)
+        metadata = run_metadata(source, params, site)
         stats = load_stats(stats_path, source) if config.normalize_input else None
         ranks = Ranks.world()
         if ranks.distributed:

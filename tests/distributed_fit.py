@@ -11,8 +11,9 @@ costs seconds):
    copied to ``ckpt-at-stop/``) and is resumed by a second ``fit_sae`` call, with rank 1 given an
    empty checkpoint folder of its own (it must get rank 0's state by broadcast);
 2. fits normalization stats over the ranks (``stats-rank<r>.json``: digest);
-3. extracts ``texts.parquet`` with the tiny random model, split over the ranks, into ``extract/``;
-4. runs the train stage (``stages.train``) on ``extract/train`` into ``stage/``.
+3. extracts the ``SITES`` of ``texts.parquet`` with the tiny random model (one pass per batch),
+   split over the ranks, into ``extract/<site>/``;
+4. runs the train stage (``stages.train``) on ``extract/1.mlp/train`` into ``stage/``.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ if str(ROOT) not in sys.path:
 import saepipe  # noqa: E402,F401  (fast BLAS before mlx)
 from saepipe.activations.config import ExtractConfig  # noqa: E402
 from saepipe.activations.normalize import fit_stats  # noqa: E402
+from saepipe.lm.sites import Site  # noqa: E402
 from saepipe.sae.config import SAEConfig  # noqa: E402
 
 STOP_AT = 5
@@ -65,10 +67,14 @@ def run_config(name: str) -> SAEConfig:
     return config().replace(resample_every=2) if name == "resample" else config()
 
 
+SITES = [Site(1, "mlp"), Site(2, "attn")]
+"""The sites extracted over the ranks (both from one forward pass per batch)."""
+
+
 def extract_config() -> ExtractConfig:
     """Windows of 64 texts (batch 2); the train budget ends inside a window, the eval split is one
     window (so rank 1 extracts nothing there)."""
-    return ExtractConfig(layer=1, component="mlp", context_length=24, batch_size=2, dtype="float32",
+    return ExtractConfig(context_length=24, batch_size=2, dtype="float32",
                          max_tokens=2500, eval_max_tokens=200, skip_special_tokens=True, shard_rows=256)
 
 
@@ -125,9 +131,9 @@ def main(out: Path) -> None:
     stats = fit_stats(acts, 100, rows=np.arange(3, 650), ranks=ranks)
     (out / f"stats-rank{ranks.rank}.json").write_text(json.dumps({"digest": stats.digest()}))
 
-    extract_ranked(tiny_random_model(), out / "texts.parquet", out / "extract", extract_config(), ranks,
+    extract_ranked(tiny_random_model(), out / "texts.parquet", out / "extract", extract_config(), SITES, ranks,
                    progress=False)
-    train.main(["--params", str(out / "params.yaml"), "--acts", str(out / "extract" / "train"),
+    train.main(["--params", str(out / "params.yaml"), "--site", "1.mlp", "--acts", str(out / "extract" / "1.mlp" / "train"),
                 "--out", str(out / "stage")], standalone_mode=False)
 
 

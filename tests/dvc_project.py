@@ -1,97 +1,142 @@
-"""A tiny saepipe project for tests that run real ``dvc repro``: the shipped dvc.yaml, tiny params,
-a tiny random Llama as a GGUF file under data/models/ and a few hundred texts under data/sources/.
+"""A throwaway saepipe project for tests that run DVC itself: this checkout's code, dvc.yaml and
+.dvcignore copied into a fresh git + DVC repository, a tiny random model saved as an mlx-lm folder,
+and small params (seconds per stage). ``dvc`` runs in a subprocess of this interpreter.
 
-The stages' code comes from this checkout through PYTHONPATH (its code deps are dropped from the
-copied dvc.yaml, so numba's compiled kernels next to the code are reused); everything else (data,
-params, the DVC state) lives in the project folder.
+The code is copied with its ``__pycache__`` folders and modification times, so the numba kernels
+cached next to it (keyed by source path stamp) are reused instead of compiled again per project.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
-import mlx.core as mx
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-FAULTS = ROOT / "tests" / "faults"
 
-STAGES = ("prepare", "extract", "normalize", "train", "evaluate")
-"""The stages of the tiny project: the pipeline up to the SAE's evaluation (analyze and dashboard,
-which read its outputs, are left out to keep the DVC tests short)."""
+ENV = {**os.environ, "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
+       "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t", "PYTHONUNBUFFERED": "1"}
 
-TINY_PARAMS = {
-    "model": "data/models/tiny.gguf",
-    "prepare": {"source": "data/sources/texts.jsonl", "min_chars": 20, "max_chars": 200, "max_texts": 400,
-                "eval_fraction": 0.2, "seed": 0},
-    "extract": {"layer": 1, "component": "mlp", "context_length": 48, "batch_size": 16, "dtype": "float32",
-                "max_tokens": 6000, "eval_max_tokens": 1500, "skip_special_tokens": True, "shard_rows": 1024},
-    "normalize": {"chunk_rows": 1000},
-    "sae": {"expansion_factor": 4, "k": 8, "learning_rate": 0.003, "num_epochs": 2, "batch_size": 64,
-            "warmup_steps": 5, "validation_split": 0.1, "checkpoint_every": 10, "dead_tokens_threshold": 2000,
-            "seed": 0},
-    "evaluate": {"max_tokens": 600, "batch_size": 16},
+SMALL: dict[str, Any] = {
+    "sweep": {"sites": ["1.mlp"], "variants": {"default": {}}},
+    "prepare": {"source": "builtin", "min_chars": 40, "max_chars": 160, "max_texts": 240, "eval_fraction": 0.25,
+                "seed": 0},
+    "extract": {"context_length": 32, "batch_size": 16, "dtype": "float32", "max_tokens": 3000,
+                "eval_max_tokens": 600, "skip_special_tokens": True, "shard_rows": 2048},
+    "normalize": {"chunk_rows": 4096},
+    "sae": {"expansion_factor": 2, "k": 4, "learning_rate": 0.003, "num_epochs": 1, "batch_size": 256,
+            "warmup_steps": 2, "validation_split": 0.1, "checkpoint_every": 0, "dead_tokens_threshold": 1000},
+    "evaluate": {"max_tokens": 300, "batch_size": 8},
+    "analyze": {"top_n": 4, "window_before": 4, "window_after": 2, "quantiles": 2, "per_quantile": 1,
+                "histogram_bins": 8, "logit_top": 3, "neighbors": 3, "token_top": 4, "chunk_rows": 1024,
+                "splits": ["train", "eval"]},
 }
-
-WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "seven", "wizards", "quietly", "brew", "strange", "potions", "near", "an", "old", "stone", "bridge", "under", "silver", "moonlight", "and", "distant", "thunder"]
-
-
-def texts(n: int = 400) -> list[str]:
-    """Deterministic, distinct texts of 40-160 characters."""
-    out = []
-    for i in range(n):
-        words = [WORDS[(i * 7 + j * (i % 5 + 1)) % len(WORDS)] for j in range(8 + i % 20)]
-        out.append(f"Text {i}: " + " ".join(words) + ".")
-    return out
+"""Params of a tiny run (the model is added by ``make_project``)."""
 
 
-def write_tiny_gguf(path: Path) -> None:
+def save_tiny_model(folder: Path) -> Path:
+    """The tiny random Llama (4 blocks, d_model 64, byte tokenizer) as an mlx-lm folder."""
+    import dataclasses
+
+    from mlx_lm.utils import save_config, save_model
+
     from saepipe.lm.model import tiny_random_model
-    from tests.test_model import gguf_metadata, gguf_tensors
 
-    lm = tiny_random_model(num_layers=2, d_model=32, num_heads=4, num_kv_heads=2)
-    mx.save_gguf(str(path), gguf_tensors(lm), gguf_metadata(lm))
-
-
-def env(**extra: str) -> dict[str, str]:
-    """The environment stages run in: this checkout's code first, offline, no colour."""
-    e = {k: v for k, v in os.environ.items() if not k.startswith(("SAEPIPE_TEST_", "DVC_"))}
-    e["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), e.get("PATH", "")])  # `python` is ours
-    e["PYTHONPATH"] = os.pathsep.join([str(FAULTS), str(ROOT), e.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    e.update(HF_HUB_OFFLINE="1", TQDM_DISABLE="1", DVC_NO_ANALYTICS="1", NO_COLOR="1")
-    e.update(extra)
-    return e
-
-
-def make_project(folder: Path, params: dict | None = None) -> Path:
-    """A git + DVC project in ``folder`` with the shipped dvc.yaml (code deps dropped) and tiny params."""
+    lm = tiny_random_model()
     folder.mkdir(parents=True, exist_ok=True)
-    pipeline = yaml.safe_load((ROOT / "dvc.yaml").read_text())
-    pipeline["stages"] = {name: pipeline["stages"][name] for name in STAGES}
-    for stage in pipeline["stages"].values():
-        stage["deps"] = [d for d in stage["deps"] if not str(d).startswith(("stages/", "saepipe/"))]
-    (folder / "dvc.yaml").write_text(yaml.safe_dump(pipeline, sort_keys=False))
-    (folder / "params.yaml").write_text(yaml.safe_dump(params or TINY_PARAMS, sort_keys=False))
-    (folder / ".gitignore").write_text((ROOT / ".gitignore").read_text())
-    for name in ("sources", "models"):
-        (folder / "data" / name).mkdir(parents=True)
-        shutil.copy(ROOT / "data" / name / "README.md", folder / "data" / name / "README.md")
-    (folder / "data" / "sources" / "texts.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts()))
-    write_tiny_gguf(folder / "data" / "models" / "tiny.gguf")
-    for cmd in (["git", "init", "-q"], ["git", "config", "user.email", "t@example.com"],
-                ["git", "config", "user.name", "t"], [sys.executable, "-m", "dvc", "init", "-q"],
-                [sys.executable, "-m", "dvc", "config", "core.autostage", "false"],
-                ["git", "add", "-A"], ["git", "commit", "-q", "-m", "tiny project"]):
-        subprocess.run(cmd, cwd=folder, env=env(), check=True, capture_output=True)
+    save_model(folder, lm.model)
+    save_config({k: v for k, v in dataclasses.asdict(lm.model.args).items() if v is not None},
+                folder / "config.json")
+    lm.tokenizer.save_pretrained(str(folder))
     return folder
 
 
-def dvc(folder: Path, *args: str, timeout: float = 600, **extra_env: str) -> subprocess.CompletedProcess:
-    """``dvc <args>`` in the project, with this checkout's code; output captured as text."""
-    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=folder, env=env(**extra_env),
-                          capture_output=True, text=True, timeout=timeout)
+def merged(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``changes`` merged in, section by section (a section's keys replace base's)."""
+    out = copy.deepcopy(base)
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = {**out[key], **copy.deepcopy(value)}
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _copy_code(dest: Path) -> None:
+    ignore = shutil.ignore_patterns("*.tmp", "probe_*")
+    for folder in ("saepipe", "stages"):
+        shutil.copytree(ROOT / folder, dest / folder, ignore=ignore, copy_function=shutil.copy2)
+    for name in ("dvc.yaml", ".dvcignore"):
+        shutil.copy2(ROOT / name, dest / name)
+
+
+def run(args: list[str], cwd: Path, *, check: bool = True, timeout: float = 900,
+        capture: bool = True) -> subprocess.CompletedProcess:
+    """A command in ``cwd`` (``dvc ...`` runs as ``python -m dvc`` of this interpreter); output captured.
+
+    ``capture=False`` for a command that leaves processes behind (``dvc queue start`` starts worker
+    daemons): they would inherit the pipes, and waiting for the output would wait for them.
+    """
+    cmd = [sys.executable, "-m", "dvc", *args[1:]] if args[0] == "dvc" else args
+    streams = {"capture_output": True} if capture else {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    res = subprocess.run(cmd, cwd=cwd, env=ENV, text=True, timeout=timeout, **streams)
+    if check and res.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({res.returncode}) in {cwd}:\n{res.stdout}\n{res.stderr}")
+    return res
+
+
+def make_project(dest: Path, model: Path, params: dict[str, Any]) -> Path:
+    """A git + DVC repository at ``dest`` with this checkout's pipeline and ``params`` (committed).
+
+    The model folder is copied to ``data/models/tiny`` (local models must be there: a DVC input of
+    the stages that read it) and committed to git with the project, as a team would ``dvc add`` it.
+    """
+    dest.mkdir(parents=True)
+    _copy_code(dest)
+    for name in ("sources", "models"):
+        (dest / "data" / name).mkdir(parents=True)
+        shutil.copy2(ROOT / "data" / name / "README.md", dest / "data" / name / "README.md")
+    shutil.copytree(model, dest / "data" / "models" / "tiny")
+    write_params(dest, {"model": "data/models/tiny", **params})
+    (dest / ".gitignore").write_text((ROOT / ".gitignore").read_text() + "!/data/models/tiny/\n")
+    run(["git", "init", "-q", "-b", "main"], dest)
+    run(["dvc", "init", "-q"], dest)
+    run(["dvc", "config", "core.analytics", "false"], dest)
+    commit(dest, "project")
+    return dest
+
+
+def write_params(project: Path, params: dict[str, Any]) -> None:
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def read_params(project: Path) -> dict[str, Any]:
+    return yaml.safe_load((project / "params.yaml").read_text())
+
+
+def commit(project: Path, message: str) -> None:
+    run(["git", "add", "-A"], project)
+    run(["git", "commit", "-q", "-m", message, "--allow-empty"], project)
+
+
+def ran_stages(output: str) -> list[str]:
+    """Stage names of the ``Running stage '...'`` lines of ``dvc repro``/``dvc exp run`` output."""
+    return [line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")]
+
+
+def changed_stages(project: Path) -> set[str]:
+    """Stages ``dvc status`` reports as changed (their own deps, params, cmd or outs), by name."""
+    res = run(["dvc", "status", "--json"], project)
+    return {name.split(":")[-1] for name in json.loads(res.stdout or "{}")}
+
+
+def dry_run(project: Path, *extra: str) -> list[str]:
+    """Stages ``dvc repro --dry`` would run (``--force-downstream``: and everything after them)."""
+    return ran_stages(run(["dvc", "repro", "--dry", *extra], project).stdout)

@@ -122,24 +122,29 @@ def test_stats_over_ranks_are_one_process_stats(launched):
 
 
 def test_extraction_over_ranks_stores_the_rows_of_one_process(launched, tmp_path):
-    """Both splits: the same rows (values, tokens, texts, positions) in the same order as one
-    process, one manifest over the ranks' folders; the eval split fits in one window (rank 1 idle)."""
+    """Both splits of both sites: the same rows (values, tokens, texts, positions) in the same order
+    as one process, one manifest per site over the ranks' folders; the eval split fits in one window
+    (rank 1 idle)."""
     cfg = job.extract_config()
-    one = extract(tiny_random_model(), launched / "texts.parquet", tmp_path / "one", cfg, progress=False)
-    for split in ("train", "eval"):
-        two = ShardSource(launched / "extract" / split, verify=True)
-        ref = ShardSource(tmp_path / "one" / split)
-        assert two.n_rows == ref.n_rows == one[split]["n_tokens"] == cfg.max_rows(split)
+    one = extract(tiny_random_model(), launched / "texts.parquet", tmp_path / "one", cfg, job.SITES, progress=False)
+    for site, split in itertools.product(job.SITES, ("train", "eval")):
+        two = ShardSource(launched / "extract" / site.id / split, verify=True)
+        ref = ShardSource(tmp_path / "one" / site.id / split)
+        assert two.n_rows == ref.n_rows == one[site][split]["n_tokens"] == cfg.max_rows(split)
         np.testing.assert_allclose(two.take(np.arange(two.n_rows)), ref.take(np.arange(ref.n_rows)), atol=1e-5)
         for column in ("token_id", "doc_id", "position"):
-            assert np.array_equal(two.column(column), ref.column(column)), (split, column)
-        assert two.manifest["fingerprint"] == one[split]["fingerprint"]
+            assert np.array_equal(two.column(column), ref.column(column)), (site, split, column)
+        assert two.manifest["fingerprint"] == one[site][split]["fingerprint"]
+        assert (two.manifest["layer"], two.manifest["component"]) == site
         folders = {entry["file"].split("/")[0] for entry in two.manifest["shards"]}
         assert folders == ({RANK_FOLDER.format(0), RANK_FOLDER.format(1)} if split == "train"
                            else {RANK_FOLDER.format(0)})
-    # one process accepts the 2-rank folder as complete (same fingerprint and budget): nothing rewritten
-    again = extract(tiny_random_model(), launched / "texts.parquet", launched / "extract", cfg, progress=False)
-    assert again["train"]["ranks"] == 2
+    passes = json.loads((launched / "extract" / "extract.json").read_text())
+    assert passes["train"]["sites_run"] == ["1.mlp", "2.attn"] and passes["train"]["ranks"] == 2
+    # one process accepts the 2-rank folders as complete (same fingerprint and budget): nothing rewritten
+    again = extract(tiny_random_model(), launched / "texts.parquet", launched / "extract", cfg, job.SITES,
+                    progress=False)
+    assert again[job.SITES[0]]["train"]["ranks"] == 2 and again[job.SITES[1]]["eval"]["ranks"] == 2
 
 
 def test_train_stage_under_mlx_launch(launched):
@@ -151,7 +156,7 @@ def test_train_stage_under_mlx_launch(launched):
     assert (stage / "sae.safetensors").is_file() and (stage / "metrics.json").is_file()
     assert not (stage / "checkpoints" / "checkpoint.safetensors").exists()
     sae = TopKSAE.load(stage / "sae.safetensors")
-    want = fit_sae(launched / "extract" / "train", job.stage_config(), ranks=Ranks(), progress=False)
+    want = fit_sae(launched / "extract" / "1.mlp" / "train", job.stage_config(), ranks=Ranks(), progress=False)
     for key, value in _weights(want).items():
         np.testing.assert_allclose(np.asarray(sae.parameters()[key]), value, atol=ATOL, rtol=0, err_msg=key)
     assert sae.metadata["layer"] == 1 and sae.metadata["component"] == "mlp"

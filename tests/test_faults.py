@@ -1,4 +1,4 @@
-"""Faults against the real pipeline (``dvc repro`` on a tiny project, see tests/dvc_project.py) and
+"""Faults against the real pipeline (``dvc repro`` on a tiny project, see tests/fault_project.py) and
 against every writer: a SIGKILL in any stage, killing only ``dvc``, a full disk.
 
 The DVC runs take minutes on a small machine (each stage is a fresh interpreter), so they are marked
@@ -18,7 +18,12 @@ from pathlib import Path
 import pytest
 
 from saepipe.training.fit import TIMINGS
-from tests.dvc_project import ROOT, dvc, env, make_project
+from tests.fault_project import ROOT, dvc, env, make_project
+
+SITE, VARIANT = "1.mlp", "default"  # the tiny project's one run (sweep.sites x sweep.variants)
+RUN = f"{SITE}/{VARIANT}"  # its folder under data/<stage>/
+DVC_NAMES = {"normalize": f"normalize@{SITE}", "train": f"train@{SITE}-{VARIANT}",
+             "evaluate": f"evaluate@{SITE}-{VARIANT}"}  # the matrix stages as DVC names them
 
 KILLS = [  # (stage, fault): SIGKILL in the middle of each stage's work
     ("prepare", "saepipe.runtime.files:file_sha256:1:before"),  # texts.parquet written, counts.json not
@@ -39,7 +44,7 @@ def outputs(project: Path) -> dict[str, bytes]:
         if not path.is_file() or rel.startswith(("sources/", "models/", "checkpoints/")) or path.name.endswith(".lock"):
             continue
         content = path.read_bytes()
-        if rel == "train/metrics.json":
+        if rel == f"train/{RUN}/metrics.json":
             summary = json.loads(content)
             content = json.dumps({k: v for k, v in summary.items() if k not in TIMINGS}, sort_keys=True).encode()
         out[rel] = content
@@ -60,7 +65,7 @@ def uninterrupted(tmp_path_factory) -> Path:
     with pytest.MonkeyPatch.context() as m:
         m.chdir(project)
         for name, stage in yaml.safe_load((project / "dvc.yaml").read_text())["stages"].items():
-            args = shlex.split(stage["cmd"])
+            args = shlex.split(stage["cmd"].replace("${item.site}", SITE).replace("${item.variant}", VARIANT))
             assert args[:2] == ["python", "-m"], stage["cmd"]
             result = CliRunner().invoke(importlib.import_module(args[2]).main, args[3:])
             assert result.exit_code == 0, f"{name}: {result.output} {result.exception!r}"
@@ -78,19 +83,19 @@ def test_sigkill_in_each_stage_then_repro_gives_the_uninterrupted_outputs(uninte
     for stage, fault in KILLS:
         result = dvc(project, "repro", SAEPIPE_TEST_FAULT=fault)
         assert result.returncode != 0, f"the fault in {stage} did not fire: {result.stdout}"
-        assert f"failed to reproduce '{stage}'" in result.stderr, result.stderr[-2000:]
+        assert f"failed to reproduce '{DVC_NAMES.get(stage, stage)}'" in result.stderr, result.stderr[-2000:]
         if stage == "train":  # a checkpoint was left to resume from
-            assert (project / "data" / "checkpoints" / "train" / "checkpoint.safetensors").is_file()
+            assert (project / "data" / "checkpoints" / "train" / RUN / "checkpoint.safetensors").is_file()
         logs.append(result.stdout + result.stderr)
     result = dvc(project, "repro")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "resuming after 3 complete shards" in logs[2]  # the run after extract's kill
-    assert "resuming from data/checkpoints/train at step 30" in logs[4]  # the run after train's kill
+    assert f"resuming from data/checkpoints/train/{RUN} at step 30" in logs[4]  # the run after train's kill
     want, have = outputs(uninterrupted), outputs(project)
     assert sorted(have) == sorted(want)
     differ = [name for name in want if have[name] != want[name]]
     assert not differ, f"outputs differ from the uninterrupted run: {differ}"
-    assert (project / "data" / "train" / "live" / "plots" / "metrics" / "loss.tsv").read_text().splitlines()[1] \
+    assert (project / "data" / "train" / RUN / "live" / "plots" / "metrics" / "loss.tsv").read_text().splitlines()[1] \
         .startswith("1\t")  # the curve keeps its first steps
     assert dvc(project, "status").stdout.strip().endswith("Data and pipelines are up to date.")
 
@@ -101,7 +106,7 @@ def test_killing_only_dvc_leaves_its_stage_running_and_a_second_run_is_refused(t
     """kill -9 of `dvc` alone orphans the stage it ran; a new `dvc repro` must not start a second
     copy of that stage beside it: the stage lock refuses it, naming the orphan's pid."""
     project = make_project(tmp_path / "project")
-    assert dvc(project, "repro", "normalize").returncode == 0
+    assert dvc(project, "repro", f"normalize@{SITE}").returncode == 0
     mark = tmp_path / "paused"
     first = subprocess.Popen([sys.executable, "-m", "dvc", "repro"], cwd=project, text=True,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -128,10 +133,10 @@ def test_killing_only_dvc_leaves_its_stage_running_and_a_second_run_is_refused(t
         except ProcessLookupError:
             break
         time.sleep(0.5)
-    assert (project / "data" / "train" / "sae.safetensors").is_file()  # the orphan finished its work
-    result = dvc(project, "repro", "train")  # its outputs are not in dvc.lock: rerun, then consistent
+    assert (project / "data" / "train" / RUN / "sae.safetensors").is_file()  # the orphan finished its work
+    result = dvc(project, "repro", f"train@{SITE}-{VARIANT}")  # its outputs are not in dvc.lock: rerun, then consistent
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "up to date" in dvc(project, "status", "train").stdout
+    assert "up to date" in dvc(project, "status", f"train@{SITE}-{VARIANT}").stdout
 
 
 @pytest.mark.slow
@@ -160,8 +165,8 @@ def test_exp_show_lists_only_headline_metrics(tmp_path):
     """`dvc exp show` lists the 7 headline metrics first, each name once, then the params; every
     other JSON output is a plain output (the shipped project: ~90 columns, it was ~169)."""
     project = make_project(tmp_path / "project")
-    for path, keys in (("data/train/headline.json", ["train_final_loss", "train_val_fvu"]),
-                       ("data/evaluate/headline.json", ["fvu", "l0", "dead_pct", "ce_loss_score", "kl"])):
+    for path, keys in ((f"data/train/{RUN}/headline.json", ["train_final_loss", "train_val_fvu"]),
+                       (f"data/evaluate/{RUN}/headline.json", ["fvu", "l0", "dead_pct", "ce_loss_score", "kl"])):
         (project / path).parent.mkdir(parents=True, exist_ok=True)
         (project / path).write_text(json.dumps(dict.fromkeys(keys, 0.5)))
     result = dvc(project, "exp", "show", "--csv")
@@ -271,7 +276,7 @@ def test_train_stage_on_a_full_disk_fails_cleanly(tmp_path):
     _shard_folder(acts, _data(600), layer=1, component="mlp")
     import yaml
 
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"extract": {"layer": 1, "component": "mlp"},
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"sweep": {"sites": ["1.mlp"]},
                                                           "sae": {**SMALL, "expansion_factor": 8}}))
     out = tmp_path / "train"
     result = subprocess.run([sys.executable, "-c", FSIZE_CHILD, "20000", "train", "--params",

@@ -7,9 +7,10 @@ neither MLX nor the model code.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
-from saepipe.runtime.params import Bool, Choice, Int, ParamsSection
+from saepipe.runtime.params import Bool, Choice, Int, ParamsError, ParamsSection
 
 COMPONENTS: tuple[str, ...] = ("mlp", "attn", "output")
 """``saepipe.lm.sites.COMPONENTS``, repeated so normalize and train (which read this section) do not depend
@@ -18,14 +19,22 @@ on the model code; tests/test_params.py keeps the two equal."""
 
 @dataclass(frozen=True)
 class ExtractConfig(ParamsSection):
-    """The ``extract:`` section of params.yaml."""
+    """The ``extract:`` section of params.yaml: how texts become activation rows. Which sites are
+    stored is ``sweep.sites`` (``saepipe.lm.sites.parse_site_ids``), all captured in one pass."""
 
     SECTION: ClassVar[str] = "extract"  # its params.yaml section
 
-    layer: int = 6
-    """Block whose component output is stored (0-based)."""
-    component: str = "mlp"
-    """mlp | attn | output (residual stream after the block)."""
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any] | None) -> ExtractConfig:
+        """Build from the section; the pre-sweep keys ``layer``/``component`` say where sites went."""
+        moved = sorted({"layer", "component"} & set(values or {}))
+        if moved:
+            key = f"extract.{moved[0]}"
+            raise ParamsError(key, (values or {})[moved[0]], "", message=(
+                f"{key} moved to sweep.sites: write `sweep: {{sites: [{(values or {}).get('layer', 6)}."
+                f"{(values or {}).get('component', 'mlp')}]}}` instead (README, 'Sweeps')"))
+        return super().from_dict(values)
+
     context_length: int = 128
     """Texts are truncated to this many tokens (a BOS included, when the tokenizer adds one)."""
     batch_size: int = 8
@@ -42,7 +51,6 @@ class ExtractConfig(ParamsSection):
     """Rows per shard file."""
 
     RULES: ClassVar = {
-        "layer": Int(min=0), "component": Choice(COMPONENTS),
         # >= 2: evaluate scores next-token loss, which needs a next token
         "context_length": Int(min=2), "batch_size": Int(min=1),
         "dtype": Choice(("float16", "float32")), "max_tokens": Int(min=1), "eval_max_tokens": Int(min=1),

@@ -1,4 +1,5 @@
-"""SAE training configuration: every field of mlxterp's ``SAEConfig`` plus what a serious run needs.
+"""SAE training configuration: every field of mlxterp's ``SAEConfig`` plus what a serious run needs,
+and the ``sweep:`` section (which sites, which variants of it).
 
 Each field is also a ``params.yaml`` key under ``sae:`` (same name). The config is frozen: nothing
 mutates it at run time; derived values are computed by functions that take it.
@@ -8,10 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from dataclasses import dataclass
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from saepipe.runtime.params import Bool, Choice, Float, Int, ParamsSection, Str, StrList
+from saepipe.lm.sites import DEFAULT_SITES, Site, SiteIds, parse_site_ids
+from saepipe.runtime.params import (Bool, Choice, Float, Int, ParamsError, ParamsSection, Rule, Str, StrList,
+                                    check_known_keys)
 
 log = logging.getLogger(__name__)
 
@@ -110,4 +115,84 @@ class SAEConfig(ParamsSection):
         return dataclasses.replace(self, **changes)
 
 
-__all__ = ["SAEConfig"]
+VARIANT_NAME = re.compile(r"^[A-Za-z0-9_]+$")
+"""Variant names: letters, digits and ``_`` (they name folders, and DVC joins site and variant with
+``-`` in stage names such as ``train@6.mlp-k64``)."""
+
+
+def variant_config(sae: Mapping[str, Any], variants: Mapping[str, Any], name: str) -> SAEConfig:
+    """The SAEConfig of sweep variant ``name``: the ``sae:`` section with the variant's overrides
+    (``sweep.variants.<name>``, a mapping of SAEConfig fields; ``{}`` = ``sae:`` as is) on top."""
+    if not isinstance(variants, Mapping) or name not in variants:
+        have = ", ".join(variants) if isinstance(variants, Mapping) else "none"
+        raise ParamsError(f"sweep.variants.{name}", name, f"one of the variants ({have})",
+                          message=f"no variant {name!r} in sweep.variants (have: {have})")
+    overrides = check_variant(name, variants[name])
+    return SAEConfig.from_dict({**sae, **overrides})
+
+
+def check_variant(name: Any, overrides: Any) -> dict[str, Any]:
+    """A variant's overrides as a dict; a bad name, a non-mapping or an unknown key is a ParamsError."""
+    if not isinstance(name, str) or not VARIANT_NAME.match(name):
+        raise ParamsError("sweep.variants", name, "variant names of letters, digits and _ only")
+    if overrides is None:
+        overrides = {}
+    if not isinstance(overrides, Mapping):
+        raise ParamsError(f"sweep.variants.{name}", overrides, "a mapping of sae: keys (or {})")
+    check_known_keys(overrides, [f.name for f in dataclasses.fields(SAEConfig)], f"sweep.variants.{name}")
+    return dict(overrides)
+
+
+@dataclass(frozen=True)
+class Variants(Rule):
+    """A non-empty mapping of variant name -> overrides of the ``sae:`` section."""
+
+    def describe(self) -> str:
+        return "a non-empty mapping of variant name -> sae: overrides (e.g. {default: {}, k64: {k: 64}})"
+
+    def check_value(self, key: str, value: Any) -> dict[str, dict[str, Any]]:
+        if not isinstance(value, Mapping) or not value:
+            raise ParamsError(key, value, self.describe())
+        return {n: check_variant(n, o) for n, o in value.items()}
+
+
+@dataclass(frozen=True)
+class SweepConfig(ParamsSection):
+    """The ``sweep:`` section of params.yaml: which sites are extracted (all in one forward pass)
+    and which SAEs are trained on each. ``dvc.yaml`` expands it with ``matrix`` stages: one
+    ``normalize@<site>`` per site, one ``train@<site>-<variant>`` (evaluate, analyze, dashboard
+    alike) per pair; ``summary`` compares every run."""
+
+    SECTION: ClassVar[str] = "sweep"  # its params.yaml section
+
+    sites: tuple[str, ...] = DEFAULT_SITES
+    """Sites as layer.component ids (mlp | attn | output), e.g. [6.mlp, 3.attn, 11.output]; all extracted in one forward pass."""
+    variants: Mapping[str, Mapping[str, Any]] = field(default_factory=lambda: {"default": {}})
+    """SAEs trained per site, by name: each one's overrides of the sae: section (e.g. k64: {k: 64}; {} = sae: as is)."""
+
+    RULES: ClassVar = {"sites": SiteIds(), "variants": Variants()}
+
+    def check_together(self) -> None:
+        """Each variant's overrides make a valid SAEConfig (a bad value names ``sae.<key>``)."""
+        for name in self.variants:
+            variant_config({}, self.variants, name)
+
+    def site_list(self) -> list[Site]:
+        """The sites, parsed."""
+        return parse_site_ids(list(self.sites))
+
+    def runs(self) -> list[tuple[str, str]]:
+        """Every (site id, variant name), site by site: the pairs DVC's matrix expands."""
+        return [(site, name) for site in self.sites for name in self.variants]
+
+    def sae_config(self, sae: Mapping[str, Any], variant: str) -> SAEConfig:
+        """The SAEConfig of ``variant`` over the ``sae:`` section."""
+        return variant_config(sae, self.variants, variant)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The section as params.yaml holds it."""
+        return {"sites": list(self.sites), "variants": {n: dict(o) for n, o in self.variants.items()}}
+
+
+__all__ = ["MAX_SEED", "VARIANT_NAME", "SAEConfig", "SweepConfig", "Variants", "check_variant",
+           "variant_config"]
