@@ -89,6 +89,8 @@ _COERCED = {  # Rule class name -> the forms YAML or a user commonly writes that
     "Str": "a number -> its text",
     "Encoding": "—",
     "StrList": "one string -> a list of one",
+    "SiteIds": "—",
+    "Variants": "a variant's values as its `sae:` keys read them",
 }
 
 VALIDATION_TESTS = ("`tests/test_params.py` (hypothesis: valid values construct, an invalid one raises "

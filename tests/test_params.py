@@ -33,7 +33,8 @@ from saepipe.runtime.params import (
     read_params,
     section,
 )
-from saepipe.sae.config import SAEConfig
+from saepipe.lm.sites import COMPONENTS, SiteIds
+from saepipe.sae.config import SAEConfig, Variants
 
 ANY_SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -65,6 +66,14 @@ def valid_values(rule: Rule) -> st.SearchStrategy:
                             max_size=len(rule.options))
     elif isinstance(rule, StrList):
         strategy = st.lists(st.text(max_size=8), min_size=rule.min_items, max_size=3)
+    elif isinstance(rule, SiteIds):
+        ids = st.builds(lambda layer, c: f"{layer}.{c}", st.integers(0, 40), st.sampled_from(COMPONENTS))
+        strategy = st.lists(ids, min_size=1, max_size=4, unique=True)
+    elif isinstance(rule, Variants):
+        overrides = st.fixed_dictionaries({}, optional={"k": st.integers(1, 64), "learning_rate": st.floats(1e-5, 1e-2),
+                                                        "lr_decay": st.sampled_from(["cosine", "constant"])})
+        strategy = st.dictionaries(st.from_regex(r"[A-Za-z0-9_]{1,8}", fullmatch=True), overrides, min_size=1,
+                                   max_size=3)
     else:
         raise AssertionError(f"no strategy for {rule!r}")
     return st.one_of(strategy, st.none()) if rule.optional else strategy
@@ -115,6 +124,14 @@ def invalid_values(rule: Rule) -> st.SearchStrategy:
         if rule.min_items:
             bad.extend([st.just([]), st.none()])
         return st.one_of(*bad)
+    if isinstance(rule, SiteIds):
+        return st.one_of(st.sampled_from(["6.mlp", "6-mlp", "6.resid", "x.mlp", "06.mlp"]), st.just([]),
+                         st.just(["6.mlp", "6.mlp"]), st.lists(words, min_size=1, max_size=2), st.integers(),
+                         st.booleans(), none)
+    if isinstance(rule, Variants):
+        return st.one_of(st.just({}), st.just({"a-b": {}}), st.just({"v": {"kk": 1}}), st.just({"v": {"k": 0}}),
+                         st.just({"v": [1]}), st.lists(st.integers(), min_size=1, max_size=2), st.integers(),
+                         words, none)
     raise AssertionError(f"no strategy for {rule!r}")
 
 
@@ -212,17 +229,17 @@ def test_unknown_keys_and_non_mapping_sections(cls):
 def test_yaml_mangled_values_are_coerced_with_a_warning(tmp_path, caplog):
     (tmp_path / "params.yaml").write_text(
         "sae:\n  learning_rate: 3e-4\n  use_wandb: 'false'\n  k: '32'\n  wandb_tags: solo\n"
-        "extract:\n  layer: '6'\n  skip_special_tokens: 'False'\n  max_tokens: 1.0e6\n")
+        "extract:\n  batch_size: '6'\n  skip_special_tokens: 'False'\n  max_tokens: 1.0e6\n")
     params = read_params(tmp_path / "params.yaml")
     assert params["sae"]["learning_rate"] == "3e-4"  # what YAML 1.1 gives
     with caplog.at_level(logging.WARNING):
         sae = SAEConfig.from_dict(section(params, "sae"))
         extract = SECTIONS["extract"].from_dict(section(params, "extract"))
     assert sae.learning_rate == 3e-4 and sae.use_wandb is False and sae.k == 32 and sae.wandb_tags == ("solo",)
-    assert extract.layer == 6 and extract.skip_special_tokens is False and extract.max_tokens == 1_000_000
+    assert extract.batch_size == 6 and extract.skip_special_tokens is False and extract.max_tokens == 1_000_000
     text = caplog.text
     assert "sae.learning_rate: '3e-4' read as 0.0003" in text and "3.0e-4" in text
-    assert "sae.use_wandb: 'false' read as False" in text and "extract.layer: '6' read as 6" in text
+    assert "sae.use_wandb: 'false' read as False" in text and "extract.batch_size: '6' read as 6" in text
 
 
 @pytest.mark.parametrize(("key", "value", "message"), [
@@ -263,9 +280,9 @@ def test_params_file_errors(tmp_path):
 
 STAGE_CASES = [  # stage module, a params file that is wrong in one key, the key named in the error
     ("prepare", {"prepare": {"eval_fraction": 1.5}}, "prepare.eval_fraction"),
-    ("extract", {"extract": {"layer": -1}}, "extract.layer"),
+    ("extract", {"sweep": {"sites": ["-1.mlp"]}}, "sweep.sites"),
     ("normalize", {"normalize": {"chunk_rows": "many"}}, "normalize.chunk_rows"),
-    ("train", {"extract": {"layer": 1}, "sae": {"min_lr_ratio": -1}}, "sae.min_lr_ratio"),
+    ("train", {"sae": {"min_lr_ratio": -1}}, "sae.min_lr_ratio"),
     ("evaluate", {"evaluate": {"batch_size": 0}}, "evaluate.batch_size"),
 ]
 

@@ -34,7 +34,7 @@ from saepipe.runtime.params import ParamsError
 from saepipe.sae.config import SAEConfig
 from saepipe.sae.topk import TopKSAE, load_sae
 from saepipe.training.fit import TIMINGS, TrainingDivergedError, fit_sae
-from tests.dvc_project import env
+from tests.fault_project import env
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(expansion_factor=4, k=4, batch_size=64, num_epochs=2, warmup_steps=3, learning_rate=3e-3,
@@ -312,9 +312,9 @@ def test_5_evaluate_batch_size_0_blames_evaluate(tiny_model):
 def test_5_a_layer_given_as_text_is_not_out_of_range():
     with pytest.raises(TypeError, match=r"layer must be an integer \(0\.\.3 for this model\), got '6'"):
         check_site("6", "mlp", 4)
-    from saepipe.activations.config import ExtractConfig
+    from saepipe.sae.config import SweepConfig
 
-    assert ExtractConfig.from_dict({"layer": "6"}).layer == 6
+    assert SweepConfig.from_dict({"sites": ["6.mlp"]}).site_list()[0].layer == 6
 
 
 def test_5_nan_input_blames_the_input_not_the_learning_rate(tmp_path):
@@ -394,16 +394,16 @@ def test_6_normalize_refuses_another_extraction_s_shard_and_site(tmp_path):
     acts = _shards(tmp_path / "acts", _data())
     other = _shards(tmp_path / "other", _data(seed=1), layer=2)
     shutil.copy(other / SHARD_PATTERN.format(0), acts / SHARD_PATTERN.format(0))  # same size, other values
-    params = _params(tmp_path, normalize={"chunk_rows": 100}, extract={"layer": 1, "component": "mlp"})
-    result = _run("normalize", "--params", params, "--acts", str(acts), "--out", str(tmp_path / "out"))
+    params = _params(tmp_path, normalize={"chunk_rows": 100})
+    result = _run("normalize", "--params", params, "--site", "1.mlp", "--acts", str(acts), "--out", str(tmp_path / "out"))
     assert result.exit_code == 1 and "is corrupt" in result.output
     # a whole folder of another layer: the manifest says so
-    params = _params(tmp_path, normalize={"chunk_rows": 100}, extract={"layer": 1, "component": "mlp"})
-    result = _run("normalize", "--params", params, "--acts", str(other), "--out", str(tmp_path / "out"))
+    result = _run("normalize", "--params", params, "--site", "1.mlp", "--acts", str(other), "--out", str(tmp_path / "out"))
     assert result.exit_code == 1
     assert "holds activations with layer=2, but layer=1 is asked for" in result.output
     eval_split = _shards(tmp_path / "eval", _data(), split="eval")
-    result = _run("normalize", "--params", params, "--acts", str(eval_split), "--out", str(tmp_path / "out"))
+    result = _run("normalize", "--params", params, "--site", "1.mlp", "--acts", str(eval_split),
+                  "--out", str(tmp_path / "out"))
     assert result.exit_code == 1 and "split='eval', but split='train'" in result.output
 
 
@@ -439,7 +439,7 @@ def test_6_train_refuses_changed_stats_and_texts_are_checked(tmp_path):
     stats = NormStats.load(out / "stats.safetensors")
     NormStats(stats.mean + 1, stats.std, stats.mean_norm, stats.n_rows).save(tmp_path / "x.safetensors")
     shutil.copy(tmp_path / "x.safetensors", out / "stats.safetensors")  # new tensors, old sidecar
-    params = _params(tmp_path, extract={"layer": 1, "component": "mlp"}, sae=SMALL)
+    params = _params(tmp_path, sae=SMALL)
     result = _run("train", "--params", params, "--acts", str(acts), "--stats", str(out / "stats.safetensors"),
                   "--out", str(tmp_path / "train"))
     assert result.exit_code == 1 and "does not match the digest in stats.json" in result.output
@@ -463,7 +463,7 @@ def test_6_train_refuses_changed_stats_and_texts_are_checked(tmp_path):
 # ----------------------------------------------------------------------------- 7. reproducible SAE files
 def test_7_the_sae_file_holds_no_timings_and_identical_runs_write_identical_bytes(tmp_path):
     acts = _shards(tmp_path / "acts", _data())
-    params = _params(tmp_path, extract={"layer": 1, "component": "mlp"}, sae=SMALL)
+    params = _params(tmp_path, sae=SMALL)
     for name in ("a", "b"):
         result = _run("train", "--params", params, "--acts", str(acts), "--out", str(tmp_path / name))
         assert result.exit_code == 0, result.output

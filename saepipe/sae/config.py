@@ -173,7 +173,7 @@ class SweepConfig(ParamsSection):
     RULES: ClassVar = {"sites": SiteIds(), "variants": Variants()}
 
     def check_together(self) -> None:
-        """Each variant's overrides make a valid SAEConfig (a bad value names ``sae.<key>``)."""
+        """Each variant's overrides make a valid `sae:` section (a bad value names `sae.<key>`)."""
         for name in self.variants:
             variant_config({}, self.variants, name)
 
