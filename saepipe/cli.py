@@ -204,10 +204,16 @@ def params(section: str | None, params_path: Path | None) -> None:
     click.echo(yaml.safe_dump(shown, sort_keys=False, default_flow_style=None).rstrip())
 
 
+DEFAULT_SAE = Path("data/train/6.mlp/default/sae.safetensors")
+"""The shipped run's SAE (site 6.mlp, variant default), relative to the project folder: what ``saepipe
+steer`` and ``saepipe export`` read by default (``--sae data/train/<site>/<variant>/sae.safetensors``
+for another run of a sweep)."""
+
+
 @main.command(short_help="Write an SAE in another library's format (SAELens).")
 @click.option("--format", "fmt", type=click.Choice(["saelens"]), default="saelens", show_default=True,
               help="target format")
-@click.option("--sae", "sae_path", default="data/train/6.mlp/default/sae.safetensors", show_default=True,
+@click.option("--sae", "sae_path", default=str(DEFAULT_SAE), show_default=True,
               type=click.Path(dir_okay=False, path_type=Path),
               help="saepipe SAE file (a relative path that is not in the current folder is read from the project)")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
@@ -239,8 +245,6 @@ def export(fmt: str, sae_path: Path, out_dir: Path, model_name: str | None, data
                f"k {cfg['k']}, hook {cfg['metadata']['hook_name']} (from {sae_path})")
 
 
-DEFAULT_SAE = Path("data/train/sae.safetensors")
-"""The train stage's SAE, relative to the project folder: what ``saepipe steer`` steers by default."""
 
 
 @main.command(short_help="Generate with and without a feature steered, side by side.")

@@ -1,7 +1,7 @@
 """Stage `analyze`: what each latent of the trained SAE fires on and does, for the dashboard.
 
-    python -m stages.analyze --params params.yaml --sae data/train/sae.safetensors \
-        --acts data/extract --out data/analyze
+    python -m stages.analyze --params params.yaml --sae data/train/6.mlp/default/sae.safetensors \
+        --acts data/extract/6.mlp --out data/analyze/6.mlp/default
 
 Reads ``analyze:`` (``AnalysisConfig``) and ``model`` from params; encodes every row of the extract
 splits (``analyze.splits``, default train then eval) with the SAE and writes the dashboard's data
@@ -54,11 +54,11 @@ def check_sae(sae, loaded, layer: int, component: str) -> None:
 
 @click.command()
 @click.option("--params", "params_path", default="params.yaml", show_default=True, type=click.Path(path_type=Path))
-@click.option("--sae", "sae_path", default="data/train/sae.safetensors", show_default=True,
+@click.option("--sae", "sae_path", default="data/train/6.mlp/default/sae.safetensors", show_default=True,
               type=click.Path(path_type=Path), help="trained SAE file")
-@click.option("--acts", "acts_dir", default="data/extract", show_default=True,
+@click.option("--acts", "acts_dir", default="data/extract/6.mlp", show_default=True,
               type=click.Path(file_okay=False, path_type=Path), help="extract's output (one folder per split)")
-@click.option("--out", "out_dir", default="data/analyze", show_default=True,
+@click.option("--out", "out_dir", default="data/analyze/6.mlp/default", show_default=True,
               type=click.Path(file_okay=False, path_type=Path), help="output folder")
 @click.option("--models", "models_dir", default=str(MODELS_DIR), show_default=True,
               type=click.Path(file_okay=False, path_type=Path),

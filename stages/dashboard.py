@@ -1,6 +1,6 @@
 """Stage `dashboard`: the offline feature dashboard (a static site) from the analyze stage's output.
 
-    python -m stages.dashboard --analysis data/analyze --out data/dashboard
+    python -m stages.dashboard --analysis data/analyze/6.mlp/default --out data/dashboard/6.mlp/default
 
 Open ``data/dashboard/index.html`` in a browser straight from disk (no server, no network), or
 serve it: ``python -m saepipe.dashboard serve data/dashboard``.
@@ -18,9 +18,9 @@ from stages import stage_run
 
 
 @click.command()
-@click.option("--analysis", "analysis_dir", default="data/analyze", show_default=True,
+@click.option("--analysis", "analysis_dir", default="data/analyze/6.mlp/default", show_default=True,
               type=click.Path(file_okay=False, path_type=Path), help="the analyze stage's output")
-@click.option("--out", "out_dir", default="data/dashboard", show_default=True,
+@click.option("--out", "out_dir", default="data/dashboard/6.mlp/default", show_default=True,
               type=click.Path(file_okay=False, path_type=Path), help="site folder")
 def main(analysis_dir: Path, out_dir: Path) -> None:
     """Build the static site of every latent of the analysis."""

@@ -1,6 +1,7 @@
 """Stage `normalize`: fit per-dimension mean/std and mean row norm on the train activations.
 
-    uv run python -m stages.normalize --params params.yaml --acts data/extract/train --out data/normalize
+    uv run python -m stages.normalize --params params.yaml --site 6.mlp --acts data/extract/6.mlp/train \
+        --out data/normalize/6.mlp
 
 Writes ``<out>/stats.safetensors`` and ``<out>/stats.json`` (with the shard manifest digest). The
 shards are checked against their manifest, and the manifest against ``--site`` (the sweep site the
@@ -23,9 +24,9 @@ from stages import stage_run
 @click.command()
 @click.option("--params", "params_path", default="params.yaml", show_default=True,
               type=click.Path(dir_okay=False, path_type=Path), help="params file with `normalize:`")
-@click.option("--acts", "acts_dir", default="data/extract/train", show_default=True,
+@click.option("--acts", "acts_dir", default="data/extract/6.mlp/train", show_default=True,
               type=click.Path(file_okay=False, path_type=Path), help="train shard folder")
-@click.option("--out", "out_dir", default="data/normalize", show_default=True,
+@click.option("--out", "out_dir", default="data/normalize/6.mlp", show_default=True,
               type=click.Path(file_okay=False, path_type=Path), help="output folder")
 @click.option("--site", "site_id", default=None, help="site the shards must hold (layer.component, e.g. 6.mlp)")
 def main(params_path: Path, acts_dir: Path, out_dir: Path, site_id: str | None) -> None:

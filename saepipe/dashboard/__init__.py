@@ -1,7 +1,7 @@
 """The offline feature dashboard: a static site (and notebook views) of an ``analyze`` output.
 
     from saepipe.dashboard import build_site, serve, FeatureView
-    build_site("data/analyze", "data/dashboard")       # open data/dashboard/index.html from disk
+    build_site("data/analyze/6.mlp/default", "data/dashboard/6.mlp/default")  # then open its index.html
     with serve("data/dashboard") as srv:               # or serve it on 127.0.0.1
         print(srv.url)
     FeatureView.from_analysis("data/analyze", 123)     # one latent, renders in a notebook

@@ -173,9 +173,16 @@ class SweepConfig(ParamsSection):
     RULES: ClassVar = {"sites": SiteIds(), "variants": Variants()}
 
     def check_together(self) -> None:
-        """Each variant's overrides make a valid `sae:` section (a bad value names `sae.<key>`)."""
-        for name in self.variants:
-            variant_config({}, self.variants, name)
+        """Each variant's overrides make a valid `sae:` section (a bad value names
+        `sweep.variants.<name>.<key>`)."""
+        for name, overrides in self.variants.items():
+            try:
+                variant_config({}, self.variants, name)
+            except ParamsError as err:
+                key = err.key.removeprefix(f"{SAEConfig.SECTION}.")
+                if key not in overrides:
+                    raise
+                raise ParamsError(f"sweep.variants.{name}.{key}", err.value, err.expected) from None
 
     def site_list(self) -> list[Site]:
         """The sites, parsed."""
