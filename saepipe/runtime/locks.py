@@ -4,7 +4,7 @@ Killing only ``dvc`` (kill -9, a closed terminal) does not stop the stage it sta
 running, orphaned, and a new ``dvc repro`` would start a second copy that writes the same outputs.
 Each stage therefore holds ``stage_lock(out_dir)`` while it runs: an exclusive ``flock`` on
 ``<out_dir's folder>/.<out_dir's name>.lock`` (next to the outputs, never inside them, so DVC does not
-hash it). The kernel releases the lock when the process ends, however it ends, so a lock is never
+hash it with them; ``.dvcignore`` hides it from a stage that depends on the parent folder). The kernel releases the lock when the process ends, however it ends, so a lock is never
 stale; the file's content (pid, start time, command) only says who holds it. A second run fails at
 once with ``StageBusyError`` naming that process.
 """
