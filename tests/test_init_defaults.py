@@ -55,3 +55,18 @@ def test_learning_rate_none_is_scaled_with_the_width_and_an_explicit_value_wins(
     assert SAEConfig().learning_rate is None
     assert _init(x).sae.metadata["config"]["learning_rate"] == pytest.approx(default_learning_rate(96))
     assert _init(x, learning_rate=1e-4).sae.metadata["config"]["learning_rate"] == 1e-4
+
+
+@pytest.mark.parametrize("field", ["learning_rate", "encoder_init_scale"])
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), float("inf"), True, "0.5"])
+def test_learning_rate_and_encoder_init_scale_must_be_positive_numbers_or_null(field, bad):
+    assert getattr(SAEConfig.from_dict({field: None}), field) is None
+    assert getattr(SAEConfig.from_dict({field: 0.5}), field) == 0.5
+    with pytest.raises(ValueError, match=field):
+        SAEConfig.from_dict({field: bad})
+
+
+def test_tied_weights_ignore_the_encoder_scale(x):
+    sae = _init(x, tied_weights=True, encoder_init_scale=0.5).sae
+    assert set(sae.parameters()) == {"b_enc", "W_dec", "b_dec"}
+    np.testing.assert_allclose(np.linalg.norm(np.array(sae.W_dec), axis=1), 1.0, atol=1e-5)
