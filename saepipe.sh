@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # One entry point that sets everything up, then runs what you ask:
-#   ./saepipe.sh repro        run the whole pipeline (prepare -> ... -> evaluate) on the embedded defaults
+#   ./saepipe.sh repro        run the whole pipeline (prepare -> ... -> summary) on the embedded defaults
 #   ./saepipe.sh test         run the test suite
 #   ./saepipe.sh <cmd ...>    run any command inside the project environment (e.g. dvc exp run -S sae.k=64)
 # Optional extras (pyproject's [project.optional-dependencies], e.g. wandb) stay installed across calls:
 #   ./saepipe.sh --extra wandb <cmd ...>   install it and remember it (in .saepipe/extras)
 #   ./saepipe.sh --no-extras <cmd ...>     forget every remembered extra
 #   SAEPIPE_EXTRAS="wandb" ./saepipe.sh    add extras for this call only
+# NVIDIA GPUs on Linux: `--extra cuda12` (or cuda13) swaps MLX's CPU backend for its CUDA one (the
+# dependency groups of pyproject.toml: `cpu` by default, exactly one of cpu/cuda12/cuda13).
 # Set-up (idempotent, quick when already done, no root needed): uv (from PyPI if missing), then
 # `uv sync --frozen`. On Linux the first `import saepipe` then proves the bundled OpenBLAS builds on
 # this CPU in a child process and loads the fastest that passes (saepipe/runtime/blas.py).
@@ -65,15 +67,19 @@ while [ $# -gt 0 ]; do
   esac
 done
 extras=()
-for name in $(cat "$EXTRAS_FILE" 2>/dev/null) ${SAEPIPE_EXTRAS:-}; do extras+=(--extra "$name"); done
+for name in $(cat "$EXTRAS_FILE" 2>/dev/null) ${SAEPIPE_EXTRAS:-}; do
+  case "$name" in
+    cuda12|cuda13) extras+=(--no-group cpu --group "$name") ;;  # an MLX backend: a dependency group
+    *) extras+=(--extra "$name") ;;
+  esac
+done
 
 ensure_uv
 "${UV[@]}" sync --frozen --quiet "${extras[@]}"
 
 cmd="${1:-repro}"; [ $# -gt 0 ] && shift
 case "$cmd" in
-  repro) "${UV[@]}" run --frozen "${extras[@]}" dvc repro "$@"
-         "${UV[@]}" run --frozen "${extras[@]}" python -m stages.summary ;;
+  repro) "${UV[@]}" run --frozen "${extras[@]}" saepipe repro "$@" ;;  # dvc repro, then the results
   test)  ensure_test_tools
          "${UV[@]}" run --frozen "${extras[@]}" pytest "$@" ;;
   *)     "${UV[@]}" run --frozen "${extras[@]}" "$cmd" "$@" ;;

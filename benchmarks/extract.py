@@ -18,6 +18,7 @@ Methods, all float32 on a (batch, seq) block of the same token ids, timed in int
 Also checks that transformers' activations agree with saepipe's, and times one end-to-end
 ``extract_split`` (tokenize + forward + float16 shards). Target: saepipe >= 1.5x transformers.
 
+Several sites from one pass (the sweep's extract stage): benchmarks/extract_sites.py.
 Results, dated: docs/performance.md.
 """
 
@@ -104,10 +105,9 @@ def _end_to_end(loaded, layer: int, seq: int, batch: int, n_texts: int) -> tuple
         path = Path(tmp) / "texts.parquet"
         pq.write_table(pa.table({"id": pa.array(np.arange(n_texts, dtype=np.int64)), "text": texts,
                                  "source": ["bench"] * n_texts, "split": ["train"] * n_texts}), path)
-        cfg = ExtractConfig(layer=layer, component="mlp", context_length=seq, batch_size=batch,
-                            max_tokens=n_texts * seq, shard_rows=65536)
+        cfg = ExtractConfig(context_length=seq, batch_size=batch, max_tokens=n_texts * seq, shard_rows=65536)
         t0 = time.perf_counter()
-        manifest = extract_split(loaded, path, Path(tmp) / "out", cfg, "train", progress=False)
+        manifest = extract_split(loaded, path, Path(tmp) / "out", cfg, "train", site=(layer, "mlp"), progress=False)
         return manifest["n_tokens"], time.perf_counter() - t0
 
 

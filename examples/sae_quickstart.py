@@ -41,6 +41,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     import mlx.core as mx  # after saepipe (loads the fast BLAS before mlx)
+    import numpy as np
 
     args = parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -82,9 +83,11 @@ def main() -> None:
     reconstructed = sae.decode(features)
     num_active = int(mx.sum(features[0, -1] != 0))
     top = mx.argsort(-features[0, -1])[: min(5, args.k)].tolist()
-    mse = float(mx.mean((activation[0, 1:] - reconstructed[0, 1:]) ** 2))  # position 0 is BOS
+    text = trace.text_positions[0]  # not BOS/special tokens (SmolLM2 adds no BOS; other models do)
+    error = np.array(activation[0])[text] - np.array(reconstructed[0])[text]
+    mse = float(np.mean(error**2))
     print(f"last token: {num_active}/{sae.d_hidden} features active, strongest {top}")
-    print(f"reconstruction MSE (non-BOS positions): {mse:.6f}")
+    print(f"reconstruction MSE (text positions): {mse:.6f}")
     print(f"metadata: layer={sae.metadata['layer']} component={sae.metadata['component']} "
           f"model={sae.metadata['model_name']} hash={sae.metadata['model_hash']}")
 

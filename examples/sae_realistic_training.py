@@ -136,14 +136,12 @@ def main() -> None:
         print(f"epoch {entry['epoch']}: train loss {entry['train/loss']:.4f}  val FVU {entry['val/fvu']:.4f}  "
               f"L0 {entry['train/l0']:.1f}  dead {entry['train/dead_fraction']:.1%}")
 
-    # Validation on held-out texts: reconstruction and feature usage at real (non-pad, non-BOS) tokens.
+    # Validation on held-out texts: reconstruction and feature usage at text tokens (not pad/BOS/special).
     name = Site(args.layer, args.component).name
     with model.trace(test_texts) as trace:
         pass
     activation = trace.activations[name]
-    mask = np.zeros(activation.shape[:2], dtype=bool)
-    for i, n in enumerate(trace.lengths):
-        mask[i, 1:n] = True  # position 0 is BOS
+    mask = trace.text_positions  # BOS only where the tokenizer adds one (SmolLM2 adds none)
     features = sae.encode(activation)
     reconstructed = sae.decode(features)
     rec = reconstruction_metrics(np.array(activation)[mask], np.array(reconstructed)[mask])

@@ -18,6 +18,7 @@ _LAZY = {
     "InterpretableModel": "saepipe.api",
     "IncompatibleSAEError": "saepipe.api",
     "load_sae": "saepipe.api",
+    "Steer": "saepipe.analysis.steering",
     "SAEConfig": "saepipe.sae.config",
     "TopKSAE": "saepipe.sae.topk",
     "Dictionary": "saepipe.sae.dictionary",

@@ -6,6 +6,10 @@
     with model.trace("Test input") as trace:
         pass
     features = sae.encode(trace.activations["model.model.layers.10.mlp"])
+    with model.trace("Generate text about...") as trace:          # steering (runs at the block's exit)
+        sae.steer(model=model, layer=10, feature_idx=1234, strength=2.0)
+        output = model.output.save()                               # output.value: the steered logits
+    model.generate("Once upon a time", max_tokens=40, steer=[Steer(sae, 1234, 8.0)])
 
 ``train_sae`` runs the library code of the DVC stages: the texts are written as a prepared
 ``texts.parquet`` (all in the train split; the SAE holds out ``validation_split`` of the rows),
@@ -35,22 +39,22 @@ import pyarrow.parquet as pq
 from saepipe.activations.config import ExtractConfig
 from saepipe.activations.extract import extract_split
 from saepipe.activations.normalize import fit_stats
+from saepipe.analysis.steering import Steer
+from saepipe.analysis.steering import generate as generate_steered
 from saepipe.explore import ExplorableSAE
+from saepipe.lm.generate import Generation
 from saepipe.lm.model import LoadedModel, ModelInfo, load_model
 from saepipe.lm.sites import COMPONENTS, Site, check_site
 from saepipe.lm.tokens import excluded_token_ids
-from saepipe.lm.trace import Trace, trace
+from saepipe.lm.trace import Trace, TraceOutput, current_trace, trace
 from saepipe.runtime.files import atomic_write
+from saepipe.sae.compatibility import IncompatibleSAEError, check_compatible
 from saepipe.sae.config import SAEConfig
 from saepipe.texts.datasets import dataset_texts
 from saepipe.texts.prepare import prepared_table, read_split
 from saepipe.training.fit import fit_sae
 
 log = logging.getLogger(__name__)
-
-
-class IncompatibleSAEError(ValueError):
-    """An SAE was used with a model or site it was not trained on; the message lists the reasons."""
 
 
 class FitRecord(NamedTuple):
@@ -161,6 +165,28 @@ class InterpretableModel:
         """
         return trace(self.loaded, texts, capture=capture)
 
+    @property
+    def output(self) -> TraceOutput:
+        """Inside ``with model.trace(...)``: the logits the trace will compute; ``model.output.save()``
+        returns a ``Saved`` whose ``.value`` (batch, seq, vocab) is filled when the block exits."""
+        current = current_trace(self.loaded)
+        if current is None:
+            raise RuntimeError("model.output is only available inside `with model.trace(...)`: "
+                               "`output = model.output.save()` there, then read `output.value` after the block")
+        return current.output
+
+    def generate(self, prompt: str, max_tokens: int = 40, *, steer: Steer | Iterable[Steer] = (),
+                 temperature: float = 0.0, seed: int = 0, cache: bool | None = None,
+                 stop_at_eos: bool = True) -> Generation:
+        """Continue ``prompt`` with up to ``max_tokens`` tokens, under the steering interventions ``steer``
+        (``Steer(sae, feature_idx, strength, positions=None)``, or ``sae.steering(...)``; each is checked
+        against this model first). ``temperature`` 0 is greedy (deterministic); above 0 samples with
+        ``seed``. ``cache``: None uses a KV cache when the model supports one. Returns a ``Generation``
+        (``.text``, ``.tokens``, ``str()`` is the text)."""
+        steers = [steer] if isinstance(steer, Steer) else list(steer)
+        return generate_steered(self.loaded, prompt, steers, max_tokens=max_tokens, temperature=temperature,
+                                seed=seed, cache=cache, stop_at_eos=stop_at_eos)
+
     # --- SAEs -------------------------------------------------------------------------------------
     def train_sae(
         self,
@@ -197,8 +223,7 @@ class InterpretableModel:
             raise ValueError(f"SAEConfig.k={config.k} exceeds d_hidden={d_hidden} "
                              f"(d_model {self.d_model} x expansion_factor {config.expansion_factor})")
         prepared = self._prepare(dataset_texts(dataset, text_column))
-        ecfg = ExtractConfig(layer=site.layer, component=site.component, context_length=context_length,
-                             batch_size=extract_batch_size)
+        ecfg = ExtractConfig(context_length=context_length, batch_size=extract_batch_size)
         rows = self._row_count(prepared, ecfg)
         if rows == 0:
             raise ValueError(f"the {prepared.n_texts} texts give no token rows (only special tokens)")
@@ -209,7 +234,8 @@ class InterpretableModel:
         ecfg = dataclasses.replace(ecfg, max_tokens=rows)
         shard_dir = self._shard_dir(prepared, ecfg, site)
         log.info("train_sae %s: %d texts -> %d activation rows in %s", site.name, prepared.n_texts, rows, shard_dir)
-        manifest = extract_split(self.loaded, prepared.texts_path, shard_dir, ecfg, "train", progress=progress)
+        manifest = extract_split(self.loaded, prepared.texts_path, shard_dir, ecfg, "train", site=site,
+                                 progress=progress)
         stats = fit_stats(shard_dir) if config.normalize_input else None
         metadata = {
             "layer": site.layer, "component": site.component, "site": site.name,
@@ -240,23 +266,7 @@ class InterpretableModel:
         Without ``layer``/``component`` the SAE's recorded site is used (only the model is checked).
         Returns the site checked, or None when neither was given nor recorded.
         """
-        meta = sae.metadata
-        want_layer = meta.get("layer") if layer is None else layer
-        want_component = meta.get("component") if component is None else component
-        if component is not None and component not in COMPONENTS:
-            raise ValueError(f"unknown component {component!r}; valid components: {', '.join(COMPONENTS)}")
-        if layer is not None:
-            check_site(layer, "output", self.num_layers)
-        reasons = sae.compatibility(self, want_layer, want_component)[1]
-        if layer is None and component is None:  # nothing asked about the site: check the model only
-            reasons = [r for r in reasons if not (r.unverified and r.key in ("layer", "component"))]
-        if reasons:
-            name = f"SAE ({meta['site']})" if meta.get("site") else "SAE"
-            raise IncompatibleSAEError(f"{name} is incompatible with model {self.info.model_id!r}: "
-                                       + "; ".join(reasons))
-        if want_layer is None or want_component is None:
-            return None
-        return Site(int(want_layer), str(want_component))
+        return check_compatible(sae, self, layer, component)
 
     def encode(self, sae: Any, texts: str | list[str], layer: int | None = None,
                component: str | None = None) -> Any:
@@ -314,5 +324,5 @@ def load_sae(path: str | Path) -> ExplorableSAE:
     return ExplorableSAE.load(path)
 
 
-__all__ = ["FitRecord", "IncompatibleSAEError", "InterpretableModel", "count_rows", "dataset_texts",
-           "load_sae", "texts_digest"]
+__all__ = ["FitRecord", "Generation", "IncompatibleSAEError", "InterpretableModel", "Steer", "count_rows",
+           "dataset_texts", "load_sae", "texts_digest"]

@@ -5,11 +5,16 @@
     activating_texts = sae.get_top_activating_texts(feature_idx=1234, dataset=texts, top_k=20)
     sae.visualize_feature(feature_idx=1234, model=model, dataset=texts)   # renders in a notebook
     dashboard = sae.launch_dashboard(model=model, dataset=texts)          # dashboard.url, dashboard.stop()
+    with model.trace("Generate text about...") as trace:                 # steering (saepipe.analysis.steering)
+        sae.steer(model=model, layer=10, feature_idx=1234, strength=2.0)
+        output = model.output.save()
 
 Each method runs the model on the texts (``rows_from_texts``: the same rows extract would store) and
 the analyze stage's own code on them (``saepipe.analysis.run.analyze_rows``), so a feature shows the
 same statistics, contexts and logit effects here as on the dashboard of a pipeline run. The rows of
 the last dataset are kept, so calling several methods on one dataset runs the model once.
+``sae.steer`` registers a steering edit on the model's open trace, and ``sae.steering`` makes a
+``Steer`` for ``model.generate(..., steer=[...])``.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import hashlib
 import shutil
 import tempfile
 import weakref
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -28,6 +34,7 @@ from saepipe.analysis.codes import Encoder
 from saepipe.analysis.config import AnalysisConfig
 from saepipe.analysis.rows import ArrayRows, rows_from_texts
 from saepipe.analysis.run import analyze, analyze_rows
+from saepipe.analysis.steering import Steer, steer_trace
 from saepipe.analysis.tokens import TokenStrings
 from saepipe.analysis.writer import AnalysisTables
 from saepipe.dashboard.data import Analysis, load_feature_record
@@ -36,6 +43,7 @@ from saepipe.dashboard.serve import DashboardServer
 from saepipe.dashboard.site import build_site
 from saepipe.lm.sites import Site
 from saepipe.lm.tokens import excluded_token_ids
+from saepipe.lm.trace import current_trace
 from saepipe.sae.topk import TopKSAE
 from saepipe.texts.datasets import dataset_texts
 
@@ -222,6 +230,35 @@ class ExplorableSAE(TopKSAE):
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise
+
+    # --- steering ----------------------------------------------------------------------------------
+    def steer(self, model: Any = None, layer: int | None = None, feature_idx: int | None = None,
+              strength: float = 1.0, *, component: str | None = None,
+              positions: Sequence[int] | None = None) -> Steer:
+        """Inside ``with model.trace(prompt):``, add ``strength`` x feature ``feature_idx``'s decoder
+        direction (in the model's own activation space: normalization undone) to the output of this
+        SAE's site, on every token or on ``positions`` only; it applies when the block exits. Several
+        steers compose. ``layer``/``component`` default to the SAE's recorded site and must match it
+        (``IncompatibleSAEError`` otherwise, as for another model). Returns the ``Steer``."""
+        if feature_idx is None:
+            raise TypeError("steer needs feature_idx=")
+        spec = self.steering(feature_idx, strength, positions=positions, layer=layer, component=component)
+        model = model if model is not None else self._binding_state().model
+        if model is None:
+            raise ValueError("no model: pass model=..., or get the SAE from model.load_sae / model.train_sae")
+        loaded = _loaded(model)
+        current = current_trace(loaded)
+        if current is None:
+            raise RuntimeError("sae.steer(...) registers an intervention on the open `with model.trace(...)` "
+                               "block of this model; call it inside one (for generation pass "
+                               "model.generate(..., steer=[sae.steering(feature_idx, strength)]))")
+        steer_trace(current, spec, loaded)
+        return spec
+
+    def steering(self, feature_idx: int, strength: float, *, positions: Sequence[int] | None = None,
+                 layer: int | None = None, component: str | None = None) -> Steer:
+        """A ``Steer`` of this SAE's feature (for ``model.generate(..., steer=[...])``); checked there."""
+        return Steer(self, self._check_feature(feature_idx), strength, positions, layer, component)
 
     # --- internals ---------------------------------------------------------------------------------
     def _binding_state(self) -> _Binding:

@@ -20,8 +20,9 @@ from saepipe.analysis.config import AnalysisConfig
 from saepipe.analysis.rows import ShardRows
 from saepipe.analysis.run import analyze
 from saepipe.lm import model as lm_model
-from saepipe.runtime.params import model_spec, read_params, section
+from saepipe.runtime.params import read_params, section
 from saepipe.sae.topk import load_sae
+from stages import MODELS_DIR, checked_model_spec, stage_run
 
 log = logging.getLogger("stages.analyze")
 
@@ -59,22 +60,23 @@ def check_sae(sae, loaded, layer: int, component: str) -> None:
               type=click.Path(file_okay=False, path_type=Path), help="extract's output (one folder per split)")
 @click.option("--out", "out_dir", default="data/analyze", show_default=True,
               type=click.Path(file_okay=False, path_type=Path), help="output folder")
-def main(params_path: Path, sae_path: Path, acts_dir: Path, out_dir: Path) -> None:
+@click.option("--models", "models_dir", default=str(MODELS_DIR), show_default=True,
+              type=click.Path(file_okay=False, path_type=Path),
+              help="the folder a local model file or folder must be in (a dependency of the stage)")
+def main(params_path: Path, sae_path: Path, acts_dir: Path, out_dir: Path, models_dir: Path) -> None:
     """Analyze every latent of the SAE over the extracted activations."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
+    with stage_run("analyze", out_dir):
         params = read_params(params_path)
         config = AnalysisConfig.from_dict(section(params, "analyze"))
+        spec = checked_model_spec(params, models_dir)
         sae = load_sae(sae_path)
-    except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
-        raise click.ClickException(str(e)) from e
-    sources = open_splits(acts_dir, config.splits)
-    loaded = lm_model.load_model(model_spec(params))
-    manifest = sources[0].manifest
-    check_sae(sae, loaded, int(manifest["layer"]), str(manifest["component"]))
-    # Scratch files (~16 bytes per row and kept latent) next to the output, not in a RAM-backed /tmp.
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tables = analyze(sources, sae, loaded, config, out_dir, scratch_dir=out_dir.parent, report=click.echo)
+        sources = open_splits(acts_dir, config.splits)
+        loaded = lm_model.load_model(spec)
+        manifest = sources[0].manifest
+        check_sae(sae, loaded, int(manifest["layer"]), str(manifest["component"]))
+        # Scratch files (~16 bytes per row and kept latent) next to the output, not in a RAM-backed /tmp.
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tables = analyze(sources, sae, loaded, config, out_dir, scratch_dir=out_dir.parent, report=click.echo)
     s = tables.summary
     click.echo(f"{out_dir}: {s['n_features']} latents ({s['dead']} dead) over {s['n_tokens']} tokens, "
                f"{tables.examples.num_rows} contexts, {tables.token_features.num_rows} tokens indexed "

@@ -14,6 +14,7 @@ import click
 
 from saepipe.dashboard.data import ContractError
 from saepipe.dashboard.site import build_site
+from stages import stage_run
 
 
 @click.command()
@@ -23,10 +24,11 @@ from saepipe.dashboard.site import build_site
               type=click.Path(file_okay=False, path_type=Path), help="site folder")
 def main(analysis_dir: Path, out_dir: Path) -> None:
     """Build the static site of every latent of the analysis."""
-    try:
-        info = build_site(analysis_dir, out_dir)
-    except ContractError as e:
-        raise click.ClickException(str(e)) from e
+    with stage_run("dashboard", out_dir):
+        try:
+            info = build_site(analysis_dir, out_dir)
+        except ContractError as e:
+            raise click.ClickException(str(e)) from e
     click.echo(f"dashboard: {info.n_features} latents, {info.n_blocks} data files, "
                f"{info.bytes_written / 1e6:.1f} MB in {info.seconds:.1f} s -> open {info.index}")
 

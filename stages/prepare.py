@@ -2,12 +2,16 @@
 
     uv run python -m stages.prepare --params params.yaml --out data/prepare
 
-Writes ``<out>/texts.parquet`` (columns id, text, source, split) and ``<out>/counts.json`` (metrics).
+Writes ``<out>/texts.parquet`` (columns id, text, source, split) and ``<out>/counts.json`` (what was
+kept and dropped, the hub dataset's commit sha, the parquet's sha256).
+
+A local ``prepare.source`` must lie under ``--sources`` (``data/sources/``, a dependency of this stage
+in dvc.yaml): DVC reruns a stage only for inputs it knows, so a file elsewhere could change without
+prepare ever rerunning. A symlink there to a file elsewhere works too (DVC hashes the target).
 """
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import click
@@ -15,6 +19,18 @@ import click
 from saepipe.runtime.params import read_params, section
 from saepipe.texts.config import PrepareConfig
 from saepipe.texts.prepare import run_prepare, write_prepared
+from saepipe.texts.sources import source_kind
+from stages import check_inside, stage_run
+
+SOURCES_DIR = Path("data/sources")
+"""Where local text files live (a folder dep of prepare in dvc.yaml, kept in git with its README)."""
+
+
+def check_local_source(source: str, sources_dir: Path) -> None:
+    """A local source must be inside ``sources_dir`` (compared as written: a symlink there may point anywhere)."""
+    if source_kind(source) == "local":
+        check_inside("prepare.source", source, sources_dir,
+                     "builtin, a hub dataset name, or a file or folder", "prepare")
 
 
 @click.command()
@@ -22,15 +38,16 @@ from saepipe.texts.prepare import run_prepare, write_prepared
               type=click.Path(dir_okay=False, path_type=Path), help="params file with a `prepare:` section")
 @click.option("--out", "out_dir", default="data/prepare", show_default=True,
               type=click.Path(file_okay=False, path_type=Path), help="output folder")
-def main(params_path: Path, out_dir: Path) -> None:
+@click.option("--sources", "sources_dir", default=str(SOURCES_DIR), show_default=True,
+              type=click.Path(file_okay=False, path_type=Path),
+              help="the folder local text sources must be in (a dependency of the stage)")
+def main(params_path: Path, out_dir: Path, sources_dir: Path) -> None:
     """Prepare the texts the later stages read."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
+    with stage_run("prepare", out_dir):
         config = PrepareConfig.from_dict(section(read_params(params_path), "prepare"))
+        check_local_source(config.source, sources_dir)
         result = run_prepare(config)
-    except (ValueError, KeyError, TypeError, FileNotFoundError, RuntimeError) as e:
-        raise click.ClickException(str(e)) from e
-    texts_path, counts_path = write_prepared(result, out_dir)
+        texts_path, counts_path = write_prepared(result, out_dir)
     c = result.counts
     click.echo(
         f"{texts_path}: {c.kept} texts ({c.train} train, {c.eval} eval) of {c.read} read; "

@@ -18,7 +18,7 @@ from saepipe.dashboard.browser import Browser, ChromiumUnavailable, ensure_chrom
 from saepipe.dashboard.render import visible
 from tests.test_analysis import LAYER, make_rows, make_sae, write_split
 
-PARAMS = {"model": "tiny", "analyze": {"top_n": 6, "window_before": 5, "window_after": 2, "quantiles": 4,
+PARAMS = {"model": "test/tiny", "analyze": {"top_n": 6, "window_before": 5, "window_after": 2, "quantiles": 4,
                                        "per_quantile": 2, "histogram_bins": 16, "logit_top": 5, "neighbors": 5,
                                        "token_top": 8, "chunk_rows": 256, "splits": ["train", "eval"]}}
 

@@ -45,7 +45,8 @@ def test_params_fills_defaults_and_checks_keys(project):
     assert shown["model"] == "default"
     assert shown["sae"]["k"] == 8 and shown["sae"]["expansion_factor"] == 16  # given, then default
     assert set(shown) == {"model", *cli.SECTIONS}
-    assert shown["extract"]["layer"] == 6 and shown["normalize"]["chunk_rows"] == 65536
+    assert shown["sweep"] == {"sites": ["6.mlp"], "variants": {"default": {}}}
+    assert "layer" not in shown["extract"] and shown["normalize"]["chunk_rows"] == 65536
     one = yaml.safe_load(CliRunner().invoke(cli.main, ["params", "evaluate"]).output)
     assert one == {"evaluate": {"max_tokens": 10000, "batch_size": 8}}
     (folder / "params.yaml").write_text("sae:\n  kk: 8\n")
@@ -65,14 +66,29 @@ def test_params_of_the_shipped_file_are_what_the_stages_read():
 def test_repro_passes_dvc_args_and_prints_the_summary(project):
     folder, calls = project
     (folder / "sub").mkdir()
-    metrics = folder / "data" / "evaluate" / "metrics.json"
+    result = CliRunner().invoke(cli.main, ["repro", "--dry"])
+    assert result.exit_code == 0 and result.output == ""  # nothing produced yet: nothing to print
+    metrics = folder / "data" / "evaluate" / "6.mlp" / "default" / "metrics.json"  # the default one-run sweep
     metrics.parent.mkdir(parents=True)
     metrics.write_text(json.dumps({"fvu": 0.29, "l0": 32.0, "health": {"a": {"ok": True}}}))
     result = CliRunner().invoke(cli.main, ["repro", "--force", "--dry"])
     assert result.exit_code == 0, result.output
-    assert calls == [(["repro", "--force", "--dry"], folder.resolve())]
+    assert calls[-1] == (["repro", "--force", "--dry"], folder.resolve())
     assert "FVU (fraction of variance unexplained)" in result.output and "0.2900" in result.output
     assert "health checks: all passed" in result.output
+    assert "data/evaluate/6.mlp/default/report.html" in result.output
+
+
+def test_repro_of_a_sweep_prints_the_summary_table(project):
+    folder, _ = project
+    (folder / "params.yaml").write_text("sweep:\n  sites: [1.mlp, 2.attn]\n  variants: {a: {}, b: {k: 4}}\n")
+    table = folder / "data" / "summary" / "runs.md"
+    table.parent.mkdir(parents=True)
+    table.write_text("| site | variant |\n|---|---|\n| 1.mlp | a |\n")
+    result = CliRunner().invoke(cli.main, ["repro"])
+    assert result.exit_code == 0, result.output
+    assert "saepipe sweep (4 runs, data/summary/runs.md)" in result.output and "| 1.mlp | a |" in result.output
+    assert "data/summary/index.html" in result.output
 
 
 def test_run_reproduces_one_known_stage(project, monkeypatch):
@@ -82,8 +98,10 @@ def test_run_reproduces_one_known_stage(project, monkeypatch):
     result = CliRunner().invoke(cli.main, ["run", "train", "--single-item"])
     assert result.exit_code == 0, result.output
     assert calls == [(["repro", "train", "--single-item"], folder.resolve())]
+    one = CliRunner().invoke(cli.main, ["run", "train@6.mlp-default"])  # one stage of the matrix
+    assert one.exit_code == 0 and calls[-1] == (["repro", "train@6.mlp-default"], folder.resolve())
     bad = CliRunner().invoke(cli.main, ["run", "trian"])
-    assert bad.exit_code != 0 and "prepare, extract, normalize, train, evaluate" in bad.output
+    assert bad.exit_code != 0 and "prepare, extract, normalize, train, evaluate, analyze, dashboard, summary" in bad.output
 
 
 def test_failing_dvc_fails_the_command(project, monkeypatch):

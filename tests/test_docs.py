@@ -47,3 +47,25 @@ def test_field_docs_reads_attribute_docstrings():
     docs = _generator().field_docs(SAEConfig)
     assert set(docs) == {f.name for f in dataclasses.fields(SAEConfig)}
     assert docs["k"].startswith("Latents kept active per token")
+
+
+ROBUSTNESS = ROOT / "docs" / "robustness.md"
+
+
+def test_robustness_doc_is_up_to_date():
+    text = ROBUSTNESS.read_text()
+    assert _generator().regenerate(text) == text, "docs/robustness.md is stale: run `uv run python docs/generate.py`"
+
+
+def test_robustness_doc_lists_every_params_key_and_only_tests_that_exist():
+    from saepipe.cli import SECTIONS
+
+    text = ROBUSTNESS.read_text()
+    for name, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            assert f"| `{name}.{f.name}` |" in text, f"{name}.{f.name} has no row in docs/robustness.md"
+    sources = {p.name: p.read_text() for p in (ROOT / "tests").glob("test_*.py")}
+    for ref in sorted(set(re.findall(r"`(?:tests/)?(?:(test_\w+)\.py::)?(test_\w+)`", text))):
+        module, test = ref
+        where = [sources[f"{module}.py"]] if module else list(sources.values())
+        assert any(f"def {test}(" in s for s in where), f"docs/robustness.md names {ref}, which does not exist"

@@ -192,11 +192,14 @@ def test_d_model_mismatch_is_an_error(tiny_model):
 
 def test_health_checks():
     good = {"l0": 31.0, "dead_fraction": 0.05, "fvu": 0.2}
-    h = health_checks(good, {"history": [{"train/loss": 2.0}, {"train/loss": 0.5}]}, k=32)
+    h = health_checks(good, {"history": [{"train/loss": 2.0}, {"train/loss": 0.5}], "warnings": []}, k=32)
     assert all(c["ok"] for c in h.values()), h
     bad = {"l0": 20.0, "dead_fraction": 0.5, "fvu": float("nan")}
-    h = health_checks(bad, {"history": [{"train/loss": 0.5}, {"train/loss": 0.6}]}, k=32)
+    short = ["the run has 2 steps but sae.warmup_steps=50: ..."]
+    h = health_checks(bad, {"history": [{"train/loss": 0.5}, {"train/loss": 0.6}], "warnings": short}, k=32)
     assert not any(c["ok"] for c in h.values()), h
+    assert h["schedule_ok"]["value"] == short
+    assert not health_checks(good, {}, k=32)["schedule_ok"]["ok"]  # not recorded: not passed
     assert h["no_nan"]["value"] == ["fvu"]
     assert not health_checks(good, {}, k=32)["loss_decreased"]["ok"]  # unknown: not passed
     # the per-step curve wins over a one-epoch history: noisy but decreasing on average
@@ -219,8 +222,7 @@ def test_stage_end_to_end(tiny_model, tmp_path, monkeypatch):
     from stages.evaluate import main
 
     monkeypatch.setattr(saepipe.lm.model, "load_model", lambda spec, **kw: tiny_model)
-    params = {"model": "tiny", "extract": {"layer": LAYER, "component": "mlp", "context_length": 32,
-                                           "skip_special_tokens": True},
+    params = {"model": "test/tiny", "extract": {"context_length": 32, "skip_special_tokens": True},
               "evaluate": {"max_tokens": 120, "batch_size": 4}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     pq.write_table(pa.table({"id": np.arange(2 * len(TEXTS)), "text": TEXTS * 2,
@@ -235,7 +237,7 @@ def test_stage_end_to_end(tiny_model, tmp_path, monkeypatch):
     (live / "val" / "fvu.tsv").write_text("step\tfvu\n20\t0.5\n")
     (live / "loss.tsv").write_text("timestamp\tstep\tloss\n1\t0\t1.0\n2\t10\t0.5\n3\t20\t0.3\n")
     out = tmp_path / "out"
-    res = CliRunner().invoke(main, [
+    res = CliRunner().invoke(main, [  # no --site: the one the SAE file records
         "--params", str(tmp_path / "params.yaml"), "--sae", str(tmp_path / "sae.safetensors"),
         "--texts", str(tmp_path / "texts.parquet"), "--train-metrics", str(tmp_path / "train.json"),
         "--train-live", str(tmp_path / "live"), "--out", str(out)])
@@ -256,11 +258,13 @@ def test_stage_end_to_end(tiny_model, tmp_path, monkeypatch):
     report = (out / "report.html").read_text()
     assert report.count("data:image/png;base64,") == 2 and "http" not in report
 
-    # an SAE trained at another site is refused
+    assert metrics["layer"] == LAYER and metrics["component"] == "mlp"
+
+    # an SAE trained at another site than --site is refused
     sae.update_metadata(layer=LAYER + 1)
     sae.save(tmp_path / "other.safetensors")
     res = CliRunner().invoke(main, [
-        "--params", str(tmp_path / "params.yaml"), "--sae", str(tmp_path / "other.safetensors"),
+        "--params", str(tmp_path / "params.yaml"), "--site", f"{LAYER}.mlp", "--sae", str(tmp_path / "other.safetensors"),
         "--texts", str(tmp_path / "texts.parquet"), "--out", str(tmp_path / "out2")])
     assert res.exit_code != 0 and "layer differs" in res.output
 

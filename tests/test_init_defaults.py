@@ -58,7 +58,7 @@ def test_learning_rate_none_is_scaled_with_the_width_and_an_explicit_value_wins(
 
 
 @pytest.mark.parametrize("field", ["learning_rate", "encoder_init_scale"])
-@pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), float("inf"), True, "0.5"])
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), float("inf"), True, "abc", [0.5]])
 def test_learning_rate_and_encoder_init_scale_must_be_positive_numbers_or_null(field, bad):
     assert getattr(SAEConfig.from_dict({field: None}), field) is None
     assert getattr(SAEConfig.from_dict({field: 0.5}), field) == 0.5

@@ -17,6 +17,7 @@ LAYERS = {
     "saepipe.runtime": 0,
     "saepipe.lm": 1,
     "saepipe.texts": 1,
+    "saepipe.parallel": 1,
     "saepipe.activations": 2,
     "saepipe.sae": 3,
     "saepipe.training": 4,

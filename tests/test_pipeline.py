@@ -1,5 +1,7 @@
 """dvc.yaml is consistent with the repository: stage modules, code deps (exactly what each stage
-imports), params keys, metrics that DVC can read back, caches that do not count as code."""
+imports), params keys, metrics that DVC can read back, caches that do not count as code.
+
+Matrix stages are checked as DVC expands them over params.yaml (``train@6.mlp-default``, ...)."""
 
 from __future__ import annotations
 
@@ -15,7 +17,19 @@ import yaml
 from tests.import_graph import closure, module_files
 
 ROOT = Path(__file__).resolve().parents[1]
-PIPELINE = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+
+
+def resolved_stages(root: Path) -> dict[str, dict]:
+    """dvc.yaml's stages as DVC expands them over the folder's params.yaml (matrix stages become
+    ``name@key`` entries with ``${item...}`` filled in)."""
+    from dvc.parsing import DataResolver
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        return DataResolver(repo, str(root), yaml.safe_load((root / "dvc.yaml").read_text())).resolve()["stages"]
+
+
+PIPELINE = resolved_stages(ROOT)
 PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
 CODE = ("stages/", "saepipe/")
 
@@ -87,7 +101,7 @@ def test_caches_next_to_the_code_do_not_change_a_code_dep():
     must be ignored (.dvcignore), or every stage would rerun after its code was first imported."""
     from dvc.repo import Repo
 
-    stage = Repo(str(ROOT)).stage.collect("train")[0]
+    stage = Repo(str(ROOT)).stage.collect("train")[0]  # the matrix group: its first stage
     dep = next(d for d in stage.deps if d.def_path == "saepipe/training")
     code = ROOT / "saepipe" / "training"
     tag = uuid.uuid4().hex[:8]
@@ -110,3 +124,9 @@ def test_caches_next_to_the_code_do_not_change_a_code_dep():
         for folder in (fresh / "__pycache__", fresh):
             if folder.is_dir():
                 folder.rmdir()
+
+
+def test_every_stage_group_is_expanded():
+    """The shipped sweep (one site, one variant) gives one stage per dvc.yaml entry, named by DVC."""
+    assert list(PIPELINE) == ["prepare", "extract", "normalize@6.mlp", "train@6.mlp-default",
+                              "evaluate@6.mlp-default", "analyze@6.mlp-default", "dashboard@6.mlp-default", "summary"]

@@ -112,10 +112,10 @@ def test_empty_after_filter_errors(tmp_path):
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ({"max_chars": 5}, "max_chars=5 must be >="),
-        ({"max_texts": 0}, "max_texts must be a positive integer"),
-        ({"eval_fraction": 1.0}, r"eval_fraction must be in \[0, 1\)"),
-        ({"min_chars": -1}, "min_chars must be >= 0"),
+        ({"max_chars": 5}, r"prepare\.max_chars must be >= prepare\.min_chars \(10\), got 5"),
+        ({"max_texts": 0}, r"prepare\.max_texts must be an integer >= 1 or null"),
+        ({"eval_fraction": 1.0}, r"prepare\.eval_fraction must be a finite number in \[0, 1\)"),
+        ({"min_chars": -1}, r"prepare\.min_chars must be an integer >= 0"),
     ],
 )
 def test_bad_args(override, message):
@@ -124,7 +124,8 @@ def test_bad_args(override, message):
 
 
 def test_params_reject_unknown_keys():
-    with pytest.raises(ValueError, match=r"unknown key\(s\) in prepare params: \['min_char'\]"):
+    with pytest.raises(ValueError, match=r"unknown key\(s\) in prepare params: prepare\.min_char;.*did you mean "
+                                         r"prepare\.min_chars"):
         PrepareConfig.from_dict({"min_char": 3})
 
 
@@ -156,7 +157,7 @@ def test_stage_cli(tmp_path):
         max_texts=25, eval_fraction=0.2, seed=7,
     )  # fmt: skip
     out = tmp_path / "data" / "prepare"
-    result = CliRunner().invoke(prepare_stage, ["--params", params, "--out", str(out)])
+    result = CliRunner().invoke(prepare_stage, ["--params", params, "--out", str(out), "--sources", str(tmp_path)])
     assert result.exit_code == 0, result.output
     counts = json.loads((out / "counts.json").read_text())
     assert (counts["read"], counts["kept"], counts["over_max_texts"]) == (30, 25, 5)
@@ -172,7 +173,7 @@ def test_stage_cli_errors_write_nothing(tmp_path):
     data.write_text("one\n\ntwo\n")
     params = _params_file(tmp_path, source=str(data), min_chars=50)
     out = tmp_path / "out"
-    result = CliRunner().invoke(prepare_stage, ["--params", params, "--out", str(out)])
+    result = CliRunner().invoke(prepare_stage, ["--params", params, "--out", str(out), "--sources", str(tmp_path)])
     assert result.exit_code != 0
     assert "all 2 texts are shorter than min_chars=50" in result.output
     assert not out.exists()

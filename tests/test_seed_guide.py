@@ -179,3 +179,34 @@ def test_phase2_feature_analysis_and_visualization(model, trained, texts, tmp_pa
         assert b"<html" in urllib.request.urlopen(dashboard.url + "feature.html", timeout=10).read().lower()
     finally:
         dashboard.stop()
+
+
+def test_phase2_model_steering(model, trained):
+    """Coming Soon: Phase 2 > Model Steering, as written; then generation under the same steer."""
+    sae, _ = trained
+    # Steer model behavior with features (Phase 2)
+    with model.trace("Generate text about...") as trace:
+        sae.steer(
+            model=model,
+            layer=10,
+            feature_idx=1234,
+            strength=2.0  # Amplify this feature
+        )
+        output = model.output.save()
+    with model.trace("Generate text about...") as clean:
+        pass
+    site = "model.model.layers.10.mlp"
+    assert output.shape == clean.logits.shape == (1, trace.tokens.shape[1], model.info.vocab_size)
+    assert not np.array_equal(np.array(output.value), np.array(clean.logits))
+    # the steered site moved by 2 x the feature's decoder direction in the model's units
+    moved = np.array(trace.activations[site]) - np.array(clean.activations[site])
+    assert sae.normalization == "scalar"  # one std for every dimension: the root mean per-dimension variance
+    direction = np.array(sae.W_dec[1234]) * np.sqrt(np.mean(np.square(np.asarray(sae.stats.std))))
+    np.testing.assert_allclose(moved[0], np.tile(2.0 * direction, (moved.shape[1], 1)), rtol=1e-3, atol=1e-4)
+    pre = [np.array(sae.pre_activations(t.activations[site]))[0, :, 1234] for t in (clean, trace)]
+    assert (pre[1] >= pre[0]).all() and (pre[1] > pre[0]).sum() >= len(pre[0]) - 1  # ReLU may clamp the first token
+    # generation under steering: strength 0 is the clean continuation, a strong steer changes it
+    plain = model.generate("The weather today is", max_tokens=6)
+    zero = model.generate("The weather today is", max_tokens=6, steer=[sae.steering(1234, 0.0)])
+    strong = model.generate("The weather today is", max_tokens=6, steer=[sae.steering(1234, 60.0)])
+    assert zero.tokens == plain.tokens and strong.tokens != plain.tokens and plain.text

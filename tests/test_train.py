@@ -247,7 +247,7 @@ def test_divergence_stops_with_step_and_metric(tmp_path):
 def test_nan_input_is_reported():
     x = _data(200)
     x[:] = np.nan
-    with pytest.raises(TrainingDivergedError, match="step 1"):
+    with pytest.raises(ValueError, match=r"activations hold NaN or inf in 200 of 200 rows"):  # not "diverged"
         fit_sae(x, SAEConfig(**{**SMALL, "normalize_input": False}), progress=False)
 
 
@@ -384,8 +384,7 @@ def test_stage_cli(tmp_path):
 
     acts = tmp_path / "acts"
     _shard_folder(acts, _data(600), layer=1, component="mlp")
-    params = {"model": "tiny", "extract": {"layer": 1, "component": "mlp"},
-              "sae": {**SMALL, "checkpoint_every": 3}}
+    params = {"model": "tiny", "sae": {**SMALL, "checkpoint_every": 3}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     out = tmp_path / "train"
     args = ["--params", str(tmp_path / "params.yaml"), "--acts", str(acts), "--out", str(out)]
@@ -400,11 +399,27 @@ def test_stage_cli(tmp_path):
     assert (out / "live" / "plots" / "metrics" / "loss.tsv").exists()
     assert (out / "live" / "plots" / "metrics" / "val" / "fvu.tsv").exists()
     assert not (out / "checkpoints").exists()
-    # a site mismatch between params and the shards is refused
-    params["extract"]["layer"] = 2
+    # a site mismatch between --site and the shards is refused
+    res = CliRunner().invoke(main, [*args, "--site", "2.mlp"])
+    assert res.exit_code != 0 and "extracted at 1.mlp but --site is 2.mlp" in res.output
+
+
+def test_stage_cli_trains_a_sweep_variant(tmp_path):
+    """--variant NAME: the sae: section with sweep.variants.NAME on top."""
+    from stages.train import main
+
+    acts = tmp_path / "acts"
+    _shard_folder(acts, _data(600), layer=1, component="mlp")
+    params = {"model": "tiny", "sae": {**SMALL, "num_epochs": 1},
+              "sweep": {"sites": ["1.mlp"], "variants": {"default": {}, "k2": {"k": 2}}}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    res = CliRunner().invoke(main, args)
-    assert res.exit_code != 0 and "rerun extract" in res.output
+    base = ["--params", str(tmp_path / "params.yaml"), "--acts", str(acts), "--site", "1.mlp"]
+    res = CliRunner().invoke(main, [*base, "--variant", "k2", "--out", str(tmp_path / "k2")])
+    assert res.exit_code == 0, res.output
+    assert load_sae(tmp_path / "k2" / "sae.safetensors").k == 2
+    assert load_sae(tmp_path / "k2" / "sae.safetensors").metadata["config"]["num_epochs"] == 1
+    bad = CliRunner().invoke(main, [*base, "--variant", "k3", "--out", str(tmp_path / "k3")])
+    assert bad.exit_code != 0 and "no variant 'k3' in sweep.variants (have: default, k2)" in bad.output
 
 
 def test_metrics_json_nulls_non_finite_and_unwraps_scalars(tmp_path):

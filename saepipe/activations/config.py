@@ -7,23 +7,36 @@ neither MLX nor the model code.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
-from saepipe.runtime.params import ParamsSection
+from saepipe.runtime.params import Bool, Choice, Int, ParamsError, ParamsSection
+
+COMPONENTS: tuple[str, ...] = ("mlp", "attn", "output")
+"""``saepipe.lm.sites.COMPONENTS``, repeated so normalize and train (which read this section) do not depend
+on the model code; tests/test_params.py keeps the two equal."""
 
 
 @dataclass(frozen=True)
 class ExtractConfig(ParamsSection):
-    """The ``extract:`` section of params.yaml."""
+    """The ``extract:`` section of params.yaml: how texts become activation rows. Which sites are
+    stored is ``sweep.sites`` (``saepipe.lm.sites.parse_site_ids``), all captured in one pass."""
 
     SECTION: ClassVar[str] = "extract"  # its params.yaml section
 
-    layer: int = 6
-    """Block whose component output is stored (0-based)."""
-    component: str = "mlp"
-    """mlp | attn | output (residual stream after the block)."""
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any] | None) -> ExtractConfig:
+        """Build from the section; the pre-sweep keys ``layer``/``component`` say where sites went."""
+        moved = sorted({"layer", "component"} & set(values or {}))
+        if moved:
+            key = f"extract.{moved[0]}"
+            raise ParamsError(key, (values or {})[moved[0]], "", message=(
+                f"{key} moved to sweep.sites: write `sweep: {{sites: [{(values or {}).get('layer', 6)}."
+                f"{(values or {}).get('component', 'mlp')}]}}` instead (README, 'Sweeps')"))
+        return super().from_dict(values)
+
     context_length: int = 128
-    """Texts are truncated to this many tokens (BOS included)."""
+    """Texts are truncated to this many tokens (a BOS included, when the tokenizer adds one)."""
     batch_size: int = 8
     """Texts per forward pass."""
     dtype: str = "float16"
@@ -33,17 +46,16 @@ class ExtractConfig(ParamsSection):
     eval_max_tokens: int = 20000
     """Rows written for the eval split."""
     skip_special_tokens: bool = True
-    """Exclude BOS and other special-token positions (pads are always excluded)."""
+    """Exclude special-token positions, BOS among them when the tokenizer adds one (pads are always excluded)."""
     shard_rows: int = 65536
     """Rows per shard file."""
 
-    def __post_init__(self) -> None:
-        for name in ("context_length", "batch_size", "max_tokens", "eval_max_tokens", "shard_rows"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"extract.{name} must be a positive integer, got {value!r}")
-        if self.dtype not in ("float16", "float32"):
-            raise ValueError(f"extract.dtype must be float16 or float32, got {self.dtype!r}")
+    RULES: ClassVar = {
+        # >= 2: evaluate scores next-token loss, which needs a next token
+        "context_length": Int(min=2), "batch_size": Int(min=1),
+        "dtype": Choice(("float16", "float32")), "max_tokens": Int(min=1), "eval_max_tokens": Int(min=1),
+        "skip_special_tokens": Bool(), "shard_rows": Int(min=1),
+    }
 
     def max_rows(self, split: str) -> int:
         """Row budget of a split."""
@@ -59,14 +71,12 @@ class NormalizeConfig(ParamsSection):
     chunk_rows: int = 65536
     """Rows read from the shards at a time (bounds memory; the statistics do not depend on it)."""
 
-    def __post_init__(self) -> None:
-        check_chunk_rows(self.chunk_rows)
+    RULES: ClassVar = {"chunk_rows": Int(min=1)}
 
 
-def check_chunk_rows(chunk_rows: int) -> None:
-    """A ValueError unless ``chunk_rows`` is a positive integer."""
-    if not isinstance(chunk_rows, int) or isinstance(chunk_rows, bool) or chunk_rows <= 0:
-        raise ValueError(f"normalize.chunk_rows must be positive, got {chunk_rows}")
+def check_chunk_rows(chunk_rows: int) -> int:
+    """``chunk_rows`` as an int, or a ParamsError unless it is a positive integer."""
+    return NormalizeConfig.RULES["chunk_rows"].check("normalize.chunk_rows", chunk_rows)
 
 
-__all__ = ["ExtractConfig", "NormalizeConfig", "check_chunk_rows"]
+__all__ = ["COMPONENTS", "ExtractConfig", "NormalizeConfig", "check_chunk_rows"]

@@ -1,16 +1,21 @@
-"""Extract activations of one site for the prepared texts into resumable shard folders.
+"""Extract activations of one or several sites for the prepared texts into resumable shard folders.
 
 Texts of a split are tokenized (``tokenizer.encode``, with the tokenizer's BOS policy), truncated
 to ``context_length``, sorted by length within windows of consecutive texts (stable, so the order
 is deterministic), grouped into batches of ``batch_size`` texts (right padded to the longest text
-of the batch) and run through ``forward(stop_layer=layer, capture=[site])``. Rows are stored text
-by text in batch order, positions in order (``doc_id``/``position`` columns say where each row
-came from); pad positions are never stored, nor BOS/special tokens when ``skip_special_tokens``.
-Writing stops at ``max_tokens`` rows.
+of the batch) and run once through ``forward(stop_layer=deepest layer, capture=sites)``: every site
+is read from the same pass, so N sites cost one forward to the deepest of them plus N writes. Each
+site has its own shard folder and manifest, with exactly the rows a one-site extraction of it
+writes (the row stream depends on the texts and settings, not on which other sites ride along).
+Rows are stored text by text in batch order, positions in order (``doc_id``/``position`` columns
+say where each row came from); pad positions are never stored, nor BOS/special tokens when
+``skip_special_tokens``. Writing stops at ``max_tokens`` rows.
 
 Because the batches are a fixed function of the texts, a rerun after an interruption keeps the complete
-shards whose checksums match (listed in ``_progress.json``), skips the texts they cover without
-running the model on them, and writes exactly what an uninterrupted run would have written.
+shards whose checksums match (listed in each folder's ``_progress.json``; with several sites, the
+count all of them have), skips the texts they cover without running the model on them, and writes
+exactly what an uninterrupted run would have written. A site whose folder is already complete for
+the same settings is not run again (adding a site to a sweep runs the model for the new one only).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict
@@ -40,7 +46,7 @@ from saepipe.activations.shards import (
 from saepipe.lm import tokens
 from saepipe.lm.forward import forward
 from saepipe.lm.model import LoadedModel
-from saepipe.lm.sites import Site, check_site
+from saepipe.lm.sites import Site, check_site, parse_site_id
 from saepipe.runtime.files import atomic_write_bytes, file_sha256
 from saepipe.runtime.version import __version__
 from saepipe.texts.prepare import SPLITS, read_split
@@ -121,14 +127,16 @@ def _texts_digest(ids: np.ndarray, texts: Sequence[str]) -> str:
     return h.hexdigest()[:16]
 
 
-def _fingerprint(loaded: LoadedModel, cfg: ExtractConfig, split: str, texts_digest: str) -> dict[str, Any]:
-    """Everything that decides the row stream (not max_tokens: a larger budget extends it)."""
+def _fingerprint(loaded: LoadedModel, cfg: ExtractConfig, site: Site, split: str,
+                 texts_digest: str) -> dict[str, Any]:
+    """Everything that decides a site's rows (not max_tokens: a larger budget extends them). The
+    same keys as before sites moved out of ``ExtractConfig``, so older folders stay reusable."""
     d = asdict(cfg)
     for k in ("max_tokens", "eval_max_tokens"):
         d.pop(k)
     return {"model_id": loaded.info.model_id, "model_hash": loaded.info.model_hash,
             "tokenizer": tokenizer_fingerprint(loaded.tokenizer), "split": split,
-            "texts_digest": texts_digest, **d}
+            "texts_digest": texts_digest, "layer": site.layer, "component": site.component, **d}
 
 
 def _reusable_shards(folder: Path, fingerprint: dict[str, Any], shard_rows: int) -> list[ShardInfo]:
@@ -176,6 +184,22 @@ def _start_point(tokenizer: Any, ids: np.ndarray, texts: Sequence[str], cfg: Ext
     return len(texts), 0  # never reached when skip_rows < total rows
 
 
+class PassStats(NamedTuple):
+    """What one split's extraction did (``extract`` records it in ``extract.json``)."""
+
+    sites_run: list[str]
+    """Sites captured by this run's forward pass (ids, e.g. ``6.mlp``)."""
+    sites_reused: list[str]
+    """Sites whose folders were already complete for these settings (not run)."""
+    stop_layer: int | None
+    """Deepest block the pass ran (None when nothing ran)."""
+    batches: int
+    """Forward passes (batches) run: one per batch for all ``sites_run`` together."""
+    rows: int
+    """Rows written per site by this run (resumed shards not counted)."""
+    seconds: float
+
+
 def extract_split(
     loaded: LoadedModel,
     texts_path: Path,
@@ -183,84 +207,149 @@ def extract_split(
     cfg: ExtractConfig,
     split: str = "train",
     *,
+    site: Site | tuple[int, str] | str,
     max_shards: int | None = None,
     progress: bool = True,
+    text_range: tuple[int, int] | None = None,
+    max_rows: int | None = None,
 ) -> dict[str, Any] | None:
-    """Write the shards and manifest of one split into ``out``; return the manifest.
+    """Write the shards and manifest of one site's split into ``out``; return the manifest.
 
+    ``site``: a ``Site``, a ``(layer, component)`` pair or an id such as ``"6.mlp"``.
     ``max_shards`` stops after writing that many new shards, leaving an unfinished (resumable)
-    folder without manifest, and returns None (used to test resumption).
+    folder without manifest, and returns None (used to test resumption). ``text_range``: only the
+    split's texts ``[start, stop)`` (one rank's share, ``saepipe.activations.ranked_extract``);
+    ``max_rows``: the row budget instead of the config's.
     """
-    site = check_site(cfg.layer, cfg.component, loaded.info.num_layers)
+    site = parse_site_id(site) if isinstance(site, str) else Site(*site)
+    manifests = extract_sites(loaded, texts_path, {site: out}, cfg, split, max_shards=max_shards,
+                              progress=progress, text_range=text_range, max_rows=max_rows)
+    return None if manifests is None else manifests[0][site]
+
+
+def extract_sites(
+    loaded: LoadedModel,
+    texts_path: Path,
+    outs: dict[Site, Path],
+    cfg: ExtractConfig,
+    split: str = "train",
+    *,
+    max_shards: int | None = None,
+    progress: bool = True,
+    text_range: tuple[int, int] | None = None,
+    max_rows: int | None = None,
+) -> tuple[dict[Site, dict[str, Any]], PassStats] | None:
+    """Write one split of several sites, each into its folder of ``outs``, from one forward pass per
+    batch (to the deepest site); return each site's manifest and what the pass did.
+
+    Sites already complete for these settings are not run. ``max_shards`` stops (like a kill) as
+    soon as any site has written that many new shards, leaving resumable folders, and returns None.
+    ``text_range`` and ``max_rows``: as in ``extract_split``.
+    """
+    outs = {check_site(s[0], s[1], loaded.info.num_layers): Path(o) for s, o in outs.items()}
+    if not outs:
+        raise ValueError("no sites to extract")
     ids, texts = read_split(Path(texts_path), split)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    fingerprint = _fingerprint(loaded, cfg, split, _texts_digest(ids, texts))
-    max_rows = cfg.max_rows(split)
+    if text_range is not None:
+        ids, texts = ids[text_range[0] : text_range[1]], texts[text_range[0] : text_range[1]]
+    digest = _texts_digest(ids, texts)
+    max_rows = cfg.max_rows(split) if max_rows is None else max_rows
+    fingerprints = {site: _fingerprint(loaded, cfg, site, split, digest) for site in outs}
 
-    done = _finished_manifest(out, fingerprint, max_rows)
-    if done is not None:
-        log.info("%s: already complete (%d rows)", out, done["n_tokens"])
-        return done
+    manifests: dict[Site, dict[str, Any]] = {}
+    for site, out in outs.items():
+        out.mkdir(parents=True, exist_ok=True)
+        done = _finished_manifest(out, fingerprints[site], max_rows)
+        if done is not None:
+            log.info("%s: already complete (%d rows)", out, done["n_tokens"])
+            manifests[site] = done
+    todo = [site for site in outs if site not in manifests]
+    reused = [site.id for site in outs if site in manifests]
+    if not todo:
+        return manifests, PassStats([], reused, None, 0, 0, 0.0)
 
-    kept = [s for s in _reusable_shards(out, fingerprint, cfg.shard_rows)][: max_rows // cfg.shard_rows]
-    _clean(out, {s.file for s in kept} | {PROGRESS})
-    shards = list(kept)
-    skip = len(kept) * cfg.shard_rows
-    if kept:
-        log.info("%s: resuming after %d complete shards (%d rows)", out, len(kept), skip)
+    # Resume from the shard count every unfinished site has (they land together, so they differ by
+    # at most the one a kill interrupted); a site ahead drops its extra shards.
+    kept = {site: _reusable_shards(outs[site], fingerprints[site], cfg.shard_rows)[: max_rows // cfg.shard_rows]
+            for site in todo}
+    n_kept = min(len(k) for k in kept.values())
+    shards: dict[Site, list[ShardInfo]] = {}
+    for site in todo:
+        shards[site] = kept[site][:n_kept]
+        _clean(outs[site], {s.file for s in shards[site]} | {PROGRESS})
+    skip = n_kept * cfg.shard_rows
+    if n_kept:
+        log.info("%s: resuming after %d complete shards (%d rows)", ", ".join(s.id for s in todo), n_kept, skip)
 
-    def on_shard(info: ShardInfo) -> None:
-        shards.append(info)
-        _write_progress(out, fingerprint, shards)
-        if max_shards is not None and len(shards) - len(kept) >= max_shards:
-            raise _Interrupted  # stop like a kill right after a shard landed
+    def on_shard(site: Site) -> Any:
+        def record(info: ShardInfo) -> None:
+            shards[site].append(info)
+            _write_progress(outs[site], fingerprints[site], shards[site])
+            if max_shards is not None and len(shards[site]) - n_kept >= max_shards:
+                raise _Interrupted  # stop like a kill right after a shard landed
+        return record
 
-    writer = ShardWriter(out, loaded.info.d_model, dtype=cfg.dtype, shard_rows=cfg.shard_rows,
-                         first_index=len(kept), on_shard=on_shard)
+    writers = {site: ShardWriter(outs[site], loaded.info.d_model, dtype=cfg.dtype, shard_rows=cfg.shard_rows,
+                                 first_index=n_kept, on_shard=on_shard(site)) for site in todo}
     written = skip
     start_batch, drop = _start_point(loaded.tokenizer, ids, texts, cfg, skip) if skip else (0, 0)
+    names = todo[0].name if len(todo) == 1 else f"{len(todo)} sites"
     bar = tqdm(total=max_rows, initial=written, unit="tok", unit_scale=True, disable=not progress,
-               desc=f"extract {split} {site.name}")
+               desc=f"extract {split} {names}")
     t0 = time.perf_counter()
+    n_batches = 0
     try:
         batches = make_batches(loaded.tokenizer, ids, texts, cfg, start_batch, sort_window=SORT_WINDOW_BATCHES)
-        for rows in _run_batches(loaded, site, batches):
-            acts, token_id, doc_id, position = (c[drop:] for c in rows)
+        for acts, token_id, doc_id, position in _run_batches(loaded, todo, batches):
+            n_batches += 1
+            n = min(len(token_id) - drop, max_rows - written)
+            for site in todo:
+                rows = acts[site][drop:]
+                check_storable(rows, cfg.dtype)
+                writers[site].add(rows[:n], token_id[drop:drop + n], doc_id[drop:drop + n], position[drop:drop + n])
             drop = 0
-            check_storable(acts, cfg.dtype)
-            n = min(len(acts), max_rows - written)
-            writer.add(acts[:n], token_id[:n], doc_id[:n], position[:n])
             written += n
             bar.update(n)
             if written >= max_rows:
                 break
-        writer.close()
+        for writer in writers.values():
+            writer.close()
     except _Interrupted:
         return None
     finally:
         bar.close()
+    seconds = time.perf_counter() - t0
     if written < max_rows:
-        log.warning("%s: the %s split has only %d token rows (asked for %d)", out, split, written, max_rows)
+        log.warning("%s: the %s split has only %d token rows (asked for %d)", names, split, written, max_rows)
     if written == 0:
         raise ValueError(f"the {split} split produced no token rows (all texts empty or special tokens)")
-    log.info("%s: %d rows in %.1fs", out, written, time.perf_counter() - t0)
-    manifest = write_manifest(out, _manifest(loaded, cfg, site, split, fingerprint, shards, written, max_rows))
-    (out / PROGRESS).unlink(missing_ok=True)
-    return manifest
+    log.info("%s %s: %d rows per site in %.1fs", split, names, written, seconds)
+    for site in todo:
+        out = outs[site]
+        manifests[site] = write_manifest(out, _manifest(loaded, cfg, site, split, fingerprints[site], shards[site],
+                                                        written, max_rows))
+        (out / PROGRESS).unlink(missing_ok=True)
+    stats = PassStats([s.id for s in todo], reused, max(s.layer for s in todo), n_batches, written - skip, seconds)
+    return {site: manifests[site] for site in outs}, stats
 
 
-def _run_batches(loaded: LoadedModel, site: Site, batches: Iterator[Batch]) -> Iterator[tuple[np.ndarray, ...]]:
-    """Per batch: the kept rows (acts float32, token_id, doc_id, position) in text/position order."""
+def _run_batches(loaded: LoadedModel, sites: list[Site], batches: Iterator[Batch]
+                 ) -> Iterator[tuple[dict[Site, np.ndarray], np.ndarray, np.ndarray, np.ndarray]]:
+    """Per batch, one forward pass to the deepest site: the kept rows of each site (float32) and
+    their token_id, doc_id, position, in text/position order."""
     d_model = loaded.info.d_model
+    stop = max(site.layer for site in sites)
     for batch in batches:
-        acts = forward(loaded.model, mx.array(batch.tokens), stop_layer=site.layer, capture=[site]).activations[site]
-        acts = np.asarray(acts.astype(mx.float32))
-        if acts.shape[-1] != d_model:
-            raise ValueError(f"model activations have width {acts.shape[-1]} but the model info says "
-                             f"d_model={d_model}")
+        captured = forward(loaded.model, mx.array(batch.tokens), stop_layer=stop, capture=sites).activations
         b_idx, pos = np.nonzero(batch.keep)
-        yield (acts[b_idx, pos], batch.tokens[b_idx, pos], batch.doc_ids[b_idx], pos.astype(np.int32))
+        acts = {}
+        for site in sites:
+            a = np.asarray(captured[site].astype(mx.float32))
+            if a.shape[-1] != d_model:
+                raise ValueError(f"model activations have width {a.shape[-1]} but the model info says "
+                                 f"d_model={d_model}")
+            acts[site] = a[b_idx, pos]
+        yield acts, batch.tokens[b_idx, pos], batch.doc_ids[b_idx], pos.astype(np.int32)
 
 
 def check_storable(acts: np.ndarray, dtype: str) -> None:
@@ -319,12 +408,79 @@ def _manifest(loaded: LoadedModel, cfg: ExtractConfig, site: Site, split: str,
     }
 
 
-def extract(loaded: LoadedModel, texts_path: Path, out: Path, cfg: ExtractConfig,
-            *, progress: bool = True) -> dict[str, dict[str, Any]]:
-    """Extract both splits into ``out/train`` and ``out/eval``; return their manifests."""
-    result = {}
+def split_fingerprint(loaded: LoadedModel, cfg: ExtractConfig, site: Site, split: str, ids: np.ndarray,
+                      texts: Sequence[str]) -> dict[str, Any]:
+    """The fingerprint ``extract_split`` records for ``site`` and these texts of ``split`` (what
+    decides its rows)."""
+    return _fingerprint(loaded, cfg, Site(*site), split, _texts_digest(ids, texts))
+
+
+def finished_manifest(out: Path, fingerprint: dict[str, Any], max_rows: int) -> dict[str, Any] | None:
+    """``out``'s manifest when it was made with ``fingerprint`` and ``max_rows`` and its shards are intact."""
+    return _finished_manifest(Path(out), fingerprint, max_rows)
+
+
+PASS_FILE = "extract.json"
+"""What the last ``extract`` run did per split (sites run and reused, batches, seconds), next to the site folders."""
+
+
+def prepare_site_folders(out: Path, sites: list[Site]) -> None:
+    """Make ``out`` hold only the folders of ``sites`` (and ``extract.json``): folders of sites no
+    longer listed are removed (a DVC output keeps them in its cache), and a one-site folder of the
+    layout before sweeps (``out/train``, ``out/eval``) is moved to its site's place, so upgrading
+    does not extract again (its manifest is then checked like any other)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    _adopt_flat_layout(out, sites)
+    keep = {s.id for s in sites} | {PASS_FILE}
+    for path in out.iterdir():
+        if path.name not in keep:
+            log.info("%s: not a listed site; removed", path)
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def extract(loaded: LoadedModel, texts_path: Path, out: Path, cfg: ExtractConfig, sites: list[Site],
+            *, progress: bool = True) -> dict[Site, dict[str, dict[str, Any]]]:
+    """Extract both splits of every site into ``out/<site id>/{train,eval}`` (one forward pass per
+    batch for all sites, ``extract_sites``); return the manifests by site and split. ``out`` is
+    first tidied by ``prepare_site_folders``; ``out/extract.json`` records what each split's pass did.
+    """
+    out = Path(out)
+    sites = [check_site(s[0], s[1], loaded.info.num_layers) for s in sites]
+    prepare_site_folders(out, sites)
+    result: dict[Site, dict[str, dict[str, Any]]] = {site: {} for site in sites}
+    passes = {}
     for split in SPLITS:
-        manifest = extract_split(loaded, texts_path, Path(out) / split, cfg, split, progress=progress)
-        assert manifest is not None
-        result[split] = manifest
+        done = extract_sites(loaded, texts_path, {s: out / s.id / split for s in sites}, cfg, split,
+                             progress=progress)
+        assert done is not None
+        manifests, stats = done
+        for site, manifest in manifests.items():
+            result[site][split] = manifest
+        passes[split] = stats._asdict()
+    write_passes(out, passes)
     return result
+
+
+def write_passes(out: Path, passes: dict[str, dict[str, Any]]) -> None:
+    """``out/extract.json``: per split, what the pass did (``PassStats`` as a dict)."""
+    atomic_write_bytes(Path(out) / PASS_FILE, json.dumps(passes, indent=2).encode())
+
+
+def _adopt_flat_layout(out: Path, sites: list[Site]) -> None:
+    """Move ``out/{train,eval}`` (one site, the layout before sweeps) to ``out/<site id>/`` when that
+    site is listed and has no folder yet; extract_sites then checks its fingerprint as usual."""
+    for split in SPLITS:
+        old = out / split
+        if not (old / MANIFEST).is_file():
+            continue
+        try:
+            manifest = json.loads((old / MANIFEST).read_text())
+            site = Site(int(manifest["layer"]), str(manifest["component"]))
+        except (ValueError, KeyError, TypeError):
+            continue
+        new = out / site.id / split
+        if site in sites and not new.exists():
+            new.parent.mkdir(parents=True, exist_ok=True)
+            old.rename(new)
+            log.info("%s: moved to %s (the per-site layout)", old, new)

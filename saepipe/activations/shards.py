@@ -8,15 +8,24 @@ A shard folder holds ``shard-00000.arrow``, ``shard-00001.arrow``, ... (uncompre
 - ``token_id`` (int32), ``doc_id`` (int64: the prepare ``id`` of the text), ``position`` (int32).
 
 Shards are written to a temporary name, fsynced and renamed, so a file with a final name is always
-complete. ``manifest.json`` (written last) names every shard with its row count and sha256, and
-carries a ``digest`` of its own content. ``ShardSource`` memory-maps the shards and serves rows as
-float32 without copying whole shards.
+complete. ``manifest.json`` (written last) names every shard with its row count, size, sha256 and a
+sampled sha256, and carries a ``digest`` of its own content. ``ShardSource`` memory-maps the shards
+and serves rows as float32 without copying whole shards.
+
+Every reader checks what it opens against the manifest (``verify_shards``), so a shard flipped,
+truncated or swapped for another extraction's is an error naming it even when a stage runs outside
+DVC: the size of every shard always, then, by default (``verify="auto"``), the full sha256 when the
+folder holds at most ``FULL_HASH_BYTES`` (reading that much costs ~1 s per 300 MB), else the sampled
+sha256 (``SAMPLE_BLOCKS`` blocks of ``SAMPLE_BYTES`` spread over the file, plus its size: catches
+truncation, swapped files and damage in the sampled blocks, not every flipped byte; DVC's own hashes
+cover the rest under ``dvc repro``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -26,10 +35,22 @@ import pyarrow as pa
 
 from saepipe.runtime.files import atomic_write_bytes, file_sha256
 
+log = logging.getLogger(__name__)
+
 MANIFEST = "manifest.json"
 SHARD_PATTERN = "shard-{:05d}.arrow"
 DTYPES = {"float16": np.float16, "float32": np.float32}
 META_COLUMNS = {"token_id": np.int32, "doc_id": np.int64, "position": np.int32}
+
+
+FULL_HASH_BYTES = 1 << 30
+"""Shard folders up to this many bytes are verified with a full sha256 by default; larger ones sampled."""
+
+SAMPLE_BLOCKS = 16
+SAMPLE_BYTES = 1 << 16
+"""The sampled hash reads ``SAMPLE_BLOCKS`` blocks of ``SAMPLE_BYTES`` bytes, evenly spread over the file."""
+
+VERIFY_MODES = ("auto", "full", "sampled", "size", "none")
 
 
 class ShardInfo(NamedTuple):
@@ -37,6 +58,34 @@ class ShardInfo(NamedTuple):
     """File name inside the shard folder."""
     rows: int
     sha256: str
+    bytes: int | None = None
+    """File size (None in manifests written before saepipe recorded it)."""
+    sample_sha256: str | None = None
+    """``sampled_sha256`` of the file (None in older manifests)."""
+
+
+def sampled_sha256(data: bytes | memoryview | np.ndarray) -> str:
+    """sha256 of a buffer's size and ``SAMPLE_BLOCKS`` evenly spread blocks of ``SAMPLE_BYTES`` bytes."""
+    view = memoryview(data).cast("B")
+    size = len(view)
+    digest = hashlib.sha256(size.to_bytes(8, "little"))
+    if size <= SAMPLE_BLOCKS * SAMPLE_BYTES:
+        digest.update(view)
+    else:
+        for offset in np.linspace(0, size - SAMPLE_BYTES, SAMPLE_BLOCKS).astype(np.int64):
+            digest.update(view[int(offset) : int(offset) + SAMPLE_BYTES])
+    return digest.hexdigest()
+
+
+def _file_sampled_sha256(path: Path) -> str:
+    size = path.stat().st_size
+    if size == 0:
+        return sampled_sha256(b"")
+    mapped = np.memmap(path, dtype=np.uint8, mode="r")
+    try:
+        return sampled_sha256(mapped)
+    finally:
+        del mapped
 
 
 def shard_schema(d_model: int, dtype: str) -> pa.Schema:
@@ -69,7 +118,8 @@ def write_shard(
         writer.write_batch(batch)
     buf = sink.getvalue()
     atomic_write_bytes(path, memoryview(buf), durable=True)
-    return ShardInfo(path.name, n, hashlib.sha256(memoryview(buf)).hexdigest())
+    return ShardInfo(path.name, n, hashlib.sha256(memoryview(buf)).hexdigest(), buf.size,
+                     sampled_sha256(memoryview(buf)))
 
 
 class ShardWriter:
@@ -144,37 +194,100 @@ def read_manifest(folder: Path) -> dict[str, Any]:
         raise FileNotFoundError(
             f"{path} not found: not a shard folder, or extract did not finish (rerun it to resume)"
         )
-    manifest = json.loads(path.read_text())
-    if manifest.get("digest") != manifest_digest(manifest):
-        raise ValueError(f"{path} was modified: its digest does not match its content")
+    try:
+        manifest = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err}): rerun extract") from err
+    if not isinstance(manifest, dict) or manifest.get("digest") != manifest_digest(manifest):
+        raise ValueError(f"{path} was modified: its digest does not match its content (rerun extract)")
     return manifest
 
 
+def verify_shards(folder: Path, manifest: dict[str, Any], mode: str = "auto") -> str:
+    """Check every shard file of ``manifest`` against it; return the check made (see the module docstring).
+
+    ``mode``: "auto", "full" (sha256 of every byte), "sampled" (size + sampled sha256; shards of older
+    manifests without one get the full hash), "size" or "none". A mismatch is a ValueError naming the file.
+    """
+    if mode not in VERIFY_MODES:
+        raise ValueError(f"verify must be one of {', '.join(VERIFY_MODES)}, got {mode!r}")
+    if mode == "none":
+        return mode
+    entries = [ShardInfo(**e) for e in manifest.get("shards", [])]
+    sizes = {}
+    for info in entries:
+        path = Path(folder) / info.file
+        if not path.is_file():
+            raise FileNotFoundError(f"shard {path} listed in the manifest is missing: rerun extract")
+        sizes[info.file] = path.stat().st_size
+        if info.bytes is not None and sizes[info.file] != info.bytes:
+            raise ValueError(f"shard {path} has {sizes[info.file]} bytes, the manifest says {info.bytes} "
+                             "(truncated or replaced): rerun extract")
+    if mode == "auto":
+        mode = "full" if sum(sizes.values()) <= FULL_HASH_BYTES else "sampled"
+    if mode == "size":
+        return mode
+    for info in entries:
+        path = Path(folder) / info.file
+        if mode == "sampled" and info.sample_sha256 is not None:
+            ok = _file_sampled_sha256(path) == info.sample_sha256
+        else:
+            ok = file_sha256(path) == info.sha256
+        if not ok:
+            raise ValueError(f"shard {path} is corrupt: its {'sampled ' if mode == 'sampled' else ''}sha256 "
+                             "does not match the manifest (changed or damaged since extract wrote it): rerun extract")
+    return mode
+
+
+def check_manifest(manifest: dict[str, Any], folder: Path, *, layer: int | None = None,
+                   component: str | None = None, split: str | None = None) -> None:
+    """The manifest describes the activations asked for (site, split); else a ValueError saying so."""
+    for key, want in (("layer", layer), ("component", component), ("split", split)):
+        have = manifest.get(key)
+        if want is not None and have is not None and have != want:
+            raise ValueError(f"{folder} holds activations with {key}={have!r}, but {key}={want!r} is asked for "
+                             "(params changed since extract ran, or the wrong folder): rerun extract")
+
+
 def _open_shard(path: Path) -> pa.Table:
-    with pa.memory_map(str(path)) as source:
-        return pa.ipc.open_stream(source).read_all()  # buffers stay views of the mapping
+    try:
+        with pa.memory_map(str(path)) as source:
+            return pa.ipc.open_stream(source).read_all()  # buffers stay views of the mapping
+    except (pa.ArrowException, OSError) as err:
+        if isinstance(err, FileNotFoundError):
+            raise
+        raise ValueError(f"shard {path} cannot be read ({err}): truncated or damaged; rerun extract") from err
 
 
 class ShardSource:
     """The shards of a folder as an ``ActivationSource`` (rows in storage order across shards).
 
     Shards are memory-mapped; ``take`` gathers rows per shard straight from the mapped buffers.
-    ``verify=True`` checks every shard's sha256 against the manifest on open.
+    ``verify`` checks the shards against the manifest on open (``verify_shards``; True = "full",
+    False = "none"); ``verified`` says which check was made.
     """
 
-    def __init__(self, folder: Path, *, verify: bool = False) -> None:
+    def __init__(self, folder: Path, *, verify: bool | str = "auto") -> None:
         self.folder = Path(folder)
         self.manifest = read_manifest(self.folder)
         self._d_model = int(self.manifest["d_model"])
         self._acts: list[np.ndarray] = []
         self._tables: list[pa.Table] = []
+        mode = {True: "full", False: "none"}.get(verify, verify) if isinstance(verify, bool) else verify
+        self.verified = verify_shards(self.folder, self.manifest, mode)
+        if self.verified != "none":
+            log.info("%s: %d shards checked against the manifest (%s)", self.folder, len(self.manifest["shards"]),
+                     {"full": "full sha256", "sampled": "size + sampled sha256", "size": "sizes"}[self.verified])
         for entry in self.manifest["shards"]:
             path = self.folder / entry["file"]
             if not path.exists():
-                raise FileNotFoundError(f"shard {path} listed in the manifest is missing")
-            if verify and file_sha256(path) != entry["sha256"]:
-                raise ValueError(f"shard {path} is corrupt: sha256 does not match the manifest")
+                raise FileNotFoundError(f"shard {path} listed in the manifest is missing: rerun extract")
             table = _open_shard(path).combine_chunks()  # one record batch per shard: no copy
+            dtypes = [self.manifest["dtype"]] if self.manifest.get("dtype") in DTYPES else list(DTYPES)
+            if not any(table.schema.equals(shard_schema(self._d_model, d)) for d in dtypes):
+                raise ValueError(f"shard {path} has the schema {table.schema.to_string(show_schema_metadata=False)!r}"
+                                 f", not that of d_model={self._d_model} {'/'.join(dtypes)} activations "
+                                 "(another extraction's file?): rerun extract")
             if table.num_rows != entry["rows"]:
                 raise ValueError(f"shard {path} has {table.num_rows} rows, manifest says {entry['rows']}")
             self._tables.append(table)

@@ -56,6 +56,13 @@ class ArraySource:
     def take(self, rows: np.ndarray) -> np.ndarray:
         return np.asarray(self._data[rows], dtype=np.float32)
 
+    def check_finite(self) -> None:
+        """A ValueError naming the rows that hold NaN or inf (they cannot be normalized or trained on)."""
+        bad = np.flatnonzero(~np.isfinite(self._data).all(axis=1))
+        if bad.size:
+            raise ValueError(f"the activations hold NaN or inf in {bad.size} of {self.n_rows} rows (first: row "
+                             f"{bad[0]}): fix the input, they cannot be normalized or trained on")
+
     def chunks(self, chunk_rows: int) -> Iterator[np.ndarray]:
         for start in range(0, self.n_rows, chunk_rows):
             yield np.asarray(self._data[start : start + chunk_rows], dtype=np.float32)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from saepipe.runtime.params import ParamsSection
+from saepipe.runtime.params import Int, ParamsSection, StrList
 
 
 @dataclass(frozen=True)
@@ -37,17 +37,12 @@ class AnalysisConfig(ParamsSection):
     splits: tuple[str, ...] = ("train", "eval")
     """Extract splits read, in this order (rows of all of them are analyzed together)."""
 
-    def __post_init__(self) -> None:
-        for name in ("top_n", "quantiles", "histogram_bins", "chunk_rows"):
-            _check_int(self, name, minimum=1)
-        for name in ("window_before", "window_after", "per_quantile", "logit_top", "neighbors", "token_top"):
-            _check_int(self, name, minimum=0)
-        splits = self.splits
-        if isinstance(splits, str) or not all(isinstance(s, str) and s for s in splits) or not splits:
-            raise ValueError(f"analyze.splits must be a non-empty list of split names, got {splits!r}")
-        if len(set(splits)) != len(splits):
-            raise ValueError(f"analyze.splits repeats a split: {list(splits)}")
-        object.__setattr__(self, "splits", tuple(splits))  # a YAML list becomes a (hashable) tuple
+    RULES: ClassVar = {
+        "top_n": Int(min=1), "window_before": Int(min=0), "window_after": Int(min=0), "quantiles": Int(min=1),
+        "per_quantile": Int(min=0), "histogram_bins": Int(min=1), "logit_top": Int(min=0), "neighbors": Int(min=0),
+        "token_top": Int(min=0), "chunk_rows": Int(min=1),
+        "splits": StrList(options=("train", "eval"), min_items=1, unique=True),
+    }
 
     def to_dict(self) -> dict:
         """The section as params.yaml holds it (``splits`` as a list)."""
@@ -57,12 +52,6 @@ class AnalysisConfig(ParamsSection):
     def window(self) -> int:
         """Tokens in a full context window (before + the activating token + after)."""
         return self.window_before + 1 + self.window_after
-
-
-def _check_int(cfg: AnalysisConfig, name: str, minimum: int) -> None:
-    value = getattr(cfg, name)
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"analyze.{name} must be an integer >= {minimum}, got {value!r}")
 
 
 __all__ = ["AnalysisConfig"]

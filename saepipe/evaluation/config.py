@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from saepipe.runtime.params import ParamsSection
+from saepipe.runtime.params import Int, ParamsSection
 
 
 @dataclass(frozen=True)
@@ -22,11 +22,7 @@ class EvaluateConfig(ParamsSection):
     batch_size: int = 8
     """Texts per forward pass."""
 
-    def __post_init__(self) -> None:
-        for name in ("max_tokens", "batch_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"evaluate.{name} must be a positive integer, got {value!r}")
+    RULES: ClassVar = {"max_tokens": Int(min=1), "batch_size": Int(min=1)}
 
 
 __all__ = ["EvaluateConfig"]

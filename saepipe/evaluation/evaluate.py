@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from saepipe.activations.config import ExtractConfig
 from saepipe.activations.extract import make_batches
+from saepipe.evaluation.config import EvaluateConfig
 from saepipe.evaluation.metrics import (
     ReconstructionMetrics,
     ReconstructionStats,
@@ -191,6 +192,8 @@ def evaluate_sae(
     from the residual stream around the site instead of rerunning the blocks before it; False
     runs every pass from the embedding on file-order batches (same metrics up to float rounding).
     """
+    checked = EvaluateConfig(max_tokens=max_tokens, batch_size=batch_size)  # errors name evaluate.<key>
+    max_tokens, batch_size = checked.max_tokens, checked.batch_size
     model, tokenizer = loaded_model.model, loaded_model.tokenizer
     site = check_site(layer, component, len(model.model.layers))
     d_model = int(loaded_model.info.d_model)
@@ -288,7 +291,9 @@ def health_checks(
     metrics: dict[str, Any], train_summary: dict[str, Any], k: int, loss_curve: Any = None
 ) -> dict[str, dict]:
     """The seed's sanity checks, each ``{"ok": bool, "value": ..., "expected": str}``: training
-    loss decreased, L0 within 10% of k, dead latents < 20%, no NaN/inf metric.
+    loss decreased, L0 within 10% of k, dead latents < 20%, no NaN/inf metric, and the run was long
+    enough for its schedule (``schedule_ok``: train recorded no ``warnings``, see
+    ``saepipe.training.fit.schedule_warnings``).
 
     ``loss_curve``: the per-step training loss (a ``plots.Series`` or array), preferred to the
     per-epoch ``history`` of ``train_summary`` (train's metrics.json). Unknown counts as failed.
@@ -309,7 +314,16 @@ def health_checks(
         "l0_near_k": {"ok": abs(l0 - k) <= 0.1 * k, "value": l0, "expected": f"|L0 - k| <= 10% of k={k}"},
         "dead_below_20pct": {"ok": dead < 0.2, "value": dead, "expected": "dead_fraction < 0.2"},
         "no_nan": {"ok": not bad, "value": bad, "expected": "every metric finite"},
+        "schedule_ok": _schedule_check(train_summary),
     }
+
+
+def _schedule_check(train_summary: dict[str, Any]) -> dict[str, Any]:
+    warnings = train_summary.get("warnings")
+    expected = "a run long enough for its settings (train's warnings empty)"
+    if not isinstance(warnings, list):
+        return {"ok": False, "value": "not recorded by train", "expected": expected}
+    return {"ok": not warnings, "value": warnings, "expected": expected}
 
 
 __all__ = ["EvalResult", "TokenBatch", "evaluate_sae", "health_checks", "length_sorted",

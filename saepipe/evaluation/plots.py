@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import csv
 import html
+import io
 import logging
 import math
 from collections.abc import Mapping
@@ -20,6 +21,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from saepipe.evaluation.metrics import DensityHistogram
+from saepipe.runtime.files import atomic_write, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -112,8 +114,10 @@ def plot_density_histogram(hist: DensityHistogram, path: str | Path) -> Path:
 def _save(fig: Any, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    _pyplot().close(fig)
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    finally:
+        _pyplot().close(fig)
     return path
 
 
@@ -121,12 +125,12 @@ def write_density_csv(hist: DensityHistogram, path: str | Path) -> Path:
     """Histogram as CSV: ``log10_density`` (bin centre), ``bin_low``, ``bin_high``, ``count``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["log10_density", "bin_low", "bin_high", "count"])
-        for lo, hi, c in zip(hist.edges[:-1], hist.edges[1:], hist.counts, strict=True):
-            w.writerow([f"{(lo + hi) / 2:.6g}", f"{lo:.6g}", f"{hi:.6g}", int(c)])
-    return path
+    out = io.StringIO(newline="")
+    w = csv.writer(out)
+    w.writerow(["log10_density", "bin_low", "bin_high", "count"])
+    for lo, hi, c in zip(hist.edges[:-1], hist.edges[1:], hist.counts, strict=True):
+        w.writerow([f"{(lo + hi) / 2:.6g}", f"{lo:.6g}", f"{hi:.6g}", int(c)])
+    return atomic_write_text(path, out.getvalue())
 
 
 def write_html_report(
@@ -162,8 +166,7 @@ td{{border:1px solid #ccc;padding:2px 8px}} .ok td:nth-child(2){{color:green}}
 """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(page, encoding="utf-8")
-    return path
+    return atomic_write_text(path, page)
 
 
 def _fmt(v: Any) -> str:

@@ -27,6 +27,8 @@ from typing import Any, NamedTuple
 
 import mlx.core as mx
 from mlx_lm.models import llama
+from mlx_lm.models.base import create_attention_mask
+from mlx_lm.models.cache import make_prompt_cache
 
 from saepipe.lm.fastmath import exp as _exp
 from saepipe.lm.sites import Site, check_site
@@ -54,6 +56,48 @@ class Replace(NamedTuple):
         """The edit of batch rows a:b."""
         value = self.value[a:b] if self.value.ndim == 3 and self.value.shape[0] > 1 else self.value
         return Replace(self.where[a:b], value)
+
+
+class Add(NamedTuple):
+    """Edit: the component's output plus ``delta`` (a steering vector). Sliceable by batch rows like
+    ``Replace``; adding an all-zero ``delta`` leaves the output bit-identical."""
+
+    delta: mx.array
+    """(d_model,) (every position) or (1 | B, T, d_model) (per position; 0 where nothing is added)."""
+
+    def __call__(self, out: mx.array) -> mx.array:
+        return out + self.delta.astype(out.dtype)
+
+    def rows(self, a: int, b: int) -> Add:
+        """The edit of batch rows a:b."""
+        return Add(self.delta[a:b] if self.delta.ndim == 3 and self.delta.shape[0] > 1 else self.delta)
+
+
+class Chain(NamedTuple):
+    """Several edits of one site, applied in order (each gets the previous one's result)."""
+
+    edits: tuple[Edit, ...]
+
+    def __call__(self, out: mx.array) -> mx.array:
+        for fn in self.edits:
+            out = fn(out)
+        return out
+
+    def rows(self, a: int, b: int) -> Chain:
+        """The edit of batch rows a:b (every edit in the chain must have ``rows``)."""
+        return Chain(tuple(fn.rows(a, b) for fn in self.edits))  # type: ignore[attr-defined]
+
+    @property
+    def splittable(self) -> bool:
+        return all(hasattr(fn, "rows") for fn in self.edits)
+
+
+def chain(edits: Sequence[Edit]) -> Edit:
+    """One edit doing ``edits`` in order (the edit itself when there is one)."""
+    edits = tuple(edits)
+    if not edits:
+        raise ValueError("chain needs at least one edit")
+    return edits[0] if len(edits) == 1 else Chain(edits)
 
 
 class ForwardOutput(NamedTuple):
@@ -125,7 +169,7 @@ def forward(
                      (edit or {}).values(), strict=True))
     start = _check_start(start_layer, start_residual, tokens.shape, n_layers, stop_layer,
                          [*capture_sites, *edits])
-    splittable = all(hasattr(fn, "rows") for fn in edits.values())
+    splittable = all(getattr(fn, "splittable", hasattr(fn, "rows")) for fn in edits.values())
     parts = _parallel_parts(tokens.shape[0]) if parallel is not False and splittable else 1
     if parts < 2:
         return _run(module, tokens, stop_layer, set(capture_sites), edits, start)
@@ -155,8 +199,9 @@ def _check_start(layer: int, residual: mx.array | None, shape: tuple[int, ...], 
 
 
 def _run(module: Any, tokens: mx.array, stop_layer: int | None, capture_sites: set[Site],
-         edits: dict[Site, Edit], start: _Start) -> ForwardOutput:
-    """The block loop (lazy, on the current stream)."""
+         edits: dict[Site, Edit], start: _Start, cache: list[Any] | None = None) -> ForwardOutput:
+    """The block loop (lazy, on the current stream); with ``cache``, attention runs through mlx-lm's
+    own modules on the KV cache (see ``forward_cached``)."""
     activations: dict[Site, mx.array] = {}
 
     def site_out(layer: int, component: str, x: mx.array) -> mx.array:
@@ -171,9 +216,12 @@ def _run(module: Any, tokens: mx.array, stop_layer: int | None, capture_sites: s
     layers = module.model.layers
     h = module.model.embed_tokens(tokens) if start.residual is None else start.residual
     last = len(layers) - 1 if stop_layer is None else stop_layer
+    mask = None if cache is None else create_attention_mask(h, cache[0])
     for i in range(start.layer, last + 1):
         block = layers[i]
-        attn = site_out(i, "attn", _attention(block.self_attn, block.input_layernorm(h)))
+        x = block.input_layernorm(h)
+        attn = _attention(block.self_attn, x) if cache is None else block.self_attn(x, mask=mask, cache=cache[i])
+        attn = site_out(i, "attn", attn)
         h = h + attn
         if i == stop_layer and not {Site(i, "mlp"), Site(i, "output")} & (capture_sites | set(edits)):
             break  # only the attention output of the last block is wanted
@@ -182,6 +230,32 @@ def _run(module: Any, tokens: mx.array, stop_layer: int | None, capture_sites: s
     if stop_layer is not None:
         return ForwardOutput(None, activations)
     return ForwardOutput(_lm_head(module, module.model.norm(h)), activations)
+
+
+def make_cache(model: Any) -> list[Any]:
+    """An empty KV cache for ``forward_cached`` (mlx-lm's: one ``KVCache`` per block)."""
+    return make_prompt_cache(unwrap_model(model))
+
+
+def forward_cached(model: Any, tokens: mx.array, cache: list[Any], *,
+                   edit: Mapping[Site, Edit] | None = None) -> mx.array:
+    """Logits (B, T, vocab) of ``tokens`` continuing the positions already in ``cache`` (from
+    ``make_cache``; updated in place): incremental decoding for generation.
+
+    ``edit`` as in ``forward``, applied to these T positions only (the caller builds edits for the
+    absolute positions ``cache[0].offset .. + T``). Attention runs through the model's own mlx-lm
+    modules (rotary offset and masks from the cache), so logits match ``forward``'s to float32
+    rounding, not bit for bit. Lazy: the caller evaluates.
+    """
+    module = unwrap_model(model)
+    n_layers = len(module.model.layers)
+    tokens = mx.array(tokens) if not isinstance(tokens, mx.array) else tokens
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must be a (batch, seq) array, got shape {tokens.shape}")
+    if len(cache) != n_layers:
+        raise ValueError(f"cache has {len(cache)} entries, the model has {n_layers} blocks")
+    edits = dict(zip(_check_sites(list(edit or {}), n_layers, None, "edit"), (edit or {}).values(), strict=True))
+    return _run(module, tokens, None, set(), edits, _Start(0, None), cache).logits
 
 
 def _run_split(module: Any, tokens: mx.array, stop_layer: int | None, capture_sites: set[Site],
@@ -217,7 +291,7 @@ def _parallel_parts(batch: int) -> int:
     OpenBLAS's 2-thread GEMMs stall whenever a core is busy elsewhere; rows split over
     per-core streams with single-threaded BLAS use every core for all of it (bit-identical rows).
     """
-    if mx.default_device() != mx.cpu or not blas_threads.can_set_threads():
+    if not on_cpu() or not blas_threads.can_set_threads():
         return 1
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(1, min(batch, cores))
@@ -250,9 +324,17 @@ def _causal_softmax(scores: mx.array, keep: mx.array, scale: mx.array) -> mx.arr
     return e / mx.sum(e, axis=-1, keepdims=True)
 
 
+def on_cpu() -> bool:
+    """Whether MLX computes on the CPU, where the CPU formulations here apply (per-core streams, the
+    fast exp, the unfused attention). On a GPU mlx-lm's own modules are the fast path (fused
+    scaled-dot-product attention) and everything runs on the default GPU stream."""
+    return mx.default_device() == mx.cpu
+
+
 def _attention(attn: Any, x: mx.array) -> mx.array:
-    """Causal self-attention of an mlx-lm Llama ``Attention`` (its own ``__call__`` otherwise)."""
-    if type(attn) is not llama.Attention or x.dtype != mx.float32:
+    """Causal self-attention of an mlx-lm Llama ``Attention`` (its own ``__call__`` otherwise, and on
+    a GPU)."""
+    if type(attn) is not llama.Attention or x.dtype != mx.float32 or not on_cpu():
         return attn(x, mask="causal")
     b, t, _ = x.shape
     h, kv = attn.n_heads, attn.n_kv_heads
@@ -270,7 +352,7 @@ def _attention(attn: Any, x: mx.array) -> mx.array:
 
 
 def _mlp(mlp: Any, x: mx.array) -> mx.array:
-    """SwiGLU MLP of an mlx-lm Llama ``MLP`` with the fast fused activation."""
-    if type(mlp) is not llama.MLP or x.dtype != mx.float32:
+    """SwiGLU MLP of an mlx-lm Llama ``MLP`` with the fast fused activation (on a CPU)."""
+    if type(mlp) is not llama.MLP or x.dtype != mx.float32 or not on_cpu():
         return mlp(x)
     return mlp.down_proj(_swiglu(mlp.gate_proj(x), mlp.up_proj(x)))

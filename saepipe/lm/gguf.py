@@ -20,6 +20,8 @@ from mlx_lm.models import llama
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
+from saepipe.lm.gguf_check import check_gguf
+
 log = logging.getLogger(__name__)
 
 #: GGUF block size of the formats MLX keeps quantized (Q4_0, Q4_1, Q8_0).
@@ -66,6 +68,7 @@ def read_gguf(path: str | Path) -> GGUFFile:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"GGUF file not found: {path}")
+    check_gguf(path)  # MLX's C reader trusts the file: a malformed one would crash the process
     try:
         tensors, meta = mx.load(str(path), format="gguf", return_metadata=True)
     except Exception as exc:  # MLX raises a bare ValueError/RuntimeError on malformed files

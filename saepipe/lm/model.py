@@ -20,15 +20,17 @@ from typing import Any, NamedTuple
 
 import mlx.core as mx
 import mlx_lm
+from huggingface_hub import snapshot_download
 from mlx.utils import tree_map
 from mlx_lm.models import llama
+from mlx_lm.utils import DEFAULT_ALLOW_PATTERNS, dequantize_model
 from mlx_lm.utils import _download as mlx_lm_download  # mlx-lm's hub-or-folder resolution
-from mlx_lm.utils import dequantize_model
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
 from saepipe.lm.gguf import load_gguf
 from saepipe.runtime.files import file_sha256
+from saepipe.runtime.network import hub_unreachable
 
 
 class ModelInfo(NamedTuple):
@@ -163,9 +165,17 @@ def _load_gguf(path: Path, model_id: str, dequantize: bool) -> LoadedModel:
 
 
 def _load_mlx_lm(spec: str, dequantize: bool) -> LoadedModel:
+    offline = None if Path(spec).expanduser().exists() else hub_unreachable()
     try:
-        folder = Path(mlx_lm_download(spec))
+        if offline is not None:  # the local cache only: no retries against an unreachable hub
+            folder = Path(snapshot_download(spec, allow_patterns=DEFAULT_ALLOW_PATTERNS, local_files_only=True))
+        else:
+            folder = Path(mlx_lm_download(spec))
     except Exception as exc:  # hub errors: offline, unknown repo, gated
+        if offline is not None:
+            raise FileNotFoundError(
+                f"model {spec!r} is not in the local Hugging Face cache and the hub is unreachable ({offline}); "
+                "connect once to download it, or use a local mlx-lm folder or .gguf file") from exc
         raise FileNotFoundError(
             f"model {spec!r} is neither a .gguf file, a local mlx-lm folder, nor a reachable "
             f"Hugging Face hub id ({type(exc).__name__}: {exc})"

@@ -17,6 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 _HASH_BLOCK = 1 << 22  # bytes read at a time when hashing: large enough to be I/O bound
 
 
@@ -65,6 +67,57 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+_SAFETENSORS_DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "int64": "I64", "int32": "I32",
+                       "int16": "I16", "int8": "I8", "uint64": "U64", "uint32": "U32", "uint16": "U16",
+                       "uint8": "U8", "bool": "BOOL"}
+
+
+def safetensors_bytes(tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> list[bytes | memoryview]:
+    """A safetensors file as pieces to write in order: the header (JSON with sorted keys, so the same
+    tensors and metadata always give the same bytes; ``safetensors``' own writer orders the metadata
+    by a per-process hash) and each tensor's little-endian bytes, in name order."""
+    header: dict[str, Any] = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    pieces, offset = [], 0
+    for name in sorted(tensors):
+        a = np.require(tensors[name], requirements="C")  # keeps 0-d arrays 0-d, unlike ascontiguousarray
+        a = a.astype(a.dtype.newbyteorder("<"), copy=False)
+        kind = _SAFETENSORS_DTYPES.get(a.dtype.name)
+        if kind is None:
+            raise TypeError(f"tensor {name!r} has dtype {a.dtype}, which safetensors files cannot hold")
+        header[name] = {"dtype": kind, "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
+        pieces.append(memoryview(a.reshape(-1).view(np.uint8)))
+        offset += a.nbytes
+    head = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned
+    return [len(head).to_bytes(8, "little"), head, *pieces]
+
+
+def write_safetensors(path: str | Path, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> Path:
+    """Write a safetensors file (readable by ``safetensors.safe_open``) atomically and reproducibly:
+    the same tensors and metadata give the same bytes (see ``safetensors_bytes``)."""
+    pieces = safetensors_bytes(tensors, metadata)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            for piece in pieces:
+                f.write(piece)
+
+    return atomic_write(Path(path), write)
+
+
+def arrays_sha256(arrays: dict[str, Any]) -> str:
+    """sha256 of named arrays (name, dtype, shape and bytes, in name order): a checksum that files of
+    tensors carry in their header, so a reader notices a changed or damaged file."""
+    digest = hashlib.sha256()
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        digest.update(f"{name}:{a.dtype.str}:{a.shape}\n".encode())
+        digest.update(memoryview(a.reshape(-1).view(np.uint8)))
+    return digest.hexdigest()
+
+
 def write_metrics_json(path: Path, metrics: dict[str, Any]) -> Path:
     """Write a metrics dict for ``dvc metrics``: NaN/inf become null (DVC and strict JSON readers
     reject them), numpy/MLX scalars become floats."""
@@ -97,5 +150,14 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "file_sha256", "temporary_path",
-           "write_metrics_json"]
+__all__ = [
+    "arrays_sha256",
+    "atomic_write",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "file_sha256",
+    "safetensors_bytes",
+    "temporary_path",
+    "write_metrics_json",
+    "write_safetensors",
+]

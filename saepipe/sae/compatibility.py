@@ -11,6 +11,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from saepipe.lm.sites import COMPONENTS, Site, check_site
+
+
+class IncompatibleSAEError(ValueError):
+    """An SAE was used with a model or site it was not trained on; the message lists the reasons."""
+
 
 class Reason(str):
     """One reason an SAE may not fit a model site (the message is the string itself)."""
@@ -49,6 +55,34 @@ def site_reasons(metadata: Mapping[str, Any], d_model: int, model: Any, layer: A
     return reasons
 
 
+def check_compatible(sae: Any, model: Any, layer: int | None = None, component: str | None = None) -> Site | None:
+    """Raise ``IncompatibleSAEError`` (listing why) unless ``sae`` reads ``model`` at the site.
+
+    ``sae``: anything with ``metadata``, ``d_model`` and ``compatibility`` (a ``TopKSAE``); ``model``:
+    a ``LoadedModel``, anything with ``.info``, or a ``ModelInfo``. Without ``layer``/``component`` the
+    SAE's recorded site is used (only the model is checked). Returns the site checked, or None when
+    neither was given nor recorded.
+    """
+    info = getattr(model, "info", model)
+    meta = sae.metadata
+    want_layer = meta.get("layer") if layer is None else layer
+    want_component = meta.get("component") if component is None else component
+    if component is not None and component not in COMPONENTS:
+        raise ValueError(f"unknown component {component!r}; valid components: {', '.join(COMPONENTS)}")
+    if layer is not None:
+        check_site(layer, "output", int(info.num_layers))
+    reasons = sae.compatibility(model, want_layer, want_component)[1]
+    if layer is None and component is None:  # nothing asked about the site: check the model only
+        reasons = [r for r in reasons if not (r.unverified and r.key in ("layer", "component"))]
+    if reasons:
+        name = f"SAE ({meta['site']})" if meta.get("site") else "SAE"
+        raise IncompatibleSAEError(f"{name} is incompatible with model {getattr(info, 'model_id', None)!r}: "
+                                   + "; ".join(reasons))
+    if want_layer is None or want_component is None:
+        return None
+    return Site(int(want_layer), str(want_component))
+
+
 def _model_reasons(metadata: Mapping[str, Any], info: Any) -> list[Reason]:
     if metadata.get("model_hash"):
         if metadata["model_hash"] != getattr(info, "model_hash", None):
@@ -63,4 +97,4 @@ def _model_reasons(metadata: Mapping[str, Any], info: Any) -> list[Reason]:
     return []
 
 
-__all__ = ["Reason", "site_reasons"]
+__all__ = ["IncompatibleSAEError", "Reason", "check_compatible", "site_reasons"]

@@ -1,4 +1,5 @@
-"""SAE training configuration: every field of mlxterp's ``SAEConfig`` plus what a serious run needs.
+"""SAE training configuration: every field of mlxterp's ``SAEConfig`` plus what a serious run needs,
+and the ``sweep:`` section (which sites, which variants of it).
 
 Each field is also a ``params.yaml`` key under ``sae:`` (same name). The config is frozen: nothing
 mutates it at run time; derived values are computed by functions that take it.
@@ -7,11 +8,21 @@ mutates it at run time; derived values are computed by functions that take it.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
-from dataclasses import dataclass
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from saepipe.runtime.params import ParamsSection
+from saepipe.lm.sites import DEFAULT_SITES, Site, SiteIds, parse_site_ids
+from saepipe.runtime.params import (Bool, Choice, Float, Int, ParamsError, ParamsSection, Rule, Str, StrList,
+                                    check_known_keys)
+
+log = logging.getLogger(__name__)
+
+MAX_SEED = 2**32 - 1
+"""Largest seed (MLX's and numpy's generators both take it)."""
 
 
 @dataclass(frozen=True)
@@ -68,6 +79,15 @@ class SAEConfig(ParamsSection):
     least-squares scale of its first top-k reconstruction (~0.6-0.75 for usual shapes). 1.0, encoder =
     decoder transpose (the usual init), overshoots and trains slower: FVU +0.03 after one epoch of the
     default run. Ignored with ``tied_weights``."""
+    resample_every: int = 0
+    """Dead-latent resampling (Anthropic's April 2023 recipe), beside AuxK: every this many steps, the
+    latents that have not fired for ``resample_window`` tokens are re-initialised toward inputs the SAE
+    reconstructs badly, and their Adam state is reset. 0 turns it off."""
+    resample_window: int | None = None
+    """Tokens without firing that make a latent eligible for resampling; None: ``dead_tokens_threshold``."""
+    resample_scale: float = 0.2
+    """A resampled latent's encoder row norm, as a fraction of the mean encoder row norm of the alive
+    latents (Anthropic's 0.2); its decoder row is the unit residual direction and its encoder bias 0."""
     l1_coefficient: float = 0.0
     """Optional L1 penalty on the latent activations (not usually needed with TopK)."""
     seed: int = 0
@@ -75,31 +95,31 @@ class SAEConfig(ParamsSection):
     checkpoint_every: int = 500
     """Save a resumable checkpoint every this many steps (0: only at epoch ends)."""
 
-    def __post_init__(self) -> None:
-        if isinstance(self.wandb_tags, list):
-            object.__setattr__(self, "wandb_tags", tuple(self.wandb_tags))
-        _check(self.expansion_factor >= 1, "expansion_factor must be >= 1")
-        _check(self.k >= 1, "k must be >= 1")
-        _check(self.learning_rate is None or _positive(self.learning_rate),
-               "learning_rate must be a finite number > 0 (or null: scaled with the width)")
-        _check(self.num_epochs >= 1, "num_epochs must be >= 1")
-        _check(self.batch_size >= 1, "batch_size must be >= 1")
-        _check(self.warmup_steps >= 0, "warmup_steps must be >= 0")
-        _check(0.0 <= self.validation_split < 1.0, "validation_split must be in [0, 1)")
-        _check(self.gradient_clip >= 0, "gradient_clip must be >= 0 (0 disables it)")
-        _check(self.lr_decay in ("cosine", "linear", "constant"),
-               f"lr_decay must be cosine, linear or constant, not {self.lr_decay!r}")
-        _check(self.encoder_init_scale is None or _positive(self.encoder_init_scale),
-               "encoder_init_scale must be a finite number > 0 (or null: fitted on the data)")
-        _check(self.dead_tokens_threshold >= 1, "dead_tokens_threshold must be >= 1")
-        _check(self.normalization in ("scalar", "per_dim"),
-               f"normalization must be scalar or per_dim, not {self.normalization!r}")
+    RULES: ClassVar = {
+        "expansion_factor": Int(min=1), "k": Int(min=1),
+        "learning_rate": Float(min=0, min_open=True, optional=True),
+        "num_epochs": Int(min=1), "batch_size": Int(min=1), "warmup_steps": Int(min=0),
+        "validation_split": Float(min=0, max=1, max_open=True), "normalize_input": Bool(),
+        "tied_weights": Bool(), "gradient_clip": Float(min=0), "use_wandb": Bool(),
+        "wandb_project": Str(optional=True), "wandb_name": Str(optional=True), "wandb_tags": StrList(),
+        "normalization": Choice(("scalar", "per_dim")), "lr_decay": Choice(("cosine", "linear", "constant")),
+        "min_lr_ratio": Float(min=0, max=1), "k_aux": Int(min=1, optional=True), "aux_coef": Float(min=0),
+        "dead_tokens_threshold": Int(min=1), "resample_every": Int(min=0),
+        "resample_window": Int(min=1, optional=True), "resample_scale": Float(min=0, min_open=True),
+        "encoder_init_scale": Float(min=0, min_open=True, optional=True),
+        "l1_coefficient": Float(min=0), "seed": Int(min=0, max=MAX_SEED),
+        "checkpoint_every": Int(min=0),
+    }
 
-    def to_dict(self) -> dict[str, Any]:
-        """The config as plain values; ``wandb_tags`` as a list, as YAML and JSON write it."""
-        d = dataclasses.asdict(self)
-        d["wandb_tags"] = list(self.wandb_tags)
-        return d
+    def check_together(self) -> None:
+        """`sae.learning_rate` above 1 warns (Adam diverges there). Checked when the data is known
+        (``fit_sae``): `sae.k` <= d_hidden (error); a run too short for its settings warns and fails
+        evaluate's `schedule_ok` health check (`sae.batch_size` above the training rows,
+        `sae.warmup_steps` >= the steps, fewer than 100 steps, `sae.dead_tokens_threshold` above the
+        tokens trained on)."""
+        if self.learning_rate is not None and self.learning_rate > 1:
+            log.warning("sae.learning_rate=%g is far above the usual 1e-4..1e-2 for Adam: expect divergence",
+                        self.learning_rate)
 
     def replace(self, **changes: Any) -> SAEConfig:
         return dataclasses.replace(self, **changes)
@@ -119,14 +139,84 @@ def default_learning_rate(d_hidden: int) -> float:
     return 3e-3 * math.sqrt(9216 / d_hidden)
 
 
-def _positive(value: Any) -> bool:
-    """A real number > 0 and finite (bools are not numbers here)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+VARIANT_NAME = re.compile(r"^[A-Za-z0-9_]+$")
+"""Variant names: letters, digits and ``_`` (they name folders, and DVC joins site and variant with
+``-`` in stage names such as ``train@6.mlp-k64``)."""
 
 
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ValueError(f"SAEConfig: {message}")
+def variant_config(sae: Mapping[str, Any], variants: Mapping[str, Any], name: str) -> SAEConfig:
+    """The SAEConfig of sweep variant ``name``: the ``sae:`` section with the variant's overrides
+    (``sweep.variants.<name>``, a mapping of SAEConfig fields; ``{}`` = ``sae:`` as is) on top."""
+    if not isinstance(variants, Mapping) or name not in variants:
+        have = ", ".join(variants) if isinstance(variants, Mapping) else "none"
+        raise ParamsError(f"sweep.variants.{name}", name, f"one of the variants ({have})",
+                          message=f"no variant {name!r} in sweep.variants (have: {have})")
+    overrides = check_variant(name, variants[name])
+    return SAEConfig.from_dict({**sae, **overrides})
 
 
-__all__ = ["SAEConfig", "default_learning_rate"]
+def check_variant(name: Any, overrides: Any) -> dict[str, Any]:
+    """A variant's overrides as a dict; a bad name, a non-mapping or an unknown key is a ParamsError."""
+    if not isinstance(name, str) or not VARIANT_NAME.match(name):
+        raise ParamsError("sweep.variants", name, "variant names of letters, digits and _ only")
+    if overrides is None:
+        overrides = {}
+    if not isinstance(overrides, Mapping):
+        raise ParamsError(f"sweep.variants.{name}", overrides, "a mapping of sae: keys (or {})")
+    check_known_keys(overrides, [f.name for f in dataclasses.fields(SAEConfig)], f"sweep.variants.{name}")
+    return dict(overrides)
+
+
+@dataclass(frozen=True)
+class Variants(Rule):
+    """A non-empty mapping of variant name -> overrides of the ``sae:`` section."""
+
+    def describe(self) -> str:
+        return "a non-empty mapping of variant name -> sae: overrides (e.g. {default: {}, k64: {k: 64}})"
+
+    def check_value(self, key: str, value: Any) -> dict[str, dict[str, Any]]:
+        if not isinstance(value, Mapping) or not value:
+            raise ParamsError(key, value, self.describe())
+        return {n: check_variant(n, o) for n, o in value.items()}
+
+
+@dataclass(frozen=True)
+class SweepConfig(ParamsSection):
+    """The ``sweep:`` section of params.yaml: which sites are extracted (all in one forward pass)
+    and which SAEs are trained on each. ``dvc.yaml`` expands it with ``matrix`` stages: one
+    ``normalize@<site>`` per site, one ``train@<site>-<variant>`` (evaluate, analyze, dashboard
+    alike) per pair; ``summary`` compares every run."""
+
+    SECTION: ClassVar[str] = "sweep"  # its params.yaml section
+
+    sites: tuple[str, ...] = DEFAULT_SITES
+    """Sites as layer.component ids (mlp | attn | output), e.g. [6.mlp, 3.attn, 11.output]; all extracted in one forward pass."""
+    variants: Mapping[str, Mapping[str, Any]] = field(default_factory=lambda: {"default": {}})
+    """SAEs trained per site, by name: each one's overrides of the sae: section (e.g. k64: {k: 64}; {} = sae: as is)."""
+
+    RULES: ClassVar = {"sites": SiteIds(), "variants": Variants()}
+
+    def check_together(self) -> None:
+        """Each variant's overrides make a valid `sae:` section (a bad value names `sae.<key>`)."""
+        for name in self.variants:
+            variant_config({}, self.variants, name)
+
+    def site_list(self) -> list[Site]:
+        """The sites, parsed."""
+        return parse_site_ids(list(self.sites))
+
+    def runs(self) -> list[tuple[str, str]]:
+        """Every (site id, variant name), site by site: the pairs DVC's matrix expands."""
+        return [(site, name) for site in self.sites for name in self.variants]
+
+    def sae_config(self, sae: Mapping[str, Any], variant: str) -> SAEConfig:
+        """The SAEConfig of ``variant`` over the ``sae:`` section."""
+        return variant_config(sae, self.variants, variant)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The section as params.yaml holds it."""
+        return {"sites": list(self.sites), "variants": {n: dict(o) for n, o in self.variants.items()}}
+
+
+__all__ = ["MAX_SEED", "VARIANT_NAME", "SAEConfig", "SweepConfig", "Variants", "check_variant",
+           "default_learning_rate", "variant_config"]

@@ -27,10 +27,9 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from safetensors import safe_open
-from safetensors.numpy import save_file
 
 from saepipe.activations.stats import NormStats
-from saepipe.runtime.files import atomic_write
+from saepipe.runtime.files import arrays_sha256, write_safetensors
 from saepipe.runtime.version import __version__
 from saepipe.sae.compatibility import Reason, site_reasons
 from saepipe.sae.dictionary import Dictionary
@@ -39,6 +38,7 @@ from saepipe.sae.sparse import TopK, decode_rows, to_dense, topk
 
 FORMAT = "saepipe.sae"
 FORMAT_VERSION = 1
+_DIGEST_KEY = "tensors_sha256"  # header key: sha256 of the tensors (files saved before it have none)
 
 
 class TopKSAE(nn.Module, Dictionary):
@@ -135,10 +135,17 @@ class TopKSAE(nn.Module, Dictionary):
         return topk(self.pre_activations(x), self.k)
 
     def decode_topk(self, values: mx.array, indices: mx.array) -> mx.array:
-        """Reconstruction (..., d_model) from a sparse code."""
+        """Reconstruction (..., d_model) from a sparse code.
+
+        ``indices`` must be integers in 0..d_hidden-1 (checked first: the gather that follows would
+        read outside ``W_dec`` otherwise); ``values`` must be finite numbers.
+        """
         values, indices = mx.array(values), mx.array(indices)
         if values.shape != indices.shape or values.ndim == 0:
             raise ValueError(f"values {values.shape} and indices {indices.shape} must have the same (..., k) shape")
+        check_latent_indices(indices, self.d_hidden)
+        if not mx.issubdtype(values.dtype, mx.floating):
+            values = values.astype(mx.float32)
         flat = decode_rows(values.reshape(-1, values.shape[-1]), indices.reshape(-1, values.shape[-1]), self.W_dec)
         x_n = flat.reshape(*values.shape[:-1], self.d_model) + self.b_dec
         return self.denormalize(x_n)
@@ -199,8 +206,8 @@ class TopKSAE(nn.Module, Dictionary):
             tensors["norm_mean"] = np.asarray(s.mean, dtype=np.float64)
             tensors["norm_std"] = np.asarray(s.std, dtype=np.float64)
             header["stats"] = {"mean_norm": float(s.mean_norm), "n_rows": int(s.n_rows)}
-        file_meta = {"format": FORMAT, "saepipe": json.dumps(header)}
-        return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=file_meta))
+        file_meta = {"format": FORMAT, "saepipe": json.dumps(header), _DIGEST_KEY: arrays_sha256(tensors)}
+        return write_safetensors(path, tensors, file_meta)
 
     @classmethod
     def load(cls, path: str | Path) -> TopKSAE:
@@ -216,20 +223,33 @@ class TopKSAE(nn.Module, Dictionary):
             raise ValueError(f"{path} is not a readable safetensors file ({err})") from err
         if file_meta.get("format") != FORMAT or "saepipe" not in file_meta:
             raise ValueError(f"{path} is a safetensors file but not a saepipe SAE (no saepipe header)")
+        if file_meta.get(_DIGEST_KEY) not in (None, arrays_sha256(tensors)):
+            raise ValueError(f"{path}: the weights do not match the checksum in the file's header "
+                             "(changed or damaged since it was saved)")
         try:
             header = json.loads(file_meta["saepipe"])
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: corrupt saepipe header ({err})") from err
-        if header.get("format_version", 0) > FORMAT_VERSION:
-            raise ValueError(f"{path} uses SAE format {header['format_version']}; this saepipe reads <= {FORMAT_VERSION}")
+            if header.get("format_version", 0) > FORMAT_VERSION:
+                raise ValueError(f"{path} uses SAE format {header['format_version']}; this saepipe reads "
+                                 f"<= {FORMAT_VERSION}")
+            d_model, factor, k = int(header["d_model"]), int(header["expansion_factor"]), int(header["k"])
+            tied, normalization = bool(header["tied_weights"]), str(header.get("normalization", "per_dim"))
+            stats_header = header.get("stats")
+            meta = dict(header.get("metadata") or {})
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise ValueError(f"{path}: corrupt saepipe header ({type(err).__name__}: {err})") from err
+        # the shapes the header claims must be those of the weights, before any array is allocated
+        w_dec = tensors.get("W_dec")
+        if w_dec is None or tuple(w_dec.shape) != (d_model * factor, d_model):
+            raise ValueError(f"{path}: W_dec has shape {None if w_dec is None else w_dec.shape}, the header "
+                             f"says ({d_model * factor}, {d_model})")
         stats = None
-        if header.get("stats") is not None:
-            stats = NormStats(tensors.pop("norm_mean"), tensors.pop("norm_std"),
-                              float(header["stats"]["mean_norm"]), int(header["stats"]["n_rows"]))
-        meta = dict(header.get("metadata") or {})
-        sae = cls(int(header["d_model"]), int(header["expansion_factor"]), int(header["k"]),
-                  tied_weights=bool(header["tied_weights"]), stats=stats, metadata=meta,
-                  normalization=str(header.get("normalization", "per_dim")))
+        if stats_header is not None:
+            try:
+                stats = NormStats(tensors.pop("norm_mean"), tensors.pop("norm_std"),
+                                  float(stats_header["mean_norm"]), int(stats_header["n_rows"]))
+            except (KeyError, TypeError, ValueError) as err:
+                raise ValueError(f"{path}: corrupt normalization stats ({type(err).__name__}: {err})") from err
+        sae = cls(d_model, factor, k, tied_weights=tied, stats=stats, metadata=meta, normalization=normalization)
         expected = set(sae.parameters())
         if set(tensors) != expected:
             raise ValueError(f"{path}: tensors {sorted(tensors)} do not match an SAE's {sorted(expected)}")
@@ -241,6 +261,18 @@ class TopKSAE(nn.Module, Dictionary):
             weights[name] = mx.array(value.astype(np.float32))
         sae.update(weights)
         return sae
+
+
+def check_latent_indices(indices: mx.array, d_hidden: int) -> None:
+    """A ValueError unless ``indices`` are integers in 0..d_hidden-1 (TypeError for other dtypes)."""
+    if not mx.issubdtype(indices.dtype, mx.integer):
+        raise TypeError(f"latent indices must be integers, got dtype {indices.dtype}")
+    if indices.size == 0:
+        return
+    low, high = mx.min(indices).item(), mx.max(indices).item()
+    if low < 0 or high >= d_hidden:
+        raise ValueError(f"latent indices must be in 0..{d_hidden - 1} (d_hidden={d_hidden}), got values from "
+                         f"{low} to {high}")
 
 
 def load_sae(path: str | Path) -> TopKSAE:
@@ -275,4 +307,4 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
-__all__ = ["FORMAT", "TopKSAE", "init_params", "load_sae"]
+__all__ = ["FORMAT", "TopKSAE", "check_latent_indices", "init_params", "load_sae"]

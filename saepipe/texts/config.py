@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from saepipe.runtime.params import ParamsSection
+from saepipe.runtime.params import Encoding, Float, Int, ParamsError, ParamsSection, Str
 
 
 @dataclass(frozen=True)
@@ -19,9 +19,13 @@ class PrepareConfig(ParamsSection):
     SECTION: ClassVar[str] = "prepare"  # its params.yaml section
 
     source: str = "builtin"
-    """"builtin" (offline corpus) | HF hub dataset name | local file or folder (see saepipe.texts.sources)."""
+    """"builtin" (offline corpus) | HF hub dataset name | a local file or folder under data/sources/ (see
+    saepipe.texts.sources; the prepare stage depends on that folder, so DVC sees its files change)."""
     dataset_config: str | None = None
     """HF dataset config name (hub datasets only)."""
+    dataset_revision: str | None = None
+    """HF hub dataset revision (commit sha, tag or branch); null = the current commit, resolved when prepare
+    runs and recorded in counts.json. Pin it to make prepare reproducible."""
     dataset_split: str = "train"
     """HF split to read (hub datasets and saved DatasetDicts)."""
     text_column: str = "text"
@@ -36,11 +40,20 @@ class PrepareConfig(ParamsSection):
     """Share of the kept texts held out as the eval split, in [0, 1)."""
     seed: int = 0
     """Seed of the max_texts sample and of the train/eval split."""
+    encoding: str = "utf-8"
+    """Text encoding of local .txt/.jsonl/.json/.csv files (e.g. latin-1, cp1252); a UTF-8 BOM is skipped."""
 
-    def __post_init__(self) -> None:
-        check_prepare_args(
-            self.min_chars, self.max_chars, self.max_texts, self.eval_fraction, self.seed
-        )
+    RULES: ClassVar = {
+        "source": Str(), "dataset_config": Str(optional=True), "dataset_revision": Str(optional=True),
+        "dataset_split": Str(), "text_column": Str(), "min_chars": Int(min=0), "max_chars": Int(min=1),
+        "max_texts": Int(min=1, optional=True), "eval_fraction": Float(min=0, max=1, max_open=True),
+        "seed": Int(min=0), "encoding": Encoding(),
+    }
+
+    def check_together(self) -> None:
+        """`prepare.max_chars` must be >= `prepare.min_chars`."""
+        if self.max_chars < self.min_chars:
+            raise ParamsError("prepare.max_chars", self.max_chars, f">= prepare.min_chars ({self.min_chars})")
 
     def prepare_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of ``prepare_texts``."""
@@ -51,22 +64,9 @@ class PrepareConfig(ParamsSection):
 def check_prepare_args(
     min_chars: int, max_chars: int, max_texts: int | None, eval_fraction: float, seed: int
 ) -> None:
-    """Raise a ValueError naming the first bad prepare setting."""
-    for name, value in (("min_chars", min_chars), ("max_chars", max_chars), ("seed", seed)):
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise ValueError(f"prepare {name} must be an integer, got {value!r}")
-    if min_chars < 0:
-        raise ValueError(f"prepare min_chars must be >= 0, got {min_chars}")
-    if max_chars < max(min_chars, 1):
-        raise ValueError(f"prepare max_chars={max_chars} must be >= max(min_chars={min_chars}, 1)")
-    if max_texts is not None and (
-        not isinstance(max_texts, int) or isinstance(max_texts, bool) or max_texts < 1
-    ):
-        raise ValueError(f"prepare max_texts must be a positive integer or null, got {max_texts!r}")
-    if not isinstance(eval_fraction, int | float) or not 0 <= eval_fraction < 1:
-        raise ValueError(f"prepare eval_fraction must be in [0, 1), got {eval_fraction!r}")
-    if seed < 0:
-        raise ValueError(f"prepare seed must be >= 0, got {seed}")
+    """Raise a ParamsError naming the first bad prepare setting (the rules of ``PrepareConfig``)."""
+    PrepareConfig(min_chars=min_chars, max_chars=max_chars, max_texts=max_texts, eval_fraction=eval_fraction,
+                  seed=seed)
 
 
 __all__ = ["PrepareConfig", "check_prepare_args"]

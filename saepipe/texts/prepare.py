@@ -36,10 +36,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from saepipe.runtime.files import atomic_write, atomic_write_text
-from saepipe.texts.config import PrepareConfig, check_prepare_args
+from saepipe.runtime.files import atomic_write, atomic_write_text, file_sha256
+from saepipe.texts.config import PrepareConfig
 from saepipe.texts.records import TextRecord
-from saepipe.texts.sources import load_texts
+from saepipe.texts.sources import load_texts, resolve_dataset_revision, source_kind
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,10 @@ class PrepareCounts:
     """Texts in the eval split."""
     kept_by_source: dict[str, int] = field(default_factory=dict)
     """Kept texts per source label."""
+    dataset_revision: str | None = None
+    """Commit sha of the hub dataset read (None for other sources, or when the hub was unreachable)."""
+    texts_sha256: str | None = None
+    """sha256 of the texts.parquet written: extract and evaluate check the file they read against it."""
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""
@@ -181,7 +185,10 @@ def prepare_texts(
 
     Raises a ValueError naming the filter that removed everything when no text is left.
     """
-    check_prepare_args(min_chars, max_chars, max_texts, eval_fraction, seed)
+    checked = PrepareConfig(min_chars=min_chars, max_chars=max_chars, max_texts=max_texts,
+                            eval_fraction=eval_fraction, seed=seed)  # ParamsError naming a bad one
+    min_chars, max_chars, max_texts = checked.min_chars, checked.max_chars, checked.max_texts
+    eval_fraction, seed = checked.eval_fraction, checked.seed
     counts = PrepareCounts()
     kept = _clean_dedupe(records, min_chars, max_chars, counts)
     if not kept:
@@ -215,24 +222,50 @@ def prepared_table(texts: list[str], sources: list[str], splits: list[str]) -> p
 
 
 def run_prepare(params: PrepareConfig) -> PrepareResult:
-    """Load the texts of ``params.source`` and prepare them."""
+    """Load the texts of ``params.source`` and prepare them; a hub dataset's revision is resolved to a
+    commit sha first (and recorded in the counts), so the texts read are the ones recorded."""
+    revision = params.dataset_revision
+    if source_kind(params.source) == "hub":
+        revision = resolve_dataset_revision(params.source, revision)
     records = load_texts(
         params.source,
         dataset_config=params.dataset_config,
         dataset_split=params.dataset_split,
         text_column=params.text_column,
+        dataset_revision=revision,
+        encoding=params.encoding,
     )
-    return prepare_texts(records, **params.prepare_kwargs())
+    result = prepare_texts(records, **params.prepare_kwargs())
+    result.counts.dataset_revision = revision if source_kind(params.source) == "hub" else None
+    return result
 
 
 def write_prepared(result: PrepareResult, out_dir: str | Path) -> tuple[Path, Path]:
-    """Write ``texts.parquet`` and ``counts.json`` into ``out_dir`` atomically; return their paths."""
+    """Write ``texts.parquet`` and ``counts.json`` (with the parquet's sha256) into ``out_dir``
+    atomically; return their paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     texts_path, counts_path = out_dir / TEXTS_FILE, out_dir / COUNTS_FILE
     atomic_write(texts_path, lambda tmp: pq.write_table(result.table, tmp))
+    result.counts.texts_sha256 = file_sha256(texts_path)
     atomic_write_text(counts_path, json.dumps(result.counts.to_dict(), indent=2) + "\n")
     return texts_path, counts_path
+
+
+def verify_prepared(texts_path: str | Path) -> None:
+    """Check ``texts.parquet`` against the sha256 that prepare recorded in the ``counts.json`` beside it
+    (when there is one): a file changed or damaged since is an error saying to rerun prepare."""
+    texts_path = Path(texts_path)
+    counts = texts_path.with_name(COUNTS_FILE)
+    if not counts.is_file():
+        return
+    try:
+        want = json.loads(counts.read_text()).get("texts_sha256")
+    except (ValueError, AttributeError):
+        raise ValueError(f"{counts} is not valid JSON: rerun prepare") from None
+    if want and file_sha256(texts_path) != want:
+        raise ValueError(f"{texts_path} does not match the sha256 recorded in {counts} (changed or damaged "
+                         "since prepare wrote it): rerun prepare")
 
 
 def check_split(split: str) -> str:
@@ -240,6 +273,22 @@ def check_split(split: str) -> str:
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose from {SPLITS}")
     return split
+
+
+def _read_table(path: Path, columns: list[str] | None = None) -> pa.Table:
+    """A Parquet file; an unreadable one (truncated, not Parquet) or one without ``columns`` is an
+    error naming it."""
+    try:
+        names = pq.read_schema(path).names
+        missing = [c for c in columns or () if c not in names]
+        if not missing:
+            return pq.read_table(path, columns=columns)
+    except (pa.ArrowException, OSError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise ValueError(f"cannot read {path} ({e}): the file is damaged or not prepare's output; "
+                         "rerun prepare") from e
+    raise ValueError(f"{path} has no column(s) {missing} (it has {names}): not prepare's output; rerun prepare")
 
 
 def read_prepared(path: str | Path, split: str | None = None) -> pa.Table:
@@ -251,7 +300,7 @@ def read_prepared(path: str | Path, split: str | None = None) -> pa.Table:
         raise FileNotFoundError(f"prepared texts not found: {path} (run the prepare stage)")
     if split is not None:
         check_split(split)
-    table = pq.read_table(path)
+    table = _read_table(path)
     missing = set(SCHEMA.names) - set(table.column_names)
     if missing:
         raise ValueError(f"{path} is missing columns {sorted(missing)}; expected {SCHEMA.names}")
@@ -263,7 +312,10 @@ def read_prepared(path: str | Path, split: str | None = None) -> pa.Table:
 def read_split(texts_path: str | Path, split: str) -> tuple[np.ndarray, list[str]]:
     """The (ids, texts) of one split of ``texts.parquet``, in file order (the order extract reads)."""
     check_split(split)
-    table = pq.read_table(texts_path, columns=["id", "text", "split"])
+    texts_path = Path(texts_path)
+    if not texts_path.is_file():
+        raise FileNotFoundError(f"prepared texts not found: {texts_path} (run the prepare stage)")
+    table = _read_table(texts_path, columns=["id", "text", "split"])
     mask = np.asarray(table.column("split").to_numpy(zero_copy_only=False) == split)
     ids = table.column("id").to_numpy()[mask].astype(np.int64)
     texts = [t for t, m in zip(table.column("text").to_pylist(), mask, strict=True) if m]

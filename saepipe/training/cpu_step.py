@@ -15,6 +15,14 @@ kernels update in place through numpy views (copying the whole state each step w
 than the top-k), and hands out copies with ``state()``. Those arrays and the big per-step
 buffers start on a cache line (``cpu_kernels.aligned_empty``): the row gathers run faster on
 aligned rows.
+
+Data-parallel (``ranks`` with several ranks; see ``saepipe.training.state``): ``x`` is this rank's
+part of the global batch. Three exchanges a step make every rank's update the one-process update
+of the whole batch: the column sums and sum of squares of the normalized rows (the global variance
+FVU divides by, and the global row count) before the gradients; the residual's column sums and
+squared error (AuxK's variance, the FVU) before AuxK; and one all-reduce of the gradient buffers
+of ``latent_grads``, ``db_enc``, ``db_dec``, the fired counts and the AuxK loss before
+``adam_rows``, whose global norm (for clipping) is taken from the summed gradients.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ from __future__ import annotations
 import mlx.core as mx  # saepipe/__init__ (imported first) has loaded the fast BLAS
 import numpy as np
 
+from saepipe.parallel.ranks import Ranks
 from saepipe.sae.config import SAEConfig
 from saepipe.training import cpu_kernels as ck
 from saepipe.training.cpu_kernels import CACHE_LINE, aligned_empty
@@ -34,6 +43,7 @@ from saepipe.training.state import (
     TrainState,
     clip_scale,
     count_since_fired,
+    counter_cap,
     dead_fraction,
 )
 
@@ -63,11 +73,14 @@ class CpuStep:
 
     ``step(lr, x, mean, std, n_dead)`` runs one update on the batch ``x`` (n, d_model) and returns
     the ``METRICS`` of ``saepipe.training.state`` (float64 numpy): a ``StepRunner``. ``n_dead``: dead
-    latents before the step (AuxK runs when ``AuxK.active(n_dead)``).
+    latents before the step (AuxK runs when ``AuxK.active(n_dead)``). ``ranks``: see the module
+    docstring (default: a single process).
     """
 
-    def __init__(self, config: SAEConfig, d_hidden: int, k_aux: int, state: TrainState) -> None:
+    def __init__(self, config: SAEConfig, d_hidden: int, k_aux: int, state: TrainState,
+                 ranks: Ranks | None = None) -> None:
         self.config, self.d_hidden, self.k_aux = config, d_hidden, k_aux
+        self.ranks = ranks or Ranks()
         self.auxk = AuxK(k_aux, config.aux_coef)
         self.lanes = ck.lanes_for(d_hidden, config.k)
         self.load(state)
@@ -108,6 +121,10 @@ class CpuStep:
         xc_mx, xc = self._centered_input((n, d))
         x_sums, x_squares = ck.standardize(x, np.asarray(mean, np.float32), np.asarray(std, np.float32),
                                            b_dec, xn, xc)
+        ranks, n_total = self.ranks, n
+        if ranks.distributed:  # the global batch's moments and size
+            x_sums, x_squares, total = ranks.sum64(x_sums, x_squares, n)
+            x_squares, n_total = float(x_squares), round(float(total))
         live = self._mx["params"]
         pre = xc_mx @ (live["W_dec"] if tied else live["W_enc"]).T  # b_enc: added by top-k
         mx.eval(pre)
@@ -121,34 +138,53 @@ class CpuStep:
         idx = np.empty((n, k), np.int32)
         a = np.empty((n, dead.size), np.float32)  # dead latents' ReLU pre-activations, for AuxK
         ck.topk_rows(pre, b_enc, k, self.lanes, pv, idx, dead, a)
-        total_var = max(x_squares - float(x_sums @ x_sums) / n, VARIANCE_FLOOR)  # sum |x - mean|^2
+        total_var = max(x_squares - float(x_sums @ x_sums) / n_total, VARIANCE_FLOOR)  # sum |x - mean|^2
         gscale = np.float32(-2.0 / total_var)
         l1_coef = float(cfg.l1_coefficient)
         e = aligned_empty((n, d))
         sse_rows = np.empty(n, np.float32)
         e_sums = ck.decode_residual(xn, b_dec, W_dec, idx, pv, e, sse_rows)
         sse = float(sse_rows.sum(dtype=np.float64))
+        l1_sum, l0_sum = float(np.maximum(pv, 0).sum(dtype=np.float64)), float((pv > 0).sum())
+        all_e_sums = e_sums
+        if ranks.distributed:  # the global residual's moments (and the code's sums, for the metrics)
+            all_e_sums, sse, l1_sum, l0_sum = ranks.sum64(e_sums, sse, l1_sum, l0_sum)
+            sse, l1_sum, l0_sum = float(sse), float(l1_sum), float(l0_sum)
 
         aux, aux_parts = 0.0, None
         if aux_on:
-            e_var = max(sse - float(e_sums @ e_sums) / n, VARIANCE_FLOOR)
+            e_var = max(sse - float(all_e_sums @ all_e_sums) / n_total, VARIANCE_FLOOR)
             aux, aux_parts = self._auxk(dead, a, xc, e, e_var, W_dec, self.auxk.scale(n_dead))
 
-        grads = self._latent_grads(idx, pv, e, xc, gscale, np.float32(l1_coef / n), W_dec, aux_parts)
+        grads = self._latent_grads(idx, pv, e, xc, gscale, np.float32(l1_coef / n_total), W_dec, aux_parts)
         dW_dec, dW_enc, db_enc, fired, sq = grads
         db_dec = gscale * e_sums.astype(np.float32) - db_enc @ W_enc
+        if ranks.distributed:  # this rank's shares of the gradients (and AuxK) -> the global batch's
+            dW_dec, dW_enc, db_enc, db_dec, fired, aux, sq = self._sum_grads(dW_dec, dW_enc, db_enc, db_dec,
+                                                                             fired, aux)
         gnorm = float(np.sqrt(sq + float(db_enc @ db_enc) + float(db_dec @ db_dec)))
         scale = clip_scale(gnorm, float(cfg.gradient_clip))
         self._adam(lr, scale, {"W_dec": dW_dec, "W_enc": dW_enc, "b_enc": db_enc, "b_dec": db_dec})
 
         threshold = int(cfg.dead_tokens_threshold)
-        self.counter = count_since_fired(self.counter, fired, n, threshold)
+        self.counter = count_since_fired(self.counter, fired, n_total, counter_cap(cfg))
         fvu = sse / total_var
-        pos = np.maximum(pv, 0)
-        l1 = float(pos.sum(dtype=np.float64)) / n
+        l1 = l1_sum / n_total
         loss = fvu + l1_coef * l1 + cfg.aux_coef * aux
-        return np.array([loss, fvu, sse / (n * d), aux, l1, float((pv > 0).sum()) / n, gnorm,
+        return np.array([loss, fvu, sse / (n_total * d), aux, l1, l0_sum / n_total, gnorm,
                          dead_fraction(self.counter, threshold)])
+
+    def _sum_grads(self, dW_dec, dW_enc, db_enc, db_dec, fired, aux):
+        """The gradients, fired counts and AuxK loss summed over the ranks (one all-reduce), and the
+        summed weight gradients' squared norm (what ``latent_grads`` returns for one process's)."""
+        parts = [dW_dec, db_enc, db_dec.astype(np.float32), fired, np.array([aux], np.float32)]
+        if dW_enc is not None:
+            parts.append(dW_enc)
+        summed = self.ranks.sum_numpy_all(parts)
+        dW_dec, db_enc, db_dec, fired, aux_sum = summed[:5]
+        dW_enc = summed[5] if dW_enc is not None else None
+        sq = sum(float(np.einsum("ij,ij->i", g, g).sum(dtype=np.float64)) for g in (dW_dec, dW_enc) if g is not None)
+        return dW_dec, dW_enc, db_enc, db_dec, fired, float(aux_sum[0]), sq
 
     def _auxk(self, dead, a, xc, e, e_var, W_dec, aux_scale):
         """AuxK over the dead latents: loss and its gradient rows (columns, dW_dec, dW_enc, db_enc).

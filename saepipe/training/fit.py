@@ -16,10 +16,13 @@ Recipe (Gao et al. 2024; EleutherAI sparsify):
   L1 = mean over rows of the sum of the kept latent values;
 - a latent is dead when it has not fired (value > 0 in the top-k) on ``dead_tokens_threshold``
   consecutive training tokens (a per-latent counter, saturating at the threshold);
+- optionally (``resample_every`` > 0), every that many steps the latents that have not fired for
+  ``resample_window`` tokens are resampled toward badly reconstructed rows, their Adam state reset
+  (``saepipe.training.resample``; the count is logged as ``resampled``);
 - Adam (bias-corrected) with peak ``learning_rate`` (None: ``default_learning_rate(d_hidden)``,
-  3e-3 * sqrt(9216 / d_hidden), recorded in the SAE's config), linear warmup then ``lr_decay``; the gradient component parallel to each
-  decoder row is removed before clipping the global norm (``gradient_clip``, 0 = off) and the rows
-  are renormalized after each step;
+  3e-3 * sqrt(9216 / d_hidden), recorded in the SAE's config), linear warmup then ``lr_decay``; the
+  gradient component parallel to each decoder row is removed before clipping the global norm
+  (``gradient_clip``, 0 = off) and the rows are renormalized after each step;
 - each epoch visits the training rows in a seeded permutation, ``batch_size`` rows per step (the
   remainder that does not fill a batch is skipped that epoch); rows are read with
   ``source.take(sorted indices)`` one batch at a time (one batch prefetched), never all at once;
@@ -34,11 +37,22 @@ Kernels (same math, see ``saepipe.training.steps``): on a CPU ``fit_sae`` runs
 ``saepipe.training.mlx_step.make_train_step``; both are tested against the dense reference step
 ``saepipe.training.reference`` (``kernels="reference"``). What all steps share (state, update, dead
 counters, AuxK) is ``saepipe.training.state``.
+
+Data-parallel (``ranks``: the ``mx.distributed`` group ``mlx.launch`` started, see the README): the
+run plan, the seeded batch order and the schedule are the same on every rank; each rank reads its
+contiguous part of every global batch (``Ranks.part``), the steps all-sum what the update needs
+(``saepipe.training.state``), so every rank holds the weights one process would reach with the same
+global batch and seed (up to float rounding). Normalization stats (when fit here) and validation
+are split over the ranks too. Rank 0 alone reads the checkpoint it resumes from (the state and
+position are broadcast to the others: no shared filesystem needed for checkpoints), writes
+checkpoints, logs (dvclive, W&B, the given ``logger``) and shows progress; every rank returns the
+same ``FitResult`` and the caller saves it on rank 0. A checkpoint resumes with any number of ranks.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import time
@@ -52,12 +66,15 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from saepipe.activations.normalize import fit_stats
-from saepipe.activations.sources import ActivationSource, as_source
+from saepipe.activations.sources import ActivationSource, ArraySource, as_source
 from saepipe.activations.stats import NormStats
+from saepipe.parallel.ranks import Ranks
 from saepipe.runtime.memory import reuse_freed_memory
+from saepipe.runtime.params import Int
 from saepipe.sae.config import SAEConfig, default_learning_rate
 from saepipe.sae.normalization import InputNormalizer
-from saepipe.sae.topk import TopKSAE
+from saepipe.sae.topk import TopKSAE, init_params
+from saepipe.training import resample
 from saepipe.training.checkpoint import all_finite, resume, save_checkpoint
 from saepipe.training.schedule import Split, epoch_batches, learning_rate_at, split_rows
 from saepipe.training.state import METRICS, AuxK, StepRunner, TrainState, count_dead, initial_state
@@ -104,6 +121,8 @@ class RunPlan(NamedTuple):
     checkpoint_dir: Path | None
     max_steps: int | None
     kernels: str
+    ranks: Ranks
+    """This process's rank (a single process: ``Ranks()``)."""
 
 
 @dataclass
@@ -125,6 +144,8 @@ class Progress:
     """Time spent in steps (reading included, validation and checkpoints not)."""
     first_loss: float | None = None
     last_loss: float | None = None
+    resampled: int = 0
+    """Latents resampled so far (``SAEConfig.resample_every``)."""
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -172,6 +193,7 @@ def fit_sae(
     max_steps: int | None = None,
     progress: bool = True,
     kernels: str = "auto",
+    ranks: Ranks | None = None,
 ) -> FitResult:
     """Train a TopK SAE on ``activations`` ((n, d_model) array, shard folder or ActivationSource).
 
@@ -182,38 +204,113 @@ def fit_sae(
     ``log_every``: steps between logged step metrics. ``max_steps``: stop after this many steps in
     total (checkpointing when ``checkpoint_dir`` is set; the schedule still spans the full run).
     ``kernels``: "auto" (default: the fastest for this device), "cpu", "sparse" or "reference"
-    (dense MLX ops), see ``saepipe.training.steps``.
+    (dense MLX ops), see ``saepipe.training.steps``. ``ranks``: data-parallel training over an
+    ``mx.distributed`` group (default ``Ranks.world()``: the group ``mlx.launch`` started, else this
+    process alone); every rank passes the same arguments and the same data.
     """
     kernels = resolve_kernels(kernels)
+    if not isinstance(config, SAEConfig):
+        raise TypeError(f"config must be an SAEConfig, not {type(config).__name__}")
+    log_every = Int(min=1).check("log_every", log_every)
+    max_steps = Int(min=0, optional=True).check("max_steps", max_steps)
+    ranks = ranks if ranks is not None else Ranks.world()
     source = as_source(activations)
+    if isinstance(source, ArraySource):  # in memory: cheap to check whole (shards were checked by extract)
+        source.check_finite()
     d_hidden, auxk = _sizes(source, config)
     if config.learning_rate is None:  # the width's default, resolved once: the SAE's config records it
         config = config.replace(learning_rate=default_learning_rate(d_hidden))
     split = split_rows(source.n_rows, config.validation_split, config.seed)
-    stats = _stats_for(source, config, stats, split)
-    plan = _plan(source, config, split, stats, d_hidden, auxk, checkpoint_dir, max_steps, kernels)
-    state, position, resumed = _start(plan)
+    stats = _stats_for(source, config, stats, split, ranks)
+    plan = _plan(source, config, split, stats, d_hidden, auxk, checkpoint_dir, max_steps, kernels, ranks)
+    warnings = schedule_warnings(plan)
+    for warning in warnings if ranks.is_main else ():
+        log.warning("%s", warning)
+    state, position, logs = _start(plan)
     meta = {**_source_metadata(source), **(metadata or {})}
-    sink = _loggers(plan, meta, logger, live_dir, log_every, resumed=resumed)
+    sink = _loggers(plan, meta, logger, live_dir, log_every, resumed=logs is not None)
+    if logs is not None:
+        sink.restore(logs, position.step)
     try:
         with reuse_freed_memory():  # the step's big buffers are reused, not page-faulted in anew
-            state, position, completed = _train_loop(plan, state, position, sink, progress)
+            state, position, completed = _train_loop(plan, state, position, sink, progress and ranks.is_main)
     finally:
         sink.close()
-    summary = _summary(plan, position, state, completed)
+    if ranks.distributed:
+        ranks.check_same("the final weights", _checksums(state))
+    summary = {**_summary(plan, position, state, completed), "warnings": warnings}
     return FitResult(_trained_sae(plan, state, stats, meta, summary), list(position.history), summary)
 
 
-def _start(plan: RunPlan) -> tuple[TrainState, Progress, bool]:
-    """The state and position to start from: a checkpoint of the same run, else a fresh start."""
+def _start(plan: RunPlan) -> tuple[TrainState, Progress, dict[str, Any] | None]:
+    """The state and position to start from (a checkpoint of the same run, else a fresh start), and
+    the loggers' files saved with the checkpoint (None for a fresh start; ``{}`` on ranks other than
+    0, which log nothing). With several ranks rank 0 decides and the others receive its state and
+    position."""
+    ranks = plan.ranks
+    if not ranks.is_main:
+        return _receive_start(plan)
     resumed = resume(plan.checkpoint_dir, plan.run_info)
+    logs = None
     if resumed is not None:
-        state, position = resumed[0], Progress.from_json(resumed[1])
+        state, info = resumed
+        position, logs = Progress.from_json(info["position"]), info["logs"] or {}
         log.info("resuming from %s at step %d", plan.checkpoint_dir, position.step)
-        return state, position, True
-    state = initial_state(plan.source, plan.split.train, plan.config, plan.source.d_model, plan.d_hidden,
-                          plan.mean, plan.std)
-    return state, Progress(), False
+    else:
+        state = initial_state(plan.source, plan.split.train, plan.config, plan.source.d_model, plan.d_hidden,
+                              plan.mean, plan.std)
+        position = Progress()
+    if ranks.distributed:
+        ranks.broadcast_bytes(json.dumps({"position": position.to_json(), "resumed": resumed is not None}).encode())
+        ranks.broadcast(_state_arrays(state))
+    return state, position, logs
+
+
+def _receive_start(plan: RunPlan) -> tuple[TrainState, Progress, dict[str, Any] | None]:
+    """Rank 0's start (see ``_start``) on another rank."""
+    header = json.loads(plan.ranks.broadcast_bytes(None))
+    params = init_params(plan.source.d_model, plan.d_hidden, plan.config.tied_weights, plan.config.seed)
+    zeros = {n: mx.zeros_like(p) for n, p in params.items()}
+    like = TrainState(params, zeros, dict(zeros), mx.array(0.0), mx.zeros((plan.d_hidden,), dtype=mx.int32))
+    arrays = plan.ranks.broadcast(_state_arrays(like))
+    state = TrainState({n: arrays[f"params.{n}"] for n in params}, {n: arrays[f"m.{n}"] for n in params},
+                       {n: arrays[f"v.{n}"] for n in params}, arrays["t"], arrays["counter"])
+    return state, Progress.from_json(header["position"]), {} if header["resumed"] else None
+
+
+MIN_STEPS = 100
+"""Fewer optimisation steps than this is too short a run to train a TopK SAE (a warning)."""
+
+TIMINGS = ("train_seconds", "tok_per_s")
+"""Summary keys that measure the machine, not the SAE: in metrics.json only, never in the SAE file, so
+identical runs write byte-identical SAE files."""
+
+
+def schedule_warnings(plan: RunPlan) -> list[str]:
+    """What makes this run too short for its own settings (each logged as a warning, listed in the
+    summary as ``warnings``, and failing evaluate's ``schedule_ok`` health check)."""
+    config, n_train, total = plan.config, len(plan.split.train), plan.total_steps
+    out = []
+    if config.batch_size > n_train:
+        out.append(f"sae.batch_size={config.batch_size} is more than the {n_train} training rows: every step "
+                   f"uses all of them ({total} steps in all); lower sae.batch_size or extract more tokens")
+    if total <= config.warmup_steps:
+        out.append(f"the run has {total} steps but sae.warmup_steps={config.warmup_steps}: the learning rate "
+                   f"never reaches sae.learning_rate; lower warmup_steps or batch_size, or train longer")
+    if total < MIN_STEPS:
+        out.append(f"only {total} optimisation steps (< {MIN_STEPS}): too few to train a TopK SAE; lower "
+                   "sae.batch_size, raise sae.num_epochs or extract more tokens")
+    tokens = total * plan.batch_size
+    if config.aux_coef > 0 and tokens < config.dead_tokens_threshold:
+        out.append(f"sae.dead_tokens_threshold={config.dead_tokens_threshold} is more than the {tokens} tokens "
+                   "the run trains on: no latent can be found dead, so AuxK never acts")
+    return out
+
+
+def _state_arrays(state: TrainState) -> dict[str, mx.array]:
+    """A ``TrainState`` as one flat dict of arrays (what ``Ranks.broadcast`` sends)."""
+    arrays = {f"{group}.{n}": a for group in ("params", "m", "v") for n, a in getattr(state, group).items()}
+    return {**arrays, "t": state.t, "counter": state.counter}
 
 
 def _trained_sae(plan: RunPlan, state: TrainState, stats: NormStats | None, meta: dict[str, Any],
@@ -223,19 +320,20 @@ def _trained_sae(plan: RunPlan, state: TrainState, stats: NormStats | None, meta
     sae = TopKSAE(plan.source.d_model, config.expansion_factor, config.k, tied_weights=config.tied_weights,
                   stats=stats, normalization=config.normalization)
     sae.update(dict(state.params))
-    sae.update_metadata(**meta, config=config.to_dict(), summary=summary, n_train_rows=len(plan.split.train),
+    untimed = {k: v for k, v in summary.items() if k not in TIMINGS}
+    sae.update_metadata(**meta, config=config.to_dict(), summary=untimed, n_train_rows=len(plan.split.train),
                         n_val_rows=len(plan.split.val))
     return sae
 
 
 def _stats_for(source: ActivationSource, config: SAEConfig, stats: NormStats | None,
-               split: Split) -> NormStats | None:
+               split: Split, ranks: Ranks) -> NormStats | None:
     """The stats the run normalizes with: None without ``normalize_input``, else the given ones
-    (checked against the data) or ones fit on the training rows."""
+    (checked against the data) or ones fit on the training rows (split over the ranks)."""
     if not config.normalize_input:
         return None
     if stats is None:
-        return fit_stats(source, _READ_ROWS, rows=split.train)
+        return fit_stats(source, _READ_ROWS, rows=split.train, ranks=ranks)
     if np.asarray(stats.mean).shape != (source.d_model,):
         raise ValueError(f"stats are for d_model {np.asarray(stats.mean).shape[0]}, activations have {source.d_model}")
     return stats
@@ -251,7 +349,8 @@ def _sizes(source: ActivationSource, config: SAEConfig) -> tuple[int, AuxK]:
 
 
 def _plan(source: ActivationSource, config: SAEConfig, split: Split, stats: NormStats | None, d_hidden: int,
-          auxk: AuxK, checkpoint_dir: str | Path | None, max_steps: int | None, kernels: str) -> RunPlan:
+          auxk: AuxK, checkpoint_dir: str | Path | None, max_steps: int | None, kernels: str,
+          ranks: Ranks) -> RunPlan:
     d_model, n_rows = source.d_model, source.n_rows
     batch_size = min(config.batch_size, len(split.train))
     steps_per_epoch = len(split.train) // batch_size
@@ -267,14 +366,17 @@ def _plan(source: ActivationSource, config: SAEConfig, split: Split, stats: Norm
         d_hidden=d_hidden, auxk=auxk, batch_size=batch_size, steps_per_epoch=steps_per_epoch,
         total_steps=steps_per_epoch * config.num_epochs, run_info=run_info,
         checkpoint_dir=Path(checkpoint_dir) if checkpoint_dir is not None else None,
-        max_steps=max_steps, kernels=kernels,
+        max_steps=max_steps, kernels=kernels, ranks=ranks,
     )
 
 
 def _loggers(plan: RunPlan, meta: dict[str, Any], logger: TrainLogger | None, live_dir: str | Path | None,
              log_every: int, *, resumed: bool) -> MultiLogger:
-    """The loggers of the run (the caller's, dvclive, W&B), with the run's configuration logged."""
+    """The loggers of the run (the caller's, dvclive, W&B), with the run's configuration logged;
+    none on ranks other than 0."""
     config = plan.config
+    if not plan.ranks.is_main:
+        return MultiLogger([])
     loggers: list[TrainLogger] = [logger] if logger is not None else []
     if live_dir is not None:
         loggers.append(DVCLiveLogger(live_dir, log_every=log_every, resume=resumed))
@@ -294,7 +396,8 @@ def _source_metadata(source: ActivationSource) -> dict[str, Any]:
     if not isinstance(manifest, dict):
         return {}
     keys = {"model_id": "model_name", "model_hash": "model_hash", "layer": "layer", "component": "component",
-            "site": "site", "digest": "activations_digest", "n_tokens": "activations_rows"}
+            "site": "site", "digest": "activations_digest", "n_tokens": "activations_rows",
+            "context_length": "context_length", "skip_special_tokens": "skip_special_tokens"}
     return {ours: manifest[theirs] for theirs, ours in keys.items() if manifest.get(theirs) is not None}
 
 
@@ -315,7 +418,7 @@ class _Loop(NamedTuple):
 def _train_loop(plan: RunPlan, state: TrainState, position: Progress, sink: MultiLogger,
                 show_progress: bool) -> tuple[TrainState, Progress, bool]:
     """Epochs of steps from ``position``; returns (state, position, completed)."""
-    runner = make_runner(plan.config, plan.d_hidden, plan.auxk, plan.kernels, state)
+    runner = make_runner(plan.config, plan.d_hidden, plan.auxk, plan.kernels, state, plan.ranks)
     evaluate = make_eval(plan.config, plan.d_hidden, plan.kernels)
     n_dead = count_dead(state.counter, plan.config.dead_tokens_threshold)
     bar = tqdm(total=plan.total_steps * plan.batch_size, initial=position.step * plan.batch_size, unit="tok",
@@ -325,7 +428,7 @@ def _train_loop(plan: RunPlan, state: TrainState, position: Progress, sink: Mult
         for epoch in range(position.epoch, plan.config.num_epochs):
             n_dead, stopped = _run_epoch(plan, loop, position, epoch, n_dead)
             if stopped:
-                _checkpoint(plan, runner, position)
+                _checkpoint(plan, runner, position, sink)
                 return runner.state(), position, False
             _end_epoch(plan, loop, evaluate, position, epoch)
     finally:
@@ -336,7 +439,7 @@ def _train_loop(plan: RunPlan, state: TrainState, position: Progress, sink: Mult
 
 def _run_epoch(plan: RunPlan, loop: _Loop, position: Progress, epoch: int, n_dead: int) -> tuple[int, bool]:
     """The steps of ``epoch`` from ``position.batch`` on; returns (dead latents, stopped at max_steps)."""
-    batches = epoch_batches(plan.split.train, plan.config.seed, epoch, plan.batch_size)
+    batches = [plan.ranks.part(b) for b in epoch_batches(plan.split.train, plan.config.seed, epoch, plan.batch_size)]
     start = position.batch
     pending: Future | None = loop.reader.submit(plan.source.take, batches[start]) if start < len(batches) else None
     for b in range(start, len(batches)):
@@ -349,50 +452,103 @@ def _run_epoch(plan: RunPlan, loop: _Loop, position: Progress, epoch: int, n_dea
         n_dead = _step(plan, loop, position, x, n_dead, started)
         every = plan.config.checkpoint_every
         if every and position.step % every == 0 and b + 1 < len(batches):  # epoch ends checkpoint anyway
-            _checkpoint(plan, loop.runner, position)
+            _checkpoint(plan, loop.runner, position, loop.sink)
     return n_dead, False
 
 
 def _step(plan: RunPlan, loop: _Loop, position: Progress, x: mx.array, n_dead: int, started: float) -> int:
-    """One optimisation step, logged; returns the number of dead latents after it."""
+    """One optimisation step (then a resampling of dead latents when one is due), logged; returns the
+    number of dead latents after it."""
     lr = learning_rate_at(position.step, plan.total_steps, plan.config)
     values = loop.runner.step(lr, x, plan.mean, plan.std, n_dead)
-    _check_finite(values, position.step + 1, plan.checkpoint_dir)
+    _check_finite(values, position.step + 1, plan.checkpoint_dir, x)
     record = dict(zip(METRICS, values.tolist(), strict=True))
     record["learning_rate"] = lr
     position.after_step(values.tolist(), started)
+    n_dead = round(record["dead_fraction"] * plan.d_hidden)
+    if resample.due(position.step, plan.config, plan.total_steps):
+        n_dead = _resample(plan, loop.runner, position, record, n_dead)
     loop.sink.log_step(position.step, record)
     loop.bar.update(plan.batch_size)
     loop.bar.set_postfix(loss=f"{record['loss']:.4f}", L0=f"{record['l0']:.1f}",
                          dead=f"{record['dead_fraction']:.3f}", refresh=False)
-    return round(record["dead_fraction"] * plan.d_hidden)
+    return n_dead
+
+
+def _resample(plan: RunPlan, runner: StepRunner, position: Progress, record: dict[str, float], n_dead: int) -> int:
+    """Resample the dead latents after step ``position.step`` (``saepipe.training.resample``): the
+    runner continues from the new state; ``record["resampled"]`` and ``position.resampled`` count
+    them. Returns the number of dead latents now."""
+    state = runner.state()
+    latents = np.zeros(0, np.int64)
+    if resample.dead_latents(state.counter, plan.config).size:  # the counters agree on every rank
+        ranks = plan.ranks
+        if ranks.is_main:
+            rows = resample.sample_rows(plan.split.train, plan.config, position.step)
+            x = (plan.source.take(rows) - np.asarray(plan.mean)) / np.asarray(plan.std)
+            state, latents = resample.resample(state, x, plan.config, position.step)
+        if ranks.distributed:  # rank 0's draw and new state on every rank (the same bits, not a re-run)
+            latents = np.asarray(json.loads(ranks.broadcast_bytes(json.dumps(latents.tolist()).encode())),
+                                 dtype=np.int64)
+            arrays = ranks.broadcast(_state_arrays(state))
+            state = TrainState({n: arrays[f"params.{n}"] for n in state.params}, {n: arrays[f"m.{n}"] for n in state.m},
+                               {n: arrays[f"v.{n}"] for n in state.v}, arrays["t"], arrays["counter"])
+        if latents.size:
+            runner.load(state)
+            n_dead = count_dead(state.counter, plan.config.dead_tokens_threshold)
+    record["resampled"] = float(latents.size)
+    position.resampled += int(latents.size)
+    log.info("step %d: resampled %d dead latents", position.step, latents.size)
+    return n_dead
 
 
 def _end_epoch(plan: RunPlan, loop: _Loop, evaluate: Any, position: Progress, epoch: int) -> None:
     """Validate, log, record the epoch in the history and checkpoint."""
     val = validate(plan.source, plan.split.val, evaluate, loop.runner.state().params, plan.mean, plan.std,
-                   plan.d_hidden, plan.config)
+                   plan.d_hidden, plan.config, plan.ranks)
     entry = {"epoch": epoch, "step": position.step, **position.epoch_means(), **val}
     loop.sink.log_epoch(epoch, position.step, val)
     position.end_epoch(entry)
-    _checkpoint(plan, loop.runner, position)
+    _checkpoint(plan, loop.runner, position, loop.sink)
 
 
-def _checkpoint(plan: RunPlan, runner: StepRunner, position: Progress) -> None:
-    """Save the current state and position (when the run has a checkpoint folder); never a diverged one."""
+def _checkpoint(plan: RunPlan, runner: StepRunner, position: Progress, sink: MultiLogger) -> None:
+    """Save the current state, position and logs (when the run has a checkpoint folder; rank 0 only,
+    after checking that every rank holds the same weights); never a diverged one."""
     if plan.checkpoint_dir is None:
         return
     current = runner.state()
+    if plan.ranks.distributed:
+        plan.ranks.check_same(f"the weights after step {position.step}", _checksums(current))
     if not all_finite(current.params):
         raise TrainingDivergedError(f"non-finite weights after step {position.step}; "
                                     f"last good checkpoint kept in {plan.checkpoint_dir}")
-    save_checkpoint(plan.checkpoint_dir, current, {"run": plan.run_info, "position": position.to_json()})
+    if plan.ranks.is_main:
+        save_checkpoint(plan.checkpoint_dir, current,
+                        {"run": plan.run_info, "position": position.to_json(), "logs": sink.state()})
 
 
-def _check_finite(values: np.ndarray, step: int, ckpt_dir: Path | None) -> None:
+def _checksums(state: TrainState) -> list[float]:
+    """Order-sensitive float64 checksums of the weights and dead counters (ranks compare them)."""
+    out = []
+    for a in [*(state.params[n] for n in sorted(state.params)), state.counter]:
+        flat = np.asarray(a, dtype=np.float64).reshape(-1)
+        out.append(float(flat @ np.cos(np.arange(flat.size) * 0.618)))
+    return out
+
+
+def _check_finite(values: np.ndarray, step: int, ckpt_dir: Path | None, x: mx.array) -> None:
+    """Stop on a NaN/Inf metric, blaming the input batch when it holds one, else the optimisation."""
     bad = [name for name, val in zip(METRICS, values, strict=True) if not math.isfinite(val)]
     if bad:
         kept = f"; last good checkpoint kept in {ckpt_dir}" if ckpt_dir is not None else ""
+        finite = np.isfinite(np.asarray(x))
+        if not finite.all():
+            rows = int((~finite).any(axis=1).sum())
+            raise TrainingDivergedError(
+                f"the training activations hold NaN or inf ({rows} of the {finite.shape[0]} rows of the batch of "
+                f"step {step}): fix the input (check the model and the extract stage; extract.dtype float16 "
+                f"overflows above 65504), not the learning rate{kept}")
         raise TrainingDivergedError(
             f"training diverged at step {step}: {', '.join(bad)} is {values[METRICS.index(bad[0])]}"
             f" (try a lower learning_rate or gradient_clip){kept}")
@@ -408,9 +564,12 @@ def _summary(plan: RunPlan, position: Progress, state: TrainState, completed: bo
         "initial_loss": position.first_loss, "final_loss": position.last_loss,
         "dead_fraction": float((np.asarray(state.counter) >= plan.config.dead_tokens_threshold).mean()),
     }
+    if plan.config.resample_every:
+        summary["resampled_latents"] = position.resampled
     if position.history:
         summary.update({k: v for k, v in position.history[-1].items() if k not in ("epoch", "step")})
     return summary
 
 
-__all__ = ["FitResult", "Progress", "RunPlan", "TrainingDivergedError", "fit_sae"]
+__all__ = ["MIN_STEPS", "TIMINGS", "FitResult", "Progress", "RunPlan", "TrainingDivergedError", "fit_sae",
+           "schedule_warnings"]

@@ -20,7 +20,8 @@ them with ``benchmarks/mlx_step.py`` on a new machine):
 Weight layout (as ``saepipe.sae.topk``): ``W_enc`` and ``W_dec`` are both (d_hidden, d_model),
 ``pre = (x - b_dec) @ W_enc.T + b_enc``; row j of ``W_dec`` is latent j's decoder direction. The loss
 is the reference's (``saepipe.training.reference``); the update, dead counters and AuxK settings
-are ``saepipe.training.state``'s.
+are ``saepipe.training.state``'s. Data-parallel (``ranks``) as the reference: global variances and
+row count in the loss, gradients, metrics and fired counts all-summed before the update.
 """
 
 from __future__ import annotations
@@ -30,9 +31,19 @@ from typing import NamedTuple
 
 import mlx.core as mx  # saepipe/__init__ (imported first) has loaded the fast BLAS
 
+from saepipe.parallel.ranks import Ranks
 from saepipe.sae.config import SAEConfig
 from saepipe.sae.sparse import decode_rows, row_chunks, to_dense, topk_indices
-from saepipe.training.state import AuxK, batch_variance, constrained_adam, update_dead_counter
+from saepipe.training.state import (
+    AuxK,
+    constrained_adam,
+    counter_cap,
+    global_rows,
+    global_variance,
+    rows_mean,
+    sum_over_ranks,
+    update_dead_counter,
+)
 
 AUX_CAPACITY_MIN = 64
 """Smallest column bucket of AuxK: fewer buckets (compiled variants) for a handful of dead latents."""
@@ -127,6 +138,8 @@ def value_and_grads(
     l1_coef: float = 0.0,
     tied: bool = False,
     method: str = "dense",
+    ranks: Ranks | None = None,
+    n_total: mx.array | None = None,
 ) -> tuple[LossParts, dict[str, mx.array]]:
     """Loss parts and exact gradients of the reference TopK loss, with sparse backward kernels.
 
@@ -136,7 +149,10 @@ def value_and_grads(
     d_hidden) bounds the columns AuxK touches. ``aux_scale``: ``AuxK.scale(n_dead)``.
     ``method``: see ``rows_grad``. Same values and gradients as ``mx.value_and_grad`` of the dense
     reference (up to float32 rounding), without materialising dense gradients of unused latents.
+    ``ranks`` (several): ``x`` is this rank's part of a global batch of ``n_total`` rows; the loss
+    parts and gradients are this rank's shares (they sum over the ranks to the global ones).
     """
+    ranks = ranks or Ranks()
     W_dec, b_dec, b_enc = params["W_dec"], params["b_dec"], params["b_enc"]
     W_enc = W_dec if tied else params["W_enc"]
     n, d_hidden = x.shape[0], W_dec.shape[0]
@@ -147,15 +163,15 @@ def value_and_grads(
     values = mx.maximum(pv, 0)
     e = x - (decode_rows(values, indices, W_dec) + b_dec)
     sse = mx.square(e).sum()
-    total_var = batch_variance(x)
+    total_var = global_variance(x, ranks, n_total)
     fvu = sse / total_var
-    l1 = values.sum(axis=-1).mean()
+    l1 = rows_mean(values.sum(axis=-1), ranks, n_total)
     loss = fvu + l1_coef * l1 if l1_coef else fvu
 
     g = (-2.0 / total_var) * e  # d loss / d x_hat
     gv = decode_values_grad(g, indices, W_dec)
     if l1_coef:
-        gv = gv + l1_coef / n
+        gv = gv + l1_coef / (n if not ranks.distributed else n_total.astype(gv.dtype))
     gpre = mx.where(pv > 0, gv, 0.0)
     dW_dec = rows_grad(values, indices, g, d_hidden, method)
     dW_enc = rows_grad(gpre, indices, xc, d_hidden, method)
@@ -164,7 +180,8 @@ def value_and_grads(
     aux = mx.array(0.0)
     if dead is not None:
         aux, (didx, a_grad_W_dec, a_grad_W_enc, a_grad_b_enc) = _auxk(
-            pre, xc, mx.stop_gradient(e), W_dec, dead, aux_scale, AuxK(k_aux, aux_coef), capacity or d_hidden)
+            pre, xc, mx.stop_gradient(e), W_dec, dead, aux_scale, AuxK(k_aux, aux_coef), capacity or d_hidden,
+            global_variance(mx.stop_gradient(e), ranks, n_total))
         loss = loss + aux_coef * aux
         dW_dec = dW_dec.at[didx].add(a_grad_W_dec)
         dW_enc = dW_enc.at[didx].add(a_grad_W_enc)
@@ -176,13 +193,15 @@ def value_and_grads(
         grads["W_dec"] = dW_dec + dW_enc
     else:
         grads["W_dec"], grads["W_enc"] = dW_dec, dW_enc
-    l0 = (values > 0).sum(axis=-1).astype(mx.float32).mean()
-    parts = LossParts(loss, fvu, sse / e.size, aux, l1, l0, values, indices)
+    l0 = rows_mean((values > 0).sum(axis=-1).astype(mx.float32), ranks, n_total)
+    mse = sse / e.size if not ranks.distributed else sse / (n_total.astype(sse.dtype) * e.shape[-1])
+    parts = LossParts(loss, fvu, mse, aux, l1, l0, values, indices)
     return parts, grads
 
 
-def _auxk(pre, xc, e, W_dec, dead, aux_scale, auxk: AuxK, capacity):
-    """AuxK over the dead latents only; returns (aux, (columns, dW_dec rows, dW_enc rows, db_enc))."""
+def _auxk(pre, xc, e, W_dec, dead, aux_scale, auxk: AuxK, capacity, e_var):
+    """AuxK over the dead latents only (``e_var``: the residual's batch variance); returns
+    (aux, (columns, dW_dec rows, dW_enc rows, db_enc))."""
     d_hidden = W_dec.shape[0]
     capacity = min(int(capacity), d_hidden)
     # The `capacity` columns with dead first (argpartition of 0 = dead, 1 = live), then the validity mask.
@@ -195,7 +214,6 @@ def _auxk(pre, xc, e, W_dec, dead, aux_scale, auxk: AuxK, capacity):
         a = to_dense(mx.take_along_axis(a, keep, axis=-1), keep, capacity)
     Wd = W_dec[didx]
     r = a @ Wd - e
-    e_var = batch_variance(e)
     aux = AuxK.loss(mx.square(r).sum(), e_var, aux_scale)
     ga = auxk.residual_grad_scale(aux_scale, e_var) * r  # d (aux_coef * aux) / d e_hat
     da = mx.where(a > 0, ga @ Wd.T, 0.0)  # (n, capacity)
@@ -206,28 +224,36 @@ def _auxk(pre, xc, e, W_dec, dead, aux_scale, auxk: AuxK, capacity):
 # A whole training step (same signature and math as the reference step)
 # --------------------------------------------------------------------------------------------------
 def make_train_step(config: SAEConfig, d_hidden: int, k_aux: int, capacity: int = 0,
-                    method: str = "dense", compile: bool = True) -> Callable:
+                    method: str = "dense", compile: bool = True, ranks: Ranks | None = None) -> Callable:
     """Compiled TopK-SAE step on the sparse kernels: ``value_and_grads`` + ``constrained_adam`` + dead
     counters, the contract of ``saepipe.training.reference.make_reference_step``.
 
     ``step(params, m, v, t, lr, x, mean, std, counter, aux_scale) -> (params, m, v, t, counter,
     metrics)``. ``capacity``: 0 for no AuxK, else ``aux_capacity(n_dead, d_hidden)`` for the step's
-    dead count (build one step per bucket). ``method``: see ``rows_grad``.
+    dead count (build one step per bucket). ``method``: see ``rows_grad``. ``ranks`` (several):
+    ``x`` is this rank's part of the global batch; gradients, metrics and fired counts are all-summed.
     """
     clip = float(config.gradient_clip)
     threshold = int(config.dead_tokens_threshold)
+    cap = counter_cap(config)
+    ranks = ranks or Ranks()
 
     def step(params, m, v, t, lr, x, mean, std, counter, aux_scale):
         x = (x - mean) / std
         dead = counter >= threshold if capacity else None
+        n_total = global_rows(x.shape[0], ranks) if ranks.distributed else None
         parts, grads = value_and_grads(
             params, x, k=config.k, dead=dead, aux_scale=aux_scale, k_aux=k_aux, capacity=capacity,
             aux_coef=config.aux_coef, l1_coef=config.l1_coefficient, tied=config.tied_weights,
-            method=method)
+            method=method, ranks=ranks, n_total=n_total)
+        scalars = [parts.loss, parts.fvu, parts.mse, parts.aux, parts.l1, parts.l0]
+        if ranks.distributed:
+            grads, scalars, counter, dead_fraction = sum_over_ranks(
+                ranks, grads, scalars, parts.indices, parts.values, counter, threshold, n_total, cap)
+        else:
+            counter, dead_fraction = update_dead_counter(counter, parts.indices, parts.values, threshold, cap)
         new_params, new_m, new_v, t, gnorm = constrained_adam(params, grads, m, v, t, lr, clip)
-        counter, dead_fraction = update_dead_counter(counter, parts.indices, parts.values, threshold)
-        metrics = mx.stack([parts.loss, parts.fvu, parts.mse, parts.aux, parts.l1, parts.l0, gnorm,
-                            dead_fraction])
+        metrics = mx.stack([*scalars, gnorm, dead_fraction])
         return new_params, new_m, new_v, t, counter, metrics
 
     return mx.compile(step) if compile else step

@@ -10,12 +10,20 @@ only in how they compute the same loss and gradients. Everything else is defined
   (``ADAM_BETAS``, ``ADAM_EPS``), then renormalize the decoder rows to unit norm. The CPU step runs
   the same update as a fused numba kernel with these constants.
 - The dead counters (``count_since_fired``): tokens since each latent last fired (value > 0 in its
-  row's top-k), saturating at ``dead_tokens_threshold``; a latent is dead at the threshold.
+  row's top-k), saturating at ``counter_cap`` (``dead_tokens_threshold``, or the resampling window
+  when that is longer); a latent is dead at ``dead_tokens_threshold``, and eligible for resampling
+  (``saepipe.training.resample``) at the window.
 - AuxK (``AuxK``): the loss ``scale * sum ||e - e_hat||^2 / sum ||e - mean_batch(e)||^2`` of the
   residual ``e = x - x_hat`` (no gradient) reconstructed from the top-``k_aux`` (ReLU)
   pre-activations of the dead latents only, without ``b_dec``; ``scale = min(n_dead / k_aux, 1)``.
   It runs only while some latent is dead (and ``aux_coef > 0``).
 - ``METRICS``: what a step reports, in order.
+
+Data-parallel training (``saepipe.parallel.ranks``): each rank steps on its part of the global
+batch. Everything a step divides by is global (``global_variance``, the global row count), so each
+rank's loss, gradients and metrics are its *share* of the global ones and sum over the ranks to
+exactly them; the steps all-sum the gradients, metric parts and fired counts in one message before
+the update (``sum_over_ranks``), so every rank applies the identical update to identical state.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ import mlx.core as mx
 import numpy as np
 
 from saepipe.activations.sources import ActivationSource
+from saepipe.parallel.ranks import Ranks
 from saepipe.sae.config import SAEConfig
 from saepipe.sae.sparse import decode_rows, topk
 from saepipe.sae.topk import init_params
@@ -74,6 +83,10 @@ class TrainState(NamedTuple):
 class StepRunner(Protocol):
     """A training step with its state: what ``fit_sae`` drives, whatever the kernels."""
 
+    def load(self, state: TrainState) -> None:
+        """Continue from ``state`` (e.g. after dead latents were resampled); the runner keeps copies."""
+        ...
+
     def step(self, lr: float, x: mx.array, mean: mx.array, std: mx.array, n_dead: int) -> np.ndarray:
         """One update on the batch ``x`` (n, d_model); returns ``METRICS`` (float64). ``n_dead``:
         dead latents before the step."""
@@ -88,6 +101,29 @@ def batch_variance(x: mx.array) -> mx.array:
     """``sum ||x - mean_batch(x)||^2`` over the rows of ``x``, floored: what FVU (x the inputs) and
     AuxK (x the residual) divide by."""
     return mx.maximum(mx.square(x - x.mean(axis=0)).sum(), VARIANCE_FLOOR)
+
+
+def global_rows(n_rows: int, ranks: Ranks) -> mx.array:
+    """The number of rows of the global batch (int32 scalar) when each rank holds ``n_rows``."""
+    return ranks.sum(mx.array(n_rows, dtype=mx.int32))
+
+
+def global_variance(x: mx.array, ranks: Ranks, n_total: mx.array | None = None) -> mx.array:
+    """``batch_variance`` of the global batch whose rows ``x`` are this rank's part (two passes, like
+    ``batch_variance``: the global mean first); ``batch_variance(x)`` itself on a single process."""
+    if not ranks.distributed:
+        return batch_variance(x)
+    n = (global_rows(x.shape[0], ranks) if n_total is None else n_total).astype(x.dtype)
+    mean = ranks.sum(x.sum(axis=0)) / n
+    return mx.maximum(ranks.sum(mx.square(x - mean).sum()), VARIANCE_FLOOR)
+
+
+def rows_mean(per_row: mx.array, ranks: Ranks, n_total: mx.array | None) -> mx.array:
+    """This rank's share of the global batch mean of ``per_row`` (its sum over the ranks is the mean);
+    ``per_row.mean()`` on a single process."""
+    if not ranks.distributed:
+        return per_row.mean()
+    return per_row.sum() / n_total.astype(per_row.dtype)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -173,17 +209,26 @@ def clip_scale(grad_norm: float, clip: float) -> float:
 # --------------------------------------------------------------------------------------------------
 # Dead counters
 # --------------------------------------------------------------------------------------------------
+def counter_cap(config: SAEConfig) -> int:
+    """Where the dead counters saturate: ``dead_tokens_threshold``, or the resampling window
+    (``resample_window``, when resampling is on) if that is longer, so both can be read off them."""
+    cap = int(config.dead_tokens_threshold)
+    if config.resample_every and config.resample_window is not None:
+        cap = max(cap, int(config.resample_window))
+    return cap
+
+
 def fired_counts(indices: mx.array, values: mx.array, width: int) -> mx.array:
     """(width,) int32: how many rows each latent fired on (among the row's top-k with a positive value)."""
     return mx.zeros((width,), dtype=mx.int32).at[indices.reshape(-1)].add(
         (values > 0).reshape(-1).astype(mx.int32))
 
 
-def count_since_fired(counter: Any, fired: Any, n_rows: int, threshold: int) -> Any:
+def count_since_fired(counter: Any, fired: Any, n_rows: int, cap: int) -> Any:
     """The counters after a batch of ``n_rows`` tokens: 0 where the latent fired, else ``n_rows``
-    more, capped at ``threshold``. Works on MLX and on numpy arrays (the CPU step's)."""
+    more, capped at ``cap`` (``counter_cap``). Works on MLX and on numpy arrays (the CPU step's)."""
     xp = np if isinstance(counter, np.ndarray) else mx
-    return xp.where(fired > 0, 0, xp.minimum(counter + n_rows, threshold))
+    return xp.where(fired > 0, 0, xp.minimum(counter + n_rows, cap))
 
 
 def dead_fraction(counter: Any, threshold: int) -> Any:
@@ -194,12 +239,26 @@ def dead_fraction(counter: Any, threshold: int) -> Any:
 
 
 def update_dead_counter(counter: mx.array, indices: mx.array, values: mx.array,
-                        threshold: int) -> tuple[mx.array, mx.array]:
+                        threshold: int, cap: int | None = None) -> tuple[mx.array, mx.array]:
     """Counters after a batch whose top-k codes are ``(values, indices)`` (every row is one token),
-    and the fraction of latents now dead."""
+    saturating at ``cap`` (default ``threshold``), and the fraction of latents now dead."""
     fired = fired_counts(indices, values, counter.shape[0])
-    counter = count_since_fired(counter, fired, indices.size // indices.shape[-1], threshold)
+    counter = count_since_fired(counter, fired, indices.size // indices.shape[-1], threshold if cap is None else cap)
     return counter, dead_fraction(counter, threshold)
+
+
+def sum_over_ranks(ranks: Ranks, grads: dict[str, mx.array], scalars: list[mx.array], indices: mx.array,
+                   values: mx.array, counter: mx.array, threshold: int, n_total: mx.array,
+                   cap: int | None = None) -> tuple[dict[str, mx.array], list[mx.array], mx.array, mx.array]:
+    """A data-parallel MLX step's one all-reduce: this rank's gradients, metric parts (its shares of
+    the global ones) and fired counts summed over the ranks. Returns the global gradients and metric
+    parts, and the dead counters after the global batch of ``n_total`` rows (saturating at ``cap``,
+    default ``threshold``) with the dead fraction (``update_dead_counter`` of the whole batch)."""
+    names = sorted(grads)  # the same order on every rank
+    fired = fired_counts(indices, values, counter.shape[0])
+    summed = ranks.sum_all([*(grads[n] for n in names), mx.stack(scalars), fired])
+    counter = count_since_fired(counter, summed[-1], n_total, threshold if cap is None else cap)
+    return dict(zip(names, summed, strict=False)), list(summed[-2]), counter, dead_fraction(counter, threshold)
 
 
 def count_dead(counter: Any, threshold: int) -> int:
@@ -260,7 +319,9 @@ def initial_state(source: ActivationSource, train_rows: np.ndarray, config: SAEC
     return TrainState(params, zeros, dict(zeros), mx.array(0.0), mx.zeros((d_hidden,), dtype=mx.int32))
 
 
-__all__ = ["ADAM_BETAS", "ADAM_EPS", "ENCODER_SCALE_ROWS", "GEOMETRIC_MEDIAN_ROWS", "GRAD_NORM_EPS", "METRICS", "ROW_NORM_FLOOR",
-           "VARIANCE_FLOOR", "AuxK", "StepRunner", "TrainState", "batch_variance", "clip_scale", "constrained_adam",
-           "count_dead", "count_since_fired", "dead_fraction", "fired_counts", "fitted_encoder_scale", "geometric_median",
-           "initial_state", "update_dead_counter"]
+__all__ = ["ADAM_BETAS", "ADAM_EPS", "ENCODER_SCALE_ROWS", "GEOMETRIC_MEDIAN_ROWS", "GRAD_NORM_EPS", "METRICS",
+           "ROW_NORM_FLOOR", "VARIANCE_FLOOR", "AuxK", "StepRunner", "TrainState", "batch_variance", "clip_scale",
+           "constrained_adam",
+           "count_dead", "count_since_fired", "counter_cap", "dead_fraction", "fired_counts",
+           "fitted_encoder_scale", "geometric_median", "global_rows", "global_variance", "initial_state",
+           "rows_mean", "sum_over_ranks", "update_dead_counter"]

@@ -21,6 +21,7 @@ from collections.abc import Callable
 import mlx.core as mx
 import numpy as np
 
+from saepipe.parallel.ranks import Ranks
 from saepipe.sae.config import SAEConfig
 from saepipe.training import cpu_step, mlx_step
 from saepipe.training.reference import make_reference_step
@@ -46,8 +47,10 @@ class CompiledStepRunner:
     sparse step, whose AuxK touches a static number of columns).
     """
 
-    def __init__(self, config: SAEConfig, d_hidden: int, auxk: AuxK, kernels: str, state: TrainState) -> None:
+    def __init__(self, config: SAEConfig, d_hidden: int, auxk: AuxK, kernels: str, state: TrainState,
+                 ranks: Ranks | None = None) -> None:
         self.config, self.d_hidden, self.auxk, self.kernels = config, d_hidden, auxk, kernels
+        self.ranks = ranks or Ranks()
         self._compiled: dict[int, Callable] = {}
         self._state = state
 
@@ -56,11 +59,13 @@ class CompiledStepRunner:
         if self.kernels == "reference":
             key = int(aux)
             if key not in self._compiled:
-                self._compiled[key] = make_reference_step(self.config, self.d_hidden, self.auxk.k_aux, aux)
+                self._compiled[key] = make_reference_step(self.config, self.d_hidden, self.auxk.k_aux, aux,
+                                                          self.ranks)
         else:
             key = mlx_step.aux_capacity(n_dead, self.d_hidden) if aux else 0
             if key not in self._compiled:
-                self._compiled[key] = mlx_step.make_train_step(self.config, self.d_hidden, self.auxk.k_aux, key)
+                self._compiled[key] = mlx_step.make_train_step(self.config, self.d_hidden, self.auxk.k_aux, key,
+                                                               ranks=self.ranks)
         return self._compiled[key]
 
     def step(self, lr: float, x: mx.array, mean: mx.array, std: mx.array, n_dead: int) -> np.ndarray:
@@ -74,12 +79,17 @@ class CompiledStepRunner:
     def state(self) -> TrainState:
         return self._state
 
+    def load(self, state: TrainState) -> None:
+        self._state = state  # the compiled steps never write their inputs: no copy needed
 
-def make_runner(config: SAEConfig, d_hidden: int, auxk: AuxK, kernels: str, state: TrainState) -> StepRunner:
-    """The step of ``kernels`` (already resolved) starting from ``state``."""
+
+def make_runner(config: SAEConfig, d_hidden: int, auxk: AuxK, kernels: str, state: TrainState,
+                ranks: Ranks | None = None) -> StepRunner:
+    """The step of ``kernels`` (already resolved) starting from ``state``; with ``ranks`` (several)
+    each step takes this rank's part of the global batch and applies the global batch's update."""
     if kernels == "cpu":
-        return cpu_step.CpuStep(config, d_hidden, auxk.k_aux, state)
-    return CompiledStepRunner(config, d_hidden, auxk, kernels, state)
+        return cpu_step.CpuStep(config, d_hidden, auxk.k_aux, state, ranks)
+    return CompiledStepRunner(config, d_hidden, auxk, kernels, state, ranks)
 
 
 __all__ = ["KERNELS", "CompiledStepRunner", "make_runner", "resolve_kernels"]

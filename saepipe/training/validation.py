@@ -2,7 +2,9 @@
 ``val/dead_fraction`` (latents that never fired on the validation rows).
 
 Sums are accumulated in float64 over chunks of rows, so the result does not depend on the chunking
-beyond rounding; FVU divides by the variance of all validation rows, not a per-chunk one.
+beyond rounding; FVU divides by the variance of all validation rows, not a per-chunk one. With
+several ranks each scores its part of the rows and the sums are added over the ranks (``sum64``:
+the same metrics on every rank).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import mlx.nn as nn
 import numpy as np
 
 from saepipe.activations.sources import ActivationSource
+from saepipe.parallel.ranks import Ranks
 from saepipe.sae.config import SAEConfig
 from saepipe.sae.sparse import decode_rows, topk
 from saepipe.training import reference
@@ -52,20 +55,30 @@ def make_eval(config: SAEConfig, d_hidden: int, kernels: str = "sparse") -> Call
 
 
 def validate(source: ActivationSource, rows: np.ndarray, evaluate: Callable, params: dict, mean: mx.array,
-             std: mx.array, d_hidden: int, config: SAEConfig) -> dict[str, float]:
-    """The ``val/*`` metrics of ``params`` on ``rows`` of ``source``; {} when there are none."""
+             std: mx.array, d_hidden: int, config: SAEConfig, ranks: Ranks | None = None) -> dict[str, float]:
+    """The ``val/*`` metrics of ``params`` on ``rows`` of ``source``; {} when there are none.
+    ``ranks`` (several): this rank scores its part of ``rows``; every rank returns the metrics of all."""
     if len(rows) == 0:
         return {}
+    ranks = ranks or Ranks()
     sse = sq = l0 = l1 = 0.0
     total = np.zeros(source.d_model)
     fired = np.zeros(d_hidden, dtype=np.int64)
     chunk = max(1, min(config.batch_size, MAX_CHUNK_ROWS))
-    for start in range(0, len(rows), chunk):
-        sums, xsum, f = evaluate(params, mx.array(source.take(rows[start : start + chunk])), mean, std)
+    mine = ranks.part(rows)
+    for start in range(0, len(mine), chunk):
+        x = source.take(mine[start : start + chunk])
+        if not np.isfinite(x).all():
+            bad = mine[start + int(np.flatnonzero(~np.isfinite(x).all(axis=1))[0])]
+            raise ValueError(f"the validation rows hold NaN or inf (row {bad} of the activations): fix the input "
+                             "(check the model and the extract stage)")
+        sums, xsum, f = evaluate(params, mx.array(x), mean, std)
         s = np.array(sums, dtype=np.float64)
         sse, sq, l0, l1 = sse + s[0], sq + s[1], l0 + s[2], l1 + s[3]
         total += np.array(xsum, dtype=np.float64)
         fired += np.array(f)
+    if ranks.distributed:
+        sse, sq, l0, l1, total, fired = ranks.sum64(sse, sq, l0, l1, total, fired)
     n = len(rows)
     total_var = max(sq - float(total @ total) / n, VARIANCE_FLOOR)
     fvu = float(sse / total_var)
