@@ -40,6 +40,9 @@ from saepipe.sae.topk import TopKSAE
 from saepipe.training import cpu_step, state
 from saepipe.training.fit import fit_sae
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import quality  # a sibling script: where the shards and stats are
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -94,10 +97,10 @@ def score(sae: TopKSAE, x: np.ndarray, chunk: int = 4096) -> dict:
 
 
 @click.command()
-@click.option("--shards", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              default=ROOT / "data" / "extract", show_default=True)
-@click.option("--stats", "stats_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              default=ROOT / "data" / "normalize" / "stats.safetensors", show_default=True)
+@click.option("--shards", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="a folder with train/ and eval/ (default: data/extract/<first sweep site>, else data/extract)")
+@click.option("--stats", "stats_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="default: the normalize stage's stats for the shards' site")
 @click.option("--params", "params_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               default=ROOT / "params.yaml", show_default=True)
 @click.option("--variant", "variants", multiple=True, default=("base",), show_default=True)
@@ -106,7 +109,9 @@ def score(sae: TopKSAE, x: np.ndarray, chunk: int = 4096) -> dict:
 @click.option("--json-out", default=None, help="append one JSON line per run here")
 def main(shards, stats_path, params_path, variants, epochs, seeds, json_out):
     sae_params = read_params(params_path)["sae"]
+    shards = shards or quality.default_shards()
     train, held = ShardSource(shards / "train"), ShardSource(shards / "eval")
+    stats_path = stats_path or quality.default_stats(shards, quality.shard_site(train))
     x_eval = held.take(np.arange(held.n_rows)).astype(np.float32)
     stats = NormStats.load(stats_path)
     print(f"# {train.n_rows} train rows, {held.n_rows} eval rows; params {params_path}", flush=True)

@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from saepipe.cli import SECTIONS
+from saepipe.lm.sites import COMPONENTS, SiteIds
 from saepipe.runtime.params import (
     Bool,
     Choice,
@@ -33,7 +34,6 @@ from saepipe.runtime.params import (
     read_params,
     section,
 )
-from saepipe.lm.sites import COMPONENTS, SiteIds
 from saepipe.sae.config import SAEConfig, Variants
 
 ANY_SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])

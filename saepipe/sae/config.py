@@ -16,8 +16,18 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from saepipe.lm.sites import DEFAULT_SITES, Site, SiteIds, parse_site_ids
-from saepipe.runtime.params import (Bool, Choice, Float, Int, ParamsError, ParamsSection, Rule, Str, StrList,
-                                    check_known_keys)
+from saepipe.runtime.params import (
+    Bool,
+    Choice,
+    Float,
+    Int,
+    ParamsError,
+    ParamsSection,
+    Rule,
+    Str,
+    StrList,
+    check_known_keys,
+)
 
 log = logging.getLogger(__name__)
 
