@@ -6,8 +6,8 @@ neither MLX nor the model code.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from saepipe.runtime.params import Bool, Choice, Int, ParamsError, ParamsSection

@@ -9,14 +9,25 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from saepipe.lm.sites import DEFAULT_SITES, Site, SiteIds, parse_site_ids
-from saepipe.runtime.params import (Bool, Choice, Float, Int, ParamsError, ParamsSection, Rule, Str, StrList,
-                                    check_known_keys)
+from saepipe.runtime.params import (
+    Bool,
+    Choice,
+    Float,
+    Int,
+    ParamsError,
+    ParamsSection,
+    Rule,
+    Str,
+    StrList,
+    check_known_keys,
+)
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +43,10 @@ class SAEConfig(ParamsSection):
     """d_hidden = expansion_factor * d_model."""
     k: int = 100
     """Latents kept active per token by TopK (exactly k; ties never keep more)."""
-    learning_rate: float = 3e-4
-    """Peak Adam learning rate, reached after ``warmup_steps``."""
+    learning_rate: float | None = None
+    """Peak Adam learning rate, reached after ``warmup_steps``. None: scaled with the width,
+    ``default_learning_rate(d_hidden)`` = 3e-3 * sqrt(9216 / d_hidden) (3e-3 at 9,216 latents); the
+    run records the value it used in the SAE's config."""
     num_epochs: int = 5
     """Passes over the training activations."""
     batch_size: int = 64
@@ -71,6 +84,11 @@ class SAEConfig(ParamsSection):
     """Weight of the AuxK loss (the scaled residual-reconstruction loss of dead latents)."""
     dead_tokens_threshold: int = 1_000_000
     """A latent is dead when it has not fired on this many consecutive training tokens."""
+    encoder_init_scale: float | None = None
+    """Initial encoder rows = this x the (unit) decoder rows. None: fitted on the init sample, the
+    least-squares scale of its first top-k reconstruction (~0.6-0.75 for usual shapes). 1.0, encoder =
+    decoder transpose (the usual init), overshoots and trains slower: FVU +0.03 after one epoch of the
+    default run. Ignored with ``tied_weights``."""
     resample_every: int = 0
     """Dead-latent resampling (Anthropic's April 2023 recipe), beside AuxK: every this many steps, the
     latents that have not fired for ``resample_window`` tokens are re-initialised toward inputs the SAE
@@ -88,7 +106,8 @@ class SAEConfig(ParamsSection):
     """Save a resumable checkpoint every this many steps (0: only at epoch ends)."""
 
     RULES: ClassVar = {
-        "expansion_factor": Int(min=1), "k": Int(min=1), "learning_rate": Float(min=0, min_open=True),
+        "expansion_factor": Int(min=1), "k": Int(min=1),
+        "learning_rate": Float(min=0, min_open=True, optional=True),
         "num_epochs": Int(min=1), "batch_size": Int(min=1), "warmup_steps": Int(min=0),
         "validation_split": Float(min=0, max=1, max_open=True), "normalize_input": Bool(),
         "tied_weights": Bool(), "gradient_clip": Float(min=0), "use_wandb": Bool(),
@@ -97,6 +116,7 @@ class SAEConfig(ParamsSection):
         "min_lr_ratio": Float(min=0, max=1), "k_aux": Int(min=1, optional=True), "aux_coef": Float(min=0),
         "dead_tokens_threshold": Int(min=1), "resample_every": Int(min=0),
         "resample_window": Int(min=1, optional=True), "resample_scale": Float(min=0, min_open=True),
+        "encoder_init_scale": Float(min=0, min_open=True, optional=True),
         "l1_coefficient": Float(min=0), "seed": Int(min=0, max=MAX_SEED),
         "checkpoint_every": Int(min=0),
     }
@@ -107,12 +127,26 @@ class SAEConfig(ParamsSection):
         evaluate's `schedule_ok` health check (`sae.batch_size` above the training rows,
         `sae.warmup_steps` >= the steps, fewer than 100 steps, `sae.dead_tokens_threshold` above the
         tokens trained on)."""
-        if self.learning_rate > 1:
+        if self.learning_rate is not None and self.learning_rate > 1:
             log.warning("sae.learning_rate=%g is far above the usual 1e-4..1e-2 for Adam: expect divergence",
                         self.learning_rate)
 
     def replace(self, **changes: Any) -> SAEConfig:
         return dataclasses.replace(self, **changes)
+
+
+def default_learning_rate(d_hidden: int) -> float:
+    """The peak learning rate used when ``SAEConfig.learning_rate`` is None: 3e-3 * sqrt(9216 / d_hidden).
+
+    Adam's best peak lr falls as 1/sqrt(width), as in EleutherAI sparsify (2e-4 / sqrt(n / 2^14)); the
+    constant is ours, measured on SmolLM2-135M layer-6 MLP activations at batch 4096, k 32, one epoch
+    of 383k tokens: the best lr was ~6e-3 at 9,216 latents and ~1.2e-2 at 2,304 (twice, for a quarter
+    of the width), and over 4 epochs 3e-3 kept dead latents at 0.25 % where 6e-3 left 11 %.
+    sparsify's own constant is for runs of 1e8+ tokens: 2.7e-4 at 9,216 latents gave FVU 0.56 vs
+    0.39 at 3e-3 after one epoch (docs/performance.md)."""
+    if d_hidden < 1:
+        raise ValueError(f"d_hidden must be >= 1, got {d_hidden}")
+    return 3e-3 * math.sqrt(9216 / d_hidden)
 
 
 VARIANT_NAME = re.compile(r"^[A-Za-z0-9_]+$")
@@ -202,4 +236,4 @@ class SweepConfig(ParamsSection):
 
 
 __all__ = ["MAX_SEED", "VARIANT_NAME", "SAEConfig", "SweepConfig", "Variants", "check_variant",
-           "variant_config"]
+           "default_learning_rate", "variant_config"]

@@ -4,8 +4,9 @@ Recipe (Gao et al. 2024; EleutherAI sparsify):
 
 - inputs standardised with ``NormStats`` (given, or fit on the training rows) when
   ``config.normalize_input``; the SAE trains in normalized units and de-normalizes its output;
-- decoder rows random unit vectors, encoder = decoder transpose, ``b_dec`` = geometric median of a
-  sample of training rows, ``b_enc`` = 0;
+- decoder rows random unit vectors, ``b_dec`` = geometric median of a sample of training rows,
+  encoder = a x decoder transpose with a = ``encoder_init_scale`` or, by default, the least-squares
+  scale of the sample's first top-k reconstruction (``state.fitted_encoder_scale``), ``b_enc`` = 0;
 - loss = FVU + aux_coef * AuxK + l1_coefficient * L1, where per batch
   FVU  = sum ||x - x_hat||^2 / sum ||x - mean_batch(x)||^2,
   AuxK = min(n_dead / k_aux, 1) * sum ||e - e_hat||^2 / sum ||e - mean_batch(e)||^2, with
@@ -18,9 +19,10 @@ Recipe (Gao et al. 2024; EleutherAI sparsify):
 - optionally (``resample_every`` > 0), every that many steps the latents that have not fired for
   ``resample_window`` tokens are resampled toward badly reconstructed rows, their Adam state reset
   (``saepipe.training.resample``; the count is logged as ``resampled``);
-- Adam (bias-corrected), linear warmup then ``lr_decay``; the gradient component parallel to each
-  decoder row is removed before clipping the global norm (``gradient_clip``, 0 = off) and the rows
-  are renormalized after each step;
+- Adam (bias-corrected) with peak ``learning_rate`` (None: ``default_learning_rate(d_hidden)``,
+  3e-3 * sqrt(9216 / d_hidden), recorded in the SAE's config), linear warmup then ``lr_decay``; the
+  gradient component parallel to each decoder row is removed before clipping the global norm
+  (``gradient_clip``, 0 = off) and the rows are renormalized after each step;
 - each epoch visits the training rows in a seeded permutation, ``batch_size`` rows per step (the
   remainder that does not fill a batch is skipped that epoch); rows are read with
   ``source.take(sorted indices)`` one batch at a time (one batch prefetched), never all at once;
@@ -69,7 +71,7 @@ from saepipe.activations.stats import NormStats
 from saepipe.parallel.ranks import Ranks
 from saepipe.runtime.memory import reuse_freed_memory
 from saepipe.runtime.params import Int
-from saepipe.sae.config import SAEConfig
+from saepipe.sae.config import SAEConfig, default_learning_rate
 from saepipe.sae.normalization import InputNormalizer
 from saepipe.sae.topk import TopKSAE, init_params
 from saepipe.training import resample
@@ -216,6 +218,8 @@ def fit_sae(
     if isinstance(source, ArraySource):  # in memory: cheap to check whole (shards were checked by extract)
         source.check_finite()
     d_hidden, auxk = _sizes(source, config)
+    if config.learning_rate is None:  # the width's default, resolved once: the SAE's config records it
+        config = config.replace(learning_rate=default_learning_rate(d_hidden))
     split = split_rows(source.n_rows, config.validation_split, config.seed)
     stats = _stats_for(source, config, stats, split, ranks)
     plan = _plan(source, config, split, stats, d_hidden, auxk, checkpoint_dir, max_steps, kernels, ranks)

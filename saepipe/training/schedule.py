@@ -24,6 +24,8 @@ class Split(NamedTuple):
 def learning_rate_at(step: int, total_steps: int, config: SAEConfig) -> float:
     """Learning rate of optimisation step ``step`` (0-based): linear warmup, then ``lr_decay``."""
     peak = config.learning_rate
+    if peak is None:
+        raise ValueError("learning_rate is None: fit_sae resolves it with default_learning_rate(d_hidden) first")
     if step < config.warmup_steps:
         return peak * (step + 1) / config.warmup_steps
     if config.lr_decay == "constant":

@@ -37,6 +37,7 @@ import numpy as np
 from saepipe.activations.sources import ActivationSource
 from saepipe.parallel.ranks import Ranks
 from saepipe.sae.config import SAEConfig
+from saepipe.sae.sparse import decode_rows, topk
 from saepipe.sae.topk import init_params
 
 METRICS = ("loss", "fvu", "recon_mse", "aux_loss", "l1_loss", "l0", "grad_norm", "dead_fraction")
@@ -59,6 +60,9 @@ ROW_NORM_FLOOR = 1e-12
 
 GEOMETRIC_MEDIAN_ROWS = 16384
 """Training rows sampled for the geometric median that initialises ``b_dec``."""
+
+ENCODER_SCALE_ROWS = 4096
+"""Rows of that sample the encoder's initial scale is fitted on (``fitted_encoder_scale``)."""
 
 
 class TrainState(NamedTuple):
@@ -278,20 +282,46 @@ def geometric_median(x: np.ndarray, iters: int = 50, tol: float = 1e-6) -> np.nd
     return guess
 
 
+def fitted_encoder_scale(xc: np.ndarray, W_dec: mx.array, k: int) -> float:
+    """The scale ``a`` of encoder = ``a`` x decoder transpose that best reconstructs the centred rows
+    ``xc`` at init: the least-squares ``a`` of ``xc ~ a * r``, with ``r`` the decode of the top-k of
+    ``ReLU(xc @ W_dec.T)`` (so ``a = sum <xc, r> / sum ||r||^2``; 1.0 when nothing fires).
+
+    With unit decoder rows and encoder = decoder transpose (a = 1) the first code overshoots: the k
+    chosen rows all correlate with x, so r's norm exceeds x's projection on it (a ~ 0.6-0.75 for
+    d_model 64-576, k 6-32). Training then spends its first steps, and Adam's second-moment
+    estimates, on shrinking every encoder row together (docs/performance.md, 2026-11-28)."""
+    x = mx.array(np.asarray(xc, dtype=np.float32))
+    codes = topk(mx.maximum(x @ W_dec.T, 0.0), k)
+    r = decode_rows(codes.values, codes.indices, W_dec)
+    rr = float(mx.square(r).sum())
+    return float((x * r).sum()) / rr if rr > 0 else 1.0
+
+
 def initial_state(source: ActivationSource, train_rows: np.ndarray, config: SAEConfig, d_model: int,
                   d_hidden: int, mean: mx.array, std: mx.array) -> TrainState:
-    """Random unit decoder rows, encoder = decoder transpose, ``b_enc`` = 0, ``b_dec`` = the
-    geometric median of a sample of (normalized) training rows; zero Adam moments and counters."""
+    """Random unit decoder rows, ``b_dec`` = the geometric median of a sample of (normalized)
+    training rows, encoder = a x decoder transpose (a = ``config.encoder_init_scale``, or
+    ``fitted_encoder_scale`` on the first ``ENCODER_SCALE_ROWS`` of the sample, centred on ``b_dec``),
+    ``b_enc`` = 0; zero Adam moments and counters. Every step (reference, cpu, sparse) starts here."""
     params = init_params(d_model, d_hidden, config.tied_weights, config.seed)
     rng = np.random.default_rng([config.seed, 2])
     sample = np.sort(rng.choice(train_rows, size=min(len(train_rows), GEOMETRIC_MEDIAN_ROWS), replace=False))
     x = (source.take(sample) - np.asarray(mean)) / np.asarray(std)
-    params["b_dec"] = mx.array(geometric_median(x).astype(np.float32))
+    b_dec = geometric_median(x).astype(np.float32)
+    params["b_dec"] = mx.array(b_dec)
+    if not config.tied_weights:
+        scale = config.encoder_init_scale
+        if scale is None:
+            scale = fitted_encoder_scale(x[:ENCODER_SCALE_ROWS] - b_dec, params["W_dec"], config.k)
+        params["W_enc"] = params["W_dec"] * scale
     zeros = {n: mx.zeros_like(p) for n, p in params.items()}
     return TrainState(params, zeros, dict(zeros), mx.array(0.0), mx.zeros((d_hidden,), dtype=mx.int32))
 
 
-__all__ = ["ADAM_BETAS", "ADAM_EPS", "GEOMETRIC_MEDIAN_ROWS", "GRAD_NORM_EPS", "METRICS", "ROW_NORM_FLOOR",
-           "VARIANCE_FLOOR", "AuxK", "StepRunner", "TrainState", "batch_variance", "clip_scale", "constrained_adam",
-           "count_dead", "count_since_fired", "counter_cap", "dead_fraction", "fired_counts", "geometric_median",
-           "global_rows", "global_variance", "initial_state", "rows_mean", "sum_over_ranks", "update_dead_counter"]
+__all__ = ["ADAM_BETAS", "ADAM_EPS", "ENCODER_SCALE_ROWS", "GEOMETRIC_MEDIAN_ROWS", "GRAD_NORM_EPS", "METRICS",
+           "ROW_NORM_FLOOR", "VARIANCE_FLOOR", "AuxK", "StepRunner", "TrainState", "batch_variance", "clip_scale",
+           "constrained_adam",
+           "count_dead", "count_since_fired", "counter_cap", "dead_fraction", "fired_counts",
+           "fitted_encoder_scale", "geometric_median", "global_rows", "global_variance", "initial_state",
+           "rows_mean", "sum_over_ranks", "update_dead_counter"]
