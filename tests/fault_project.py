@@ -65,6 +65,10 @@ def env(**extra: str) -> dict[str, str]:
     e["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), e.get("PATH", "")])  # `python` is ours
     e["PYTHONPATH"] = os.pathsep.join([str(FAULTS), str(ROOT), e.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     e.update(HF_HUB_OFFLINE="1", TQDM_DISABLE="1", DVC_NO_ANALYTICS="1", NO_COLOR="1")
+    from saepipe.runtime import blas
+
+    if blas.loaded_path:  # every stage on the BLAS this process chose (a race on a cold cache may differ)
+        e.setdefault(blas.ENV_VAR, blas.loaded_path)
     e.update(extra)
     return e
 

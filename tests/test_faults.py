@@ -55,22 +55,20 @@ def outputs(project: Path) -> dict[str, bytes]:
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory) -> Path:
-    """The tiny project's outputs from an uninterrupted run: each stage's dvc.yaml command, in this
-    process (what DVC runs, without a fresh interpreter per stage)."""
-    import importlib
+    """The tiny project's outputs from an uninterrupted run: each stage's dvc.yaml command in a fresh
+    interpreter with the stages' environment, as DVC runs it (not in this process, whose earlier
+    tests may have changed process-wide state), without DVC itself."""
     import shlex
 
     import yaml
-    from click.testing import CliRunner
 
     project = make_project(tmp_path_factory.mktemp("clean") / "project")
-    with pytest.MonkeyPatch.context() as m:
-        m.chdir(project)
-        for name, stage in yaml.safe_load((project / "dvc.yaml").read_text())["stages"].items():
-            args = shlex.split(stage["cmd"].replace("${item.site}", SITE).replace("${item.variant}", VARIANT))
-            assert args[:2] == ["python", "-m"], stage["cmd"]
-            result = CliRunner().invoke(importlib.import_module(args[2]).main, args[3:])
-            assert result.exit_code == 0, f"{name}: {result.output} {result.exception!r}"
+    for name, stage in yaml.safe_load((project / "dvc.yaml").read_text())["stages"].items():
+        args = shlex.split(stage["cmd"].replace("${item.site}", SITE).replace("${item.variant}", VARIANT))
+        assert args[:2] == ["python", "-m"], stage["cmd"]
+        result = subprocess.run([sys.executable, *args[1:]], cwd=project, env=env(), capture_output=True,
+                                text=True, timeout=600)
+        assert result.returncode == 0, f"{name}: {result.stdout[-2000:]} {result.stderr[-3000:]}"
     return project
 
 
