@@ -11,8 +11,8 @@ training run's own dead fraction (no fire for ``dead_tokens_threshold`` tokens, 
 
 ``--variant NAME=CHANGES``: ``CHANGES`` is ``key:value`` pairs separated by ``,``; a key is an
 ``SAEConfig`` field (``learning_rate:0.006``, ``aux_coef:0.125``), or ``enc_factor:F`` (the
-encoder starts at F x the fitted least-squares scale: ``training.state.fitted_encoder_scale`` is
-wrapped for the run), or ``beta2:B`` (Adam's second-moment decay, patched into the CPU step; only
+encoder starts at F x the default scale, itself 0.85 x the least-squares one:
+``training.state.fitted_encoder_scale`` is wrapped for the run), or ``beta2:B`` (Adam's second-moment decay, patched into the CPU step; only
 the CPU kernels are patched, so the run uses them). ``base`` alone: params.yaml as it is.
 
 Prints one line per run and a mean per variant; CPU time is the process's (all threads), which does

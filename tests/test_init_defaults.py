@@ -38,11 +38,17 @@ def test_encoder_init_scale_is_the_least_squares_scale_of_the_first_reconstructi
     assert 0.3 < a < 0.95  # the k chosen rows all correlate with x: a = 1 overshoots
 
 
-def test_fit_sae_initialises_the_encoder_at_the_fitted_scale_unless_given(x):
+def test_fit_sae_initialises_the_encoder_at_the_fitted_scale_unless_given(x, monkeypatch):
+    from saepipe.training import state
+
+    fitted = []
+    original = state.fitted_encoder_scale
+    monkeypatch.setattr(state, "fitted_encoder_scale", lambda *a: fitted.append(original(*a)) or fitted[-1])
     sae = _init(x).sae
     W_enc, W_dec = np.array(sae.W_enc), np.array(sae.W_dec)
     ratio = np.linalg.norm(W_enc, axis=1) / np.linalg.norm(W_dec, axis=1)
     assert np.allclose(ratio, ratio[0], rtol=1e-5) and 0.3 < ratio[0] < 0.95
+    assert ratio[0] == pytest.approx(state.ENCODER_SCALE_SHRINK * fitted[0], rel=1e-5)
     assert np.allclose(W_enc / ratio[0], W_dec, atol=1e-6)  # same directions
     given = _init(x, encoder_init_scale=1.0).sae
     assert np.allclose(np.array(given.W_enc), np.array(given.W_dec))

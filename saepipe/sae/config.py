@@ -85,8 +85,8 @@ class SAEConfig(ParamsSection):
     dead_tokens_threshold: int = 1_000_000
     """A latent is dead when it has not fired on this many consecutive training tokens."""
     encoder_init_scale: float | None = None
-    """Initial encoder rows = this x the (unit) decoder rows. None: fitted on the init sample, the
-    least-squares scale of its first top-k reconstruction (~0.6-0.75 for usual shapes). 1.0, encoder =
+    """Initial encoder rows = this x the (unit) decoder rows. None: fitted on the init sample, 0.85 x
+    the least-squares scale of its first top-k reconstruction (~0.5-0.65 for usual shapes). 1.0, encoder =
     decoder transpose (the usual init), overshoots and trains slower: FVU +0.03 after one epoch of the
     default run. Ignored with ``tied_weights``."""
     resample_every: int = 0

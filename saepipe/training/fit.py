@@ -5,8 +5,9 @@ Recipe (Gao et al. 2024; EleutherAI sparsify):
 - inputs standardised with ``NormStats`` (given, or fit on the training rows) when
   ``config.normalize_input``; the SAE trains in normalized units and de-normalizes its output;
 - decoder rows random unit vectors, ``b_dec`` = geometric median of a sample of training rows,
-  encoder = a x decoder transpose with a = ``encoder_init_scale`` or, by default, the least-squares
-  scale of the sample's first top-k reconstruction (``state.fitted_encoder_scale``), ``b_enc`` = 0;
+  encoder = a x decoder transpose with a = ``encoder_init_scale`` or, by default, 0.85 x the
+  least-squares scale of the sample's first top-k reconstruction (``state.fitted_encoder_scale``),
+  ``b_enc`` = 0;
 - loss = FVU + aux_coef * AuxK + l1_coefficient * L1, where per batch
   FVU  = sum ||x - x_hat||^2 / sum ||x - mean_batch(x)||^2,
   AuxK = min(n_dead / k_aux, 1) * sum ||e - e_hat||^2 / sum ||e - mean_batch(e)||^2, with
