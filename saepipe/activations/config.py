@@ -27,12 +27,13 @@ class ExtractConfig(ParamsSection):
     @classmethod
     def from_dict(cls, values: Mapping[str, Any] | None) -> ExtractConfig:
         """Build from the section; the pre-sweep keys ``layer``/``component`` say where sites went."""
-        moved = sorted({"layer", "component"} & set(values or {}))
+        given = values if isinstance(values, Mapping) else {}
+        moved = sorted({"layer", "component"} & set(given))
         if moved:
             key = f"extract.{moved[0]}"
-            raise ParamsError(key, (values or {})[moved[0]], "", message=(
-                f"{key} moved to sweep.sites: write `sweep: {{sites: [{(values or {}).get('layer', 6)}."
-                f"{(values or {}).get('component', 'mlp')}]}}` instead (README, 'Sweeps')"))
+            site = f"{given.get('layer', 6)}.{given.get('component', 'mlp')}"
+            raise ParamsError(key, given[moved[0]], "", message=(
+                f"{key} moved to sweep.sites: write `sweep: {{sites: [{site}]}}` instead (README, 'Sweeps')"))
         return super().from_dict(values)
 
     context_length: int = 128

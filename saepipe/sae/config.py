@@ -211,7 +211,7 @@ class SweepConfig(ParamsSection):
         `sweep.variants.<name>.<key>`)."""
         for name, overrides in self.variants.items():
             try:
-                variant_config({}, self.variants, name)
+                SAEConfig.from_dict(overrides)  # the rule has checked the name and the keys
             except ParamsError as err:
                 key = err.key.removeprefix(f"{SAEConfig.SECTION}.")
                 if key not in overrides:
